@@ -1,0 +1,111 @@
+//! Values stored in the datapath maps.
+
+/// What the ingress program did with a packet; the index into `ACTION_COUNTERS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pass = 0,
+    DropBlocklist = 1,
+    DropRatelimit = 2,
+    DropPolicy = 3,
+    /// Truncated or malformed headers: counted, then passed to the stack.
+    Malformed = 4,
+}
+
+impl Action {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Action; Action::COUNT] = [
+        Action::Pass,
+        Action::DropBlocklist,
+        Action::DropRatelimit,
+        Action::DropPolicy,
+        Action::Malformed,
+    ];
+
+    /// The label operators see (contract: `pass`, `drop_blocklist`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::DropBlocklist => "drop_blocklist",
+            Action::DropRatelimit => "drop_ratelimit",
+            Action::DropPolicy => "drop_policy",
+            Action::Malformed => "malformed",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Action::DropBlocklist | Action::DropRatelimit | Action::DropPolicy
+        )
+    }
+}
+
+/// Packets and bytes for one action on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActionCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<ActionCounter>() == 16);
+
+/// Why an address is on a list; the daemon keeps the operator's text, the kernel only the code.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReasonCode {
+    Cli = 1,
+    Policy = 2,
+    State = 3,
+}
+
+/// One blocklist or allowlist entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListEntry {
+    /// CLOCK_MONOTONIC deadline in ns (`bpf_ktime_get_coarse_ns`); 0 = never expires.
+    /// The kernel ignores an entry past its deadline, so a timed block ends on time
+    /// even while the daemon is down.
+    pub expires_at_ns: u64,
+    /// Packets that matched this entry, bumped atomically by the kernel.
+    pub hits: u64,
+    /// `ReasonCode` as u32.
+    pub reason: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListEntry>() == 24);
+
+impl ListEntry {
+    pub const NEVER: u64 = 0;
+
+    #[inline(always)]
+    pub const fn is_live(&self, now_ns: u64) -> bool {
+        self.expires_at_ns == Self::NEVER || now_ns < self.expires_at_ns
+    }
+}
+
+/// Traffic seen from one source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+    /// CLOCK_MONOTONIC ns.
+    pub first_seen_ns: u64,
+    /// CLOCK_MONOTONIC ns.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<IpStats>() == 40);
+
+/// Source address key for `IP_STATS`: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`)
+/// so that one map serves both families.
+pub type IpKey = [u8; 16];
+
+/// Builds the `IP_STATS` key of an IPv4 address given in network order.
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> IpKey {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}

@@ -1,0 +1,39 @@
+//! Map names, shared by the kernel programs (which define them) and the daemon
+//! (which opens, pins and sizes them). Kernel object names are limited to 15 bytes.
+
+/// Exact IPv4 host blocklist: `[u8; 4]` (network order) -> `ListEntry`.
+pub const BLOCK_V4_HOSTS: &str = "BLOCK_V4_HOSTS";
+/// Exact IPv6 host blocklist: `[u8; 16]` -> `ListEntry`.
+pub const BLOCK_V6_HOSTS: &str = "BLOCK_V6_HOSTS";
+/// IPv4 prefix blocklist (LPM trie): `Key<[u8; 4]>` -> `ListEntry`.
+pub const BLOCK_V4_NETS: &str = "BLOCK_V4_NETS";
+/// IPv6 prefix blocklist (LPM trie): `Key<[u8; 16]>` -> `ListEntry`.
+pub const BLOCK_V6_NETS: &str = "BLOCK_V6_NETS";
+/// IPv4 allowlist (LPM trie, hosts included as /32).
+pub const ALLOW_V4: &str = "ALLOW_V4";
+/// IPv6 allowlist (LPM trie, hosts included as /128).
+pub const ALLOW_V6: &str = "ALLOW_V6";
+/// Per-source statistics (LRU hash): `[u8; 16]` (IPv4 as IPv4-mapped IPv6) -> `IpStats`.
+pub const IP_STATS: &str = "IP_STATS";
+/// Per-CPU global counters, indexed by `Action`: `ActionCounter`.
+pub const ACTION_COUNTERS: &str = "ACTION_COUNTERS";
+
+/// Every map the daemon pins, so that the CLI, a restarted daemon and the
+/// kernel programs share one state.
+pub const PINNED: [&str; 8] = [
+    BLOCK_V4_HOSTS,
+    BLOCK_V6_HOSTS,
+    BLOCK_V4_NETS,
+    BLOCK_V6_NETS,
+    ALLOW_V4,
+    ALLOW_V6,
+    IP_STATS,
+    ACTION_COUNTERS,
+];
+
+/// Capacity compiled into the object; the daemon resizes from its config at load time.
+pub const DEFAULT_IP_STATS_CAPACITY: u32 = 1 << 20;
+/// Capacity of each blocklist map (hosts and prefixes, per family).
+pub const DEFAULT_BLOCKLIST_CAPACITY: u32 = 1 << 20;
+/// Capacity of each allowlist trie.
+pub const DEFAULT_ALLOWLIST_CAPACITY: u32 = 1 << 16;

@@ -1,0 +1,2 @@
+//! Nothing for the host: the programs are the `monitor` binary target, built for bpf.
+#![no_std]

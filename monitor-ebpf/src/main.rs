@@ -1,0 +1,221 @@
+//! apimon kernel programs.
+//!
+//! `apimon_ingress` (XDP) parses each frame, counts it per source address and per
+//! action, drops sources on the blocklist (honouring each entry's expiry) unless the
+//! allowlist covers them. Each program is a thin entry around a `try_` function.
+#![no_std]
+#![no_main]
+// The bpf target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics for atomic adds on the bpf target")]
+
+mod packet;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action},
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::{map, xdp},
+    maps::{
+        HashMap, LruHashMap, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::XdpContext,
+};
+use aya_log_ebpf::warn;
+use monitor_common::{
+    datapath::{Action, ActionCounter, IpKey, IpStats, ListEntry},
+    maps::{DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY},
+};
+
+use crate::packet::{Packet, Source};
+
+// Map statics are named exactly as the constants in `monitor_common::maps`.
+#[map]
+static BLOCK_V4_HOSTS: HashMap<[u8; 4], ListEntry> =
+    HashMap::with_max_entries(DEFAULT_BLOCKLIST_CAPACITY, BPF_F_NO_PREALLOC);
+#[map]
+static BLOCK_V6_HOSTS: HashMap<[u8; 16], ListEntry> =
+    HashMap::with_max_entries(DEFAULT_BLOCKLIST_CAPACITY, BPF_F_NO_PREALLOC);
+#[map]
+static BLOCK_V4_NETS: LpmTrie<[u8; 4], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_BLOCKLIST_CAPACITY, 0);
+#[map]
+static BLOCK_V6_NETS: LpmTrie<[u8; 16], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_BLOCKLIST_CAPACITY, 0);
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_ALLOWLIST_CAPACITY, 0);
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_ALLOWLIST_CAPACITY, 0);
+#[map]
+static IP_STATS: LruHashMap<IpKey, IpStats> =
+    LruHashMap::with_max_entries(DEFAULT_IP_STATS_CAPACITY, 0);
+#[map]
+static ACTION_COUNTERS: PerCpuArray<ActionCounter> =
+    PerCpuArray::with_max_entries(Action::COUNT as u32, 0);
+
+#[xdp]
+pub fn apimon_ingress(ctx: XdpContext) -> u32 {
+    try_apimon_ingress(&ctx)
+}
+
+/// The benchmark's baseline: an XDP program that does nothing but pass.
+#[xdp]
+pub fn apimon_baseline(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let bytes = pkt.len();
+    let action = match packet::parse(&pkt) {
+        Ok(Some(parsed)) => {
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            let action = verdict(&parsed.source, now);
+            record_source(ctx, &parsed.source.stats_key(), action, bytes, now);
+            action
+        }
+        Ok(None) => Action::Pass,
+        Err(packet::Malformed) => Action::Malformed,
+    };
+    count(action, bytes);
+    if action.is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// Allowlist first (it always wins), then the exact host hash, then the prefix trie.
+#[inline(always)]
+fn verdict(source: &Source, now: u64) -> Action {
+    let blocked = match source {
+        Source::V4(addr) => {
+            !listed(&ALLOW_V4, *addr, 32, now)
+                && blocked(&BLOCK_V4_HOSTS, &BLOCK_V4_NETS, *addr, 32, now)
+        }
+        Source::V6(addr) => {
+            !listed(&ALLOW_V6, *addr, 128, now)
+                && blocked(&BLOCK_V6_HOSTS, &BLOCK_V6_NETS, *addr, 128, now)
+        }
+    };
+    if blocked {
+        Action::DropBlocklist
+    } else {
+        Action::Pass
+    }
+}
+
+/// The host hash keeps large lists of single addresses fast; prefixes live in the trie.
+/// The daemon stores in each trie entry the latest deadline of all prefixes covering it,
+/// so the longest match alone decides.
+#[inline(always)]
+fn blocked<K>(
+    hosts: &HashMap<K, ListEntry>,
+    nets: &LpmTrie<K, ListEntry>,
+    addr: K,
+    bits: u32,
+    now: u64,
+) -> bool {
+    if let Some(entry) = hosts.get_ptr_mut(&addr) {
+        if hit_if_live(entry, now) {
+            return true;
+        }
+    }
+    listed(nets, addr, bits, now)
+}
+
+#[inline(always)]
+fn listed<K>(trie: &LpmTrie<K, ListEntry>, addr: K, bits: u32, now: u64) -> bool {
+    match trie.get(Key::new(bits, addr)) {
+        Some(entry) => hit_if_live(entry as *const ListEntry as *mut ListEntry, now),
+        None => false,
+    }
+}
+
+/// Counts a hit on a live entry. Expired entries are ignored here; the daemon removes them.
+#[inline(always)]
+fn hit_if_live(entry: *mut ListEntry, now: u64) -> bool {
+    // SAFETY: `entry` points at a map value, valid for the program's run.
+    let live = unsafe { (*entry).is_live(now) };
+    if live {
+        // SAFETY: as above; the value is shared between CPUs, so the update is atomic.
+        unsafe { atomic_add(&raw mut (*entry).hits, 1) };
+    }
+    live
+}
+
+#[inline(always)]
+fn record_source(ctx: &XdpContext, key: &IpKey, action: Action, bytes: u64, now: u64) {
+    let drops = u64::from(action.is_drop());
+    if add_to_source(key, bytes, drops, now) {
+        return;
+    }
+    let fresh = IpStats {
+        packets: 1,
+        bytes,
+        drops,
+        first_seen_ns: now,
+        last_seen_ns: now,
+    };
+    if IP_STATS.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_err()
+        // Another CPU inserted the same source first: add to its entry instead.
+        && !add_to_source(key, bytes, drops, now)
+    {
+        // Rare by construction (an LRU map evicts rather than fails): off the fast path.
+        warn!(ctx, "IP_STATS update failed");
+    }
+}
+
+#[inline(always)]
+fn add_to_source(key: &IpKey, bytes: u64, drops: u64, now: u64) -> bool {
+    let Some(stats) = IP_STATS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `stats` points at a map value shared between CPUs; counters are atomic.
+    unsafe {
+        atomic_add(&raw mut (*stats).packets, 1);
+        atomic_add(&raw mut (*stats).bytes, bytes);
+        if drops != 0 {
+            atomic_add(&raw mut (*stats).drops, drops);
+        }
+        (*stats).last_seen_ns = now;
+    }
+    true
+}
+
+/// Adds to a counter shared between CPUs.
+///
+/// # Safety
+/// `counter` must point at a live map value.
+#[inline(always)]
+unsafe fn atomic_add(counter: *mut u64, value: u64) {
+    // SAFETY: the caller guarantees `counter` is valid; BPF_ATOMIC add on 8 aligned bytes.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, value) };
+}
+
+#[inline(always)]
+fn count(action: Action, bytes: u64) {
+    if let Some(counter) = ACTION_COUNTERS.get_ptr_mut(action as u32) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,209 @@
+//! Bounds-checked packet access and header parsing. Every read of packet memory in
+//! the kernel programs goes through `Packet::read`, so the verifier sees one pattern.
+
+use core::mem::size_of;
+
+use monitor_common::datapath::{IpKey, ipv4_mapped};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+/// Truncated or inconsistent headers. The packet is counted as `malformed` and passed.
+pub struct Malformed;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// Extension headers walked before giving up on finding the transport header.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// ICMP and ICMPv6 headers carry at least type, code, checksum and 4 more bytes.
+const ICMP_HDR_LEN: usize = 8;
+/// Offsets past this cannot be valid headers; keeps offsets bounded for the verifier.
+const MAX_HEADER_OFFSET: usize = 512;
+
+/// The packet as the program sees it: `[start, end)` of linear packet memory.
+pub struct Packet {
+    start: usize,
+    end: usize,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        (self.end - self.start) as u64
+    }
+
+    /// The single accessor for packet memory: a copy of the `T` at `offset`, or
+    /// `Malformed` when it does not fit inside the packet.
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Malformed> {
+        if offset > MAX_HEADER_OFFSET {
+            return Err(Malformed);
+        }
+        let at = self.start + offset;
+        if at + size_of::<T>() > self.end {
+            return Err(Malformed);
+        }
+        // SAFETY: `[at, at + size_of::<T>())` lies inside the packet, checked above;
+        // packet memory has no alignment guarantee, hence the unaligned read.
+        Ok(unsafe { (at as *const T).read_unaligned() })
+    }
+
+    /// Checks that `len` bytes at `offset` are present (variable-length headers).
+    #[inline(always)]
+    fn require(&self, offset: usize, len: usize) -> Result<(), Malformed> {
+        if offset > MAX_HEADER_OFFSET || len > MAX_HEADER_OFFSET {
+            return Err(Malformed);
+        }
+        if self.start + offset + len > self.end {
+            return Err(Malformed);
+        }
+        Ok(())
+    }
+}
+
+/// Source address of an IP packet.
+#[derive(Clone, Copy)]
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl Source {
+    #[inline(always)]
+    pub fn stats_key(&self) -> IpKey {
+        match self {
+            Source::V4(addr) => ipv4_mapped(*addr),
+            Source::V6(addr) => *addr,
+        }
+    }
+}
+
+/// What the datapath needs of a parsed IP packet.
+pub struct Parsed {
+    pub source: Source,
+}
+
+/// Parses Ethernet (up to two VLAN tags), IPv4 or IPv6 and the transport header.
+/// `Ok(None)`: not IP (ARP, LLDP, ...), passed uncounted per source.
+#[inline(always)]
+pub fn parse(pkt: &Packet) -> Result<Option<Parsed>, Malformed> {
+    let eth: EthHdr = pkt.read(0)?;
+    let mut ether_type = u16::from_be(eth.ether_type);
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        let vlan: VlanHdr = pkt.read(offset)?;
+        ether_type = u16::from_be(vlan.ether_type);
+        offset += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IP => parse_ipv4(pkt, offset).map(Some),
+        ETH_P_IPV6 => parse_ipv6(pkt, offset).map(Some),
+        // A third tag, or a tag we did not unwrap: not ours to judge.
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(pkt: &Packet, offset: usize) -> Result<Parsed, Malformed> {
+    let ip: Ipv4Hdr = pkt.read(offset)?;
+    let header_len = usize::from(ip.ihl());
+    if ip.version() != 4 || header_len < Ipv4Hdr::LEN || usize::from(ip.tot_len()) < header_len {
+        return Err(Malformed);
+    }
+    pkt.require(offset, header_len)?;
+    // Only the first fragment carries the transport header.
+    if ip.frag_offset() == 0 {
+        check_transport(pkt, offset + header_len, ip.proto)?;
+    }
+    Ok(Parsed {
+        source: Source::V4(ip.src_addr),
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(pkt: &Packet, offset: usize) -> Result<Parsed, Malformed> {
+    let ip: Ipv6Hdr = pkt.read(offset)?;
+    if ip.version() != 6 {
+        return Err(Malformed);
+    }
+    let parsed = Parsed {
+        source: Source::V6(ip.src_addr),
+    };
+    let mut next = ip.next_hdr;
+    let mut offset = offset + Ipv6Hdr::LEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        // Every extension header starts with next-header and a length byte.
+        let ext_len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let hdr: [u8; 2] = pkt.read(offset)?;
+                next = hdr[0];
+                (usize::from(hdr[1]) + 1) * 8
+            }
+            IPPROTO_AH => {
+                let hdr: [u8; 2] = pkt.read(offset)?;
+                next = hdr[0];
+                (usize::from(hdr[1]) + 2) * 4
+            }
+            IPPROTO_FRAGMENT => {
+                let hdr: [u8; 4] = pkt.read(offset)?;
+                next = hdr[0];
+                let fragment_offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
+                if fragment_offset != 0 {
+                    return Ok(parsed);
+                }
+                8
+            }
+            transport => {
+                check_transport(pkt, offset, transport)?;
+                return Ok(parsed);
+            }
+        };
+        pkt.require(offset, ext_len)?;
+        offset += ext_len;
+    }
+    // Longer chains are legal but rare; the source address is still sound.
+    Ok(parsed)
+}
+
+/// Verifies that the transport header is complete; other protocols pass unchecked.
+#[inline(always)]
+fn check_transport(pkt: &Packet, offset: usize, proto: u8) -> Result<(), Malformed> {
+    match proto {
+        IPPROTO_TCP => {
+            let tcp: TcpHdr = pkt.read(offset)?;
+            let header_len = usize::from(tcp.doff()) * 4;
+            if header_len < TcpHdr::LEN {
+                return Err(Malformed);
+            }
+            pkt.require(offset, header_len)
+        }
+        IPPROTO_UDP => pkt.read::<UdpHdr>(offset).map(|_| ()),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => pkt.require(offset, ICMP_HDR_LEN),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,346 @@
+//! Command-line interface: clap definitions, and the client commands that talk to the
+//! daemon over the control socket. Exit codes follow the operator contract.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::{
+    cidr,
+    config::{self, Config, MetricsAddr, XdpModeSetting},
+    control::{self, Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey, TopRow},
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  apimon run --iface eth0                 run the daemon on eth0
+  apimon block add 203.0.113.7 --ttl 15m --reason 'credential stuffing'
+  apimon block add 2001:db8:bad::/48      block an IPv6 prefix until removed
+  apimon block ls --json
+  apimon top --by drops --limit 10
+  apimon status";
+
+#[derive(Debug, Parser)]
+#[command(name = "apimon", version, about = "eBPF API traffic monitor and enforcer", after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub paths: PathArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Paths and addresses; a flag beats the config file, which beats the default.
+#[derive(Debug, Args)]
+pub struct PathArgs {
+    /// Config file [default: /etc/apimon/apimon.toml]
+    #[arg(long, global = true, env = "APIMON_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Control socket [default: /run/apimon/apimon.sock]
+    #[arg(long, global = true, env = "APIMON_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// State dir (persisted lists) [default: /var/lib/apimon]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory for pinned maps and links on bpffs [default: /sys/fs/bpf/apimon]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Audit log [default: /var/log/apimon/audit.jsonl]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// Metrics listener, HOST:PORT or `off` [default: 127.0.0.1:9750]
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_addr: Option<MetricsAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (SIGINT/SIGTERM stop it, SIGHUP reloads).
+    Run(RunArgs),
+    /// Show whether the daemon runs and every interface is attached (exit 0 only then).
+    Status(JsonFlag),
+    /// Manage the blocklist.
+    #[command(subcommand)]
+    Block(BlockCommand),
+    /// Manage the allowlist (allowlisted sources are never dropped).
+    #[command(subcommand)]
+    Allow(AllowCommand),
+    /// Packet and byte counters per datapath action.
+    Stats(JsonFlag),
+    /// Top talkers by source address.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface to attach to (repeatable) [default: the default route's]
+    #[arg(long = "iface", value_name = "IF")]
+    pub ifaces: Vec<String>,
+    /// XDP mode: auto tries native, then falls back to skb
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub xdp_mode: Option<XdpModeSetting>,
+    /// Only record what policy actions would do
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BlockCommand {
+    /// Block CIDRs (a bare address is a /32 or /128).
+    Add {
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+        /// Remove the block after this long (90s, 15m, 4h, 7d) [default: permanent]
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+        /// Why, for the audit trail
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Unblock CIDRs (exactly as listed).
+    Rm {
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+    },
+    /// List blocked CIDRs.
+    Ls(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AllowCommand {
+    /// Always pass these CIDRs.
+    Add {
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Remove CIDRs from the allowlist.
+    Rm {
+        #[arg(required = true, value_name = "CIDR")]
+        cidrs: Vec<String>,
+    },
+    /// List allowlisted CIDRs.
+    Ls(JsonFlag),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[arg(long, value_enum, default_value = "packets")]
+    pub by: TopKey,
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub limit: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    if ttl.is_zero() {
+        return Err("duration must be positive".into());
+    }
+    Ok(ttl)
+}
+
+/// A client command's failure, with the contract's exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Exit 1: the operation failed.
+    Failed(String),
+    /// Exit 2: bad usage or bad input.
+    Usage(String),
+    /// Exit 3: the daemon is not reachable.
+    Unreachable(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            Failure::Failed(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Unreachable(_) => 3,
+        })
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Failed(m) | Failure::Usage(m) | Failure::Unreachable(m) => m,
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        match &error {
+            ClientError::Unreachable { .. } => Failure::Unreachable(error.to_string()),
+            ClientError::Remote(remote) => match remote.kind {
+                ErrorKind::BadRequest => Failure::Usage(remote.message.clone()),
+                ErrorKind::Failed | ErrorKind::Forbidden => Failure::Failed(remote.message.clone()),
+            },
+            ClientError::Protocol(_) => Failure::Failed(error.to_string()),
+        }
+    }
+}
+
+/// The effective config: file (or defaults), then flags on top.
+pub fn resolve_config(paths: &PathArgs) -> Result<Config, Failure> {
+    let (path, named) = match &paths.config {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
+    };
+    let mut config = Config::load(&path, named).map_err(|e| Failure::Usage(e.to_string()))?;
+    let daemon = &mut config.daemon;
+    if let Some(socket) = &paths.socket {
+        daemon.socket = socket.clone();
+    }
+    if let Some(dir) = &paths.state_dir {
+        daemon.state_dir = dir.clone();
+    }
+    if let Some(dir) = &paths.bpffs_dir {
+        daemon.bpffs_dir = dir.clone();
+    }
+    if let Some(file) = &paths.audit_log {
+        daemon.audit_log = file.clone();
+    }
+    if let Some(addr) = paths.metrics_addr {
+        daemon.metrics_addr = addr;
+    }
+    Ok(config)
+}
+
+/// Validates CIDRs before bothering the daemon: bad input is exit 2.
+fn checked_cidrs(cidrs: Vec<String>) -> Result<Vec<String>, Failure> {
+    cidrs
+        .iter()
+        .map(|text| {
+            cidr::parse(text)
+                .map(|net| net.to_string())
+                .map_err(|e| Failure::Usage(e.to_string()))
+        })
+        .collect()
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Failure::Failed(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Runs a client command (everything but `run`).
+pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
+    // Validate input first: a typo is exit 2 whether or not the daemon runs.
+    let request = match command {
+        Command::Run(_) => return Err(Failure::Usage("`run` is not a client command".into())),
+        Command::Status(flag) => return status(config, flag.json),
+        Command::Block(BlockCommand::Add { cidrs, ttl, reason }) => Request::BlockAdd {
+            cidrs: checked_cidrs(cidrs)?,
+            ttl_ms: ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            reason,
+        },
+        Command::Block(BlockCommand::Rm { cidrs }) => Request::BlockRm {
+            cidrs: checked_cidrs(cidrs)?,
+        },
+        Command::Allow(AllowCommand::Add { cidrs, reason }) => Request::AllowAdd {
+            cidrs: checked_cidrs(cidrs)?,
+            reason,
+        },
+        Command::Allow(AllowCommand::Rm { cidrs }) => Request::AllowRm {
+            cidrs: checked_cidrs(cidrs)?,
+        },
+        Command::Block(BlockCommand::Ls(flag)) => return list(config, Request::BlockLs, flag.json),
+        Command::Allow(AllowCommand::Ls(flag)) => return list(config, Request::AllowLs, flag.json),
+        Command::Stats(flag) => return stats(config, flag.json),
+        Command::Top(args) => return top(config, args),
+    };
+    let changed: Vec<ListEntryView> = connect(config)?.call_as(request)?;
+    for entry in &changed {
+        let until = entry.expires_at.as_deref().map_or_else(String::new, |t| format!(" until {t}"));
+        println!("{}{until}", entry.cidr);
+    }
+    Ok(())
+}
+
+fn connect(config: &Config) -> Result<Client, Failure> {
+    Ok(Client::connect(&config.daemon.socket)?)
+}
+
+fn status(config: &Config, json: bool) -> Result<(), Failure> {
+    let status: StatusView = connect(config)?.call_as(Request::Status)?;
+    if json {
+        print_json(&status)?;
+    } else {
+        println!("apimon {} up {}s", status.version, status.uptime_s);
+        for iface in &status.interfaces {
+            let state = if iface.attached { "attached" } else { "NOT attached" };
+            println!("  {}: {state} (xdp {})", iface.name, iface.mode);
+        }
+        println!(
+            "policy: {} ({} rules, loaded {})",
+            status.policy.source, status.policy.rules, status.policy.loaded_at
+        );
+    }
+    if status.interfaces.iter().all(|iface| iface.attached) {
+        Ok(())
+    } else {
+        Err(Failure::Failed("not every interface is attached".into()))
+    }
+}
+
+fn list(config: &Config, request: Request, json: bool) -> Result<(), Failure> {
+    let entries: Vec<ListEntryView> = connect(config)?.call_as(request)?;
+    if json {
+        return print_json(&entries);
+    }
+    println!("{:<43} {:<21} {:>12} {:<16} REASON", "CIDR", "EXPIRES (UTC)", "HITS (pkts)", "ORIGIN");
+    for e in &entries {
+        println!(
+            "{:<43} {:<21} {:>12} {:<16} {}",
+            e.cidr,
+            e.expires_at.as_deref().unwrap_or("never"),
+            e.hits,
+            e.origin,
+            e.reason
+        );
+    }
+    Ok(())
+}
+
+fn stats(config: &Config, json: bool) -> Result<(), Failure> {
+    let stats: StatsView = connect(config)?.call_as(Request::Stats)?;
+    if json {
+        return print_json(&stats);
+    }
+    println!("{:<16} {:>16} {:>18}", "ACTION", "PACKETS", "BYTES");
+    for (action, packets) in &stats.packets {
+        let bytes = stats.bytes.get(action).copied().unwrap_or(0);
+        println!("{action:<16} {packets:>16} {bytes:>18}");
+    }
+    println!("blocklist entries: {}", stats.blocklist_entries);
+    println!("samples: {} captured, {} lost", stats.samples.captured, stats.samples.lost);
+    Ok(())
+}
+
+fn top(config: &Config, args: TopArgs) -> Result<(), Failure> {
+    let rows: Vec<TopRow> = connect(config)?.call_as(Request::Top {
+        by: args.by,
+        limit: args.limit,
+    })?;
+    if args.json {
+        return print_json(&rows);
+    }
+    println!("{:<40} {:>12} {:>14} {:>12} LAST SEEN (UTC)", "SOURCE", "PACKETS", "BYTES", "DROPS (pkts)");
+    for r in &rows {
+        println!("{:<40} {:>12} {:>14} {:>12} {}", r.ip, r.packets, r.bytes, r.drops, r.last_seen);
+    }
+    Ok(())
+}
+
+/// Re-exported for tests and tools that speak the protocol directly.
+pub use control::PROTOCOL_VERSION;

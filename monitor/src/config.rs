@@ -1,0 +1,290 @@
+//! The daemon's configuration: a typed TOML file with named defaults. Precedence:
+//! a command-line flag beats the file, which beats the default.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use monitor_common::maps::{
+    DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/apimon/apimon.toml";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/apimon/apimon.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/apimon";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/apimon";
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/apimon/audit.jsonl";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9750";
+/// How often the daemon removes expired blocks (the kernel already ignores them).
+pub const DEFAULT_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub datapath: DatapathConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Interfaces to attach to; empty: the interface of the default route.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub metrics_addr: MetricsAddr,
+    #[serde(with = "humantime_serde_compat")]
+    pub sweep_interval: std::time::Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            xdp_mode: XdpModeSetting::Auto,
+            socket: PathBuf::from(DEFAULT_SOCKET_PATH),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
+            audit_log: PathBuf::from(DEFAULT_AUDIT_LOG),
+            metrics_addr: MetricsAddr::default(),
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Sources tracked in the per-IP statistics (LRU: the least recently seen go first).
+    pub ip_stats_capacity: u32,
+    /// Entries per blocklist map (host hash and prefix trie, per address family).
+    pub blocklist_capacity: u32,
+    /// Entries per allowlist trie (per address family).
+    pub allowlist_capacity: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            ip_stats_capacity: DEFAULT_IP_STATS_CAPACITY,
+            blocklist_capacity: DEFAULT_BLOCKLIST_CAPACITY,
+            allowlist_capacity: DEFAULT_ALLOWLIST_CAPACITY,
+        }
+    }
+}
+
+/// XDP attach mode: `auto` tries native (driver) mode and falls back to generic (skb).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+/// The metrics listener, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    Listen(SocketAddr),
+}
+
+impl Default for MetricsAddr {
+    fn default() -> Self {
+        DEFAULT_METRICS_ADDR
+            .parse()
+            .map(MetricsAddr::Listen)
+            .unwrap_or(MetricsAddr::Off)
+    }
+}
+
+impl FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(MetricsAddr::Off);
+        }
+        s.parse()
+            .map(MetricsAddr::Listen)
+            .map_err(|_| format!("invalid metrics address {s:?}: expected HOST:PORT or `off`"))
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsAddr::Off => f.write_str("off"),
+            MetricsAddr::Listen(addr) => addr.fmt(f),
+        }
+    }
+}
+
+impl Serialize for MetricsAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Durations in the config are humantime strings (`500ms`, `15m`).
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(D::Error::custom)
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads the config. The default path may be missing (built-in defaults); a path the
+    /// operator named must exist.
+    pub fn load(path: &Path, explicitly_named: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicitly_named => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let d = &self.datapath;
+        for (name, value) in [
+            ("datapath.ip_stats_capacity", d.ip_stats_capacity),
+            ("datapath.blocklist_capacity", d.blocklist_capacity),
+            ("datapath.allowlist_capacity", d.allowlist_capacity),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.daemon.sweep_interval.is_zero() {
+            return Err(invalid("daemon.sweep_interval must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("apimon.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.daemon.socket, PathBuf::from(DEFAULT_SOCKET_PATH));
+        assert_eq!(config.daemon.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+        assert_eq!(config.datapath.ip_stats_capacity, 1 << 20);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config = parse(
+            r#"
+            [daemon]
+            interfaces = ["eth0", "eth1"]
+            xdp_mode = "skb"
+            socket = "/tmp/a.sock"
+            state_dir = "/tmp/state"
+            bpffs_dir = "/sys/fs/bpf/x"
+            audit_log = "/tmp/audit.jsonl"
+            metrics_addr = "off"
+            sweep_interval = "2s"
+            [datapath]
+            ip_stats_capacity = 1000
+            blocklist_capacity = 2000
+            allowlist_capacity = 300
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.daemon.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.daemon.xdp_mode, XdpModeSetting::Skb);
+        assert_eq!(config.daemon.metrics_addr, MetricsAddr::Off);
+        assert_eq!(config.daemon.sweep_interval, std::time::Duration::from_secs(2));
+        assert_eq!(config.datapath.blocklist_capacity, 2000);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_position() {
+        let err = parse("[daemon]\nxdp_mode = \"turbo\"\n").unwrap_err();
+        assert!(err.starts_with("invalid config apimon.toml:"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("turbo"), "{err}");
+
+        let err = parse("[daemon]\nsockets = \"/x\"\n").unwrap_err();
+        assert!(err.contains("unknown field `sockets`"), "{err}");
+
+        let err = parse("[daemon]\nmetrics_addr = \"localhost\"\n").unwrap_err();
+        assert!(err.contains("expected HOST:PORT or `off`"), "{err}");
+
+        let err = parse("[datapath]\nip_stats_capacity = 0\n").unwrap_err();
+        assert!(err.contains("ip_stats_capacity must be at least 1"), "{err}");
+
+        let err = parse("[daemon\n").unwrap_err();
+        assert!(err.contains("invalid config"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_named_file_must_exist() {
+        let missing = Path::new("/nonexistent/apimon.toml");
+        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        let err = Config::load(missing, true).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read config /nonexistent/apimon.toml"), "{err}");
+    }
+}

@@ -1,0 +1,415 @@
+//! `apimon run`: wires loader, enforcer and control socket together, then waits for
+//! signals. Kernel state outlives the process on purpose (pinned maps and links).
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Instant, SystemTime},
+};
+
+use aya::Ebpf;
+use monitor_common::datapath::Action;
+use serde_json::Value;
+use thiserror::Error;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    cidr,
+    clock::{self, Clocks},
+    config::Config,
+    control::{
+        self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts, StatsView,
+        StatusView, TopKey, TopRow,
+    },
+    enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
+    loader::{self, Attachment, LoadOptions, LoaderError},
+    maps::{Datapath, ListKind, MapsError},
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    Control(#[from] control::ServerError),
+    #[error("no interface given and no default route found; pass --iface IF")]
+    NoInterface,
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+    #[error("cannot create state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// What the control handler needs; shared with the sweeper.
+struct Shared {
+    enforcer: Mutex<Enforcer>,
+    started: Instant,
+    started_wall: SystemTime,
+    interfaces: Vec<InterfaceView>,
+}
+
+impl Shared {
+    fn enforcer(&self) -> MutexGuard<'_, Enforcer> {
+        // A panic while holding the lock cannot leave the lists half-written (commit
+        // rolls back), so a poisoned lock is still usable.
+        self.enforcer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
+    let daemon = &config.daemon;
+    let interfaces = if daemon.interfaces.is_empty() {
+        vec![default_route_interface().ok_or(DaemonError::NoInterface)?]
+    } else {
+        daemon.interfaces.clone()
+    };
+    for iface in &interfaces {
+        if loader::if_index(iface).is_none() {
+            return Err(DaemonError::UnknownInterface(iface.clone()));
+        }
+    }
+    if dry_run {
+        info!("Dry run: policy verdicts are only recorded; operator blocklist entries still apply");
+    }
+    std::fs::create_dir_all(&daemon.state_dir).map_err(|source| DaemonError::StateDir {
+        path: daemon.state_dir.clone(),
+        source,
+    })?;
+    loader::prepare_pin_dir(&daemon.bpffs_dir)?;
+    let mut ebpf = loader::load(&LoadOptions {
+        pin_dir: Some(&daemon.bpffs_dir),
+        capacities: &config.datapath,
+    })?;
+    start_kernel_log(&mut ebpf);
+    let datapath = Datapath::new(&mut ebpf)?;
+    // Lists go into the maps before anything is attached: no window for blocked traffic.
+    let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
+
+    let mut attachments: Vec<Attachment> = Vec::new();
+    for iface in &interfaces {
+        match loader::attach(&mut ebpf, iface, daemon.xdp_mode, &daemon.bpffs_dir) {
+            Ok(attachment) => attachments.push(attachment),
+            Err(e) => {
+                detach_all(attachments);
+                return Err(e.into());
+            }
+        }
+    }
+    let shared = Arc::new(Shared {
+        enforcer: Mutex::new(enforcer),
+        started: Instant::now(),
+        started_wall: SystemTime::now(),
+        interfaces: attachments
+            .iter()
+            .map(|a| InterfaceView {
+                name: a.iface.clone(),
+                mode: a.mode.name().into(),
+                attached: true,
+            })
+            .collect(),
+    });
+
+    let listener = match control::bind(&daemon.socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            detach_all(attachments);
+            return Err(e.into());
+        }
+    };
+    let handler_state = shared.clone();
+    let control_task = tokio::spawn(control::serve(
+        listener,
+        Arc::new(move |request| handle(&handler_state, request)),
+    ));
+    let sweeper_task = tokio::spawn(sweep_loop(shared.clone(), daemon.sweep_interval));
+    info!(
+        interfaces = %interfaces.join(","),
+        socket = %daemon.socket.display(),
+        pins = %daemon.bpffs_dir.display(),
+        version = VERSION,
+        "Daemon started"
+    );
+
+    let result = wait_for_shutdown().await;
+    control_task.abort();
+    sweeper_task.abort();
+    detach_all(attachments);
+    if let Err(e) = std::fs::remove_file(&daemon.socket) {
+        warn!(error = %e, "Removing the control socket failed");
+    }
+    info!("Daemon stopped");
+    result
+}
+
+async fn wait_for_shutdown() -> Result<(), DaemonError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!(signal = "SIGTERM", "Shutting down"); return Ok(()); }
+            _ = interrupt.recv() => { info!(signal = "SIGINT", "Shutting down"); return Ok(()); }
+            _ = hangup.recv() => {
+                // The default policy is built in; policy files arrive with the policy engine.
+                info!(signal = "SIGHUP", "Reload requested; the built-in default policy is unchanged");
+            }
+        }
+    }
+}
+
+fn detach_all(attachments: Vec<Attachment>) {
+    for attachment in attachments {
+        let iface = attachment.iface.clone();
+        match attachment.detach() {
+            Ok(()) => info!(iface, "Detached XDP"),
+            Err(e) => error!(iface, error = %e, "Detaching XDP failed"),
+        }
+    }
+}
+
+/// Forwards aya-log records from the kernel into our tracing output.
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            warn!(error = %e, "Kernel log forwarding unavailable");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "Kernel log forwarding unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(e) => {
+                    warn!(error = %e, "Kernel log forwarding stopped");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let shared = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || shared.enforcer().sweep(SystemTime::now())).await;
+        match swept {
+            Ok(Ok(expired)) => {
+                for entry in expired {
+                    info!(event.action = "block_expired", cidr = %entry.cidr, origin = %entry.origin, "Block expired");
+                }
+            }
+            Ok(Err(e)) => warn!(error = %e, "Removing expired blocks failed; the kernel ignores them anyway"),
+            Err(e) => warn!(error = %e, "Sweeper task failed"),
+        }
+    }
+}
+
+/// The interface of the IPv4 default route, else of the IPv6 one.
+pub fn default_route_interface() -> Option<String> {
+    let v4 = std::fs::read_to_string("/proc/net/route").ok().and_then(|table| {
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000").then(|| fields[0].to_owned())
+        })
+    });
+    v4.or_else(|| {
+        std::fs::read_to_string("/proc/net/ipv6_route").ok().and_then(|table| {
+            table.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.len() == 10 && fields[0] == "0".repeat(32) && fields[1] == "00" && fields[9] != "lo")
+                    .then(|| fields[9].to_owned())
+            })
+        })
+    })
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, ControlError> {
+    serde_json::to_value(value).map_err(|e| ControlError::failed(e.to_string()))
+}
+
+fn parse_cidrs(cidrs: &[String]) -> Result<Vec<ipnet::IpNet>, ControlError> {
+    if cidrs.is_empty() {
+        return Err(ControlError::bad_request("no CIDR given"));
+    }
+    cidrs
+        .iter()
+        .map(|text| cidr::parse(text).map_err(|e| ControlError::bad_request(e.to_string())))
+        .collect()
+}
+
+fn enforce_error(error: EnforceError) -> ControlError {
+    ControlError::failed(error.to_string())
+}
+
+fn entry_view(entry: &enforce::Entry, hits: u64) -> ListEntryView {
+    ListEntryView {
+        cidr: entry.cidr.to_string(),
+        reason: entry.reason.clone(),
+        origin: entry.origin.clone(),
+        created_at: clock::rfc3339(entry.created_at),
+        expires_at: entry.expires_at.map(clock::rfc3339),
+        hits,
+    }
+}
+
+fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
+    match request {
+        Request::Status => to_value(&StatusView {
+            version: VERSION.into(),
+            uptime_s: shared.started.elapsed().as_secs(),
+            interfaces: shared
+                .interfaces
+                .iter()
+                .map(|view| InterfaceView {
+                    attached: view.attached && loader::if_index(&view.name).is_some(),
+                    ..view.clone()
+                })
+                .collect(),
+            policy: PolicyView {
+                source: "builtin".into(),
+                rules: 0,
+                loaded_at: clock::rfc3339(shared.started_wall),
+            },
+        }),
+        Request::BlockAdd { cidrs, ttl_ms, reason } => {
+            let ttl = match ttl_ms {
+                Some(0) => return Err(ControlError::bad_request("ttl must be positive")),
+                other => other.map(std::time::Duration::from_millis),
+            };
+            add(shared, ListKind::Block, &cidrs, ttl, reason)
+        }
+        Request::AllowAdd { cidrs, reason } => add(shared, ListKind::Allow, &cidrs, None, reason),
+        Request::BlockRm { cidrs } => remove(shared, ListKind::Block, &cidrs),
+        Request::AllowRm { cidrs } => remove(shared, ListKind::Allow, &cidrs),
+        Request::BlockLs => list(shared, ListKind::Block),
+        Request::AllowLs => list(shared, ListKind::Allow),
+        Request::Stats => stats(shared),
+        Request::Top { by, limit } => top(shared, by, limit),
+    }
+}
+
+fn add(
+    shared: &Shared,
+    kind: ListKind,
+    cidrs: &[String],
+    ttl: Option<std::time::Duration>,
+    reason: Option<String>,
+) -> Result<Value, ControlError> {
+    let nets = parse_cidrs(cidrs)?;
+    let reason = reason.unwrap_or_default();
+    let added = shared
+        .enforcer()
+        .add(kind, &nets, ttl, &reason, enforce::ORIGIN_CLI)
+        .map_err(enforce_error)?;
+    let action = match kind {
+        ListKind::Block => "block_added",
+        ListKind::Allow => "allow_added",
+    };
+    for entry in &added {
+        let expires_at = entry.expires_at.map_or_else(|| "never".to_owned(), clock::rfc3339);
+        info!(event.action = action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
+    }
+    to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
+}
+
+fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, ControlError> {
+    let nets = parse_cidrs(cidrs)?;
+    let removed = shared.enforcer().remove(kind, &nets).map_err(enforce_error)?;
+    let action = match kind {
+        ListKind::Block => "block_removed",
+        ListKind::Allow => "allow_removed",
+    };
+    for entry in &removed {
+        info!(event.action = action, cidr = %entry.cidr, "List entry removed");
+    }
+    to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
+}
+
+fn list(shared: &Shared, kind: ListKind) -> Result<Value, ControlError> {
+    let entries = shared.enforcer().entries(kind).map_err(enforce_error)?;
+    to_value(
+        &entries
+            .iter()
+            .map(|EntryWithHits { entry, hits }| entry_view(entry, *hits))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn stats(shared: &Shared) -> Result<Value, ControlError> {
+    let enforcer = shared.enforcer();
+    let counters = enforcer
+        .datapath()
+        .counters()
+        .map_err(|e| ControlError::failed(e.to_string()))?;
+    let mut packets = BTreeMap::new();
+    let mut bytes = BTreeMap::new();
+    for action in Action::ALL {
+        let counter = counters[action as usize];
+        packets.insert(action.name().to_owned(), counter.packets);
+        bytes.insert(action.name().to_owned(), counter.bytes);
+    }
+    to_value(&StatsView {
+        packets,
+        bytes,
+        samples: SampleCounts::default(),
+        blocklist_entries: enforcer.len(ListKind::Block) as u64,
+    })
+}
+
+fn top(shared: &Shared, by: TopKey, limit: usize) -> Result<Value, ControlError> {
+    // Walk the map without holding the lists lock for longer than the walk itself.
+    let mut sources = shared
+        .enforcer()
+        .datapath()
+        .sources()
+        .map_err(|e| ControlError::failed(e.to_string()))?;
+    let key = |stats: &monitor_common::datapath::IpStats| match by {
+        TopKey::Packets => stats.packets,
+        TopKey::Bytes => stats.bytes,
+        TopKey::Drops => stats.drops,
+    };
+    sources.sort_by(|(a_ip, a), (b_ip, b)| key(b).cmp(&key(a)).then_with(|| a_ip.cmp(b_ip)));
+    sources.truncate(limit);
+    let clocks = Clocks::now();
+    let rows: Vec<TopRow> = sources
+        .into_iter()
+        .map(|(ip, stats): (IpAddr, _)| TopRow {
+            ip: ip.to_string(),
+            packets: stats.packets,
+            bytes: stats.bytes,
+            drops: stats.drops,
+            last_seen: clock::rfc3339(clocks.to_wall(stats.last_seen_ns)),
+        })
+        .collect();
+    to_value(&rows)
+}

@@ -1,0 +1,241 @@
+//! Keeps the kernel's blocklist and allowlist equal to the operator's lists: every
+//! change is written to the maps, persisted, then acknowledged.
+
+pub mod lists;
+pub mod state;
+
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use monitor_common::datapath::{ListEntry, ReasonCode};
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use self::lists::Entry;
+use self::{lists::Lists, state::StateFile};
+use crate::{
+    clock::Clocks,
+    maps::{Datapath, ListKind, MapsError},
+};
+
+/// Origin of entries found in pinned maps but missing from the state file.
+pub const ORIGIN_STATE: &str = "state";
+pub const ORIGIN_CLI: &str = "cli";
+
+#[derive(Debug, Error)]
+pub enum EnforceError {
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("not on the {list}: {nets}")]
+    NotListed { list: &'static str, nets: String },
+}
+
+/// An entry with the kernel's hit counter, as `block ls` shows it.
+#[derive(Clone, Debug)]
+pub struct EntryWithHits {
+    pub entry: Entry,
+    pub hits: u64,
+}
+
+pub struct Enforcer {
+    datapath: Datapath,
+    lists: Lists,
+    state: StateFile,
+}
+
+impl Enforcer {
+    /// Loads the saved lists and makes the kernel maps match them before anything is
+    /// attached. Entries found only in the pinned maps are kept (origin `state`):
+    /// never unblock silently.
+    pub fn open(datapath: Datapath, state: StateFile) -> Result<Self, EnforceError> {
+        let lists = state.load()?;
+        let mut enforcer = Self {
+            datapath,
+            lists,
+            state,
+        };
+        let clocks = Clocks::now();
+        let mut adopted = 0usize;
+        for kind in [ListKind::Block, ListKind::Allow] {
+            for (net, kernel) in enforcer.datapath.entries(kind)? {
+                if enforcer.lists.get(kind).contains_key(&net) {
+                    continue;
+                }
+                let expires_at = (kernel.expires_at_ns != ListEntry::NEVER).then(|| clocks.to_wall(kernel.expires_at_ns));
+                enforcer.lists.insert(
+                    kind,
+                    Entry {
+                        cidr: net,
+                        reason: "recovered from pinned map".into(),
+                        origin: ORIGIN_STATE.into(),
+                        created_at: clocks.wall,
+                        expires_at,
+                    },
+                );
+                adopted += 1;
+            }
+        }
+        if adopted > 0 {
+            warn!(entries = adopted, "Adopted pinned entries missing from the state file");
+            enforcer.state.save(&enforcer.lists)?;
+        }
+        for kind in [ListKind::Block, ListKind::Allow] {
+            let nets: Vec<IpNet> = enforcer.lists.get(kind).keys().copied().collect();
+            enforcer.sync(kind, &nets, &clocks)?;
+        }
+        info!(
+            blocklist = enforcer.lists.get(ListKind::Block).len(),
+            allowlist = enforcer.lists.get(ListKind::Allow).len(),
+            "Lists restored into the datapath"
+        );
+        Ok(enforcer)
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn len(&self, kind: ListKind) -> usize {
+        self.lists.get(kind).len()
+    }
+
+    pub fn is_empty(&self, kind: ListKind) -> bool {
+        self.len(kind) == 0
+    }
+
+    /// Adds (or renews) entries. Acknowledged only once in the kernel and on disk; on
+    /// failure nothing changes.
+    pub fn add(
+        &mut self,
+        kind: ListKind,
+        nets: &[IpNet],
+        ttl: Option<Duration>,
+        reason: &str,
+        origin: &str,
+    ) -> Result<Vec<Entry>, EnforceError> {
+        let clocks = Clocks::now();
+        let before = self.lists.clone();
+        let mut added = Vec::with_capacity(nets.len());
+        let mut affected = Vec::new();
+        for net in nets {
+            let created_at = self.lists.get(kind).get(net).map_or(clocks.wall, |e| e.created_at);
+            let entry = Entry {
+                cidr: *net,
+                reason: reason.to_owned(),
+                origin: origin.to_owned(),
+                created_at,
+                expires_at: ttl.map(|ttl| clocks.wall + ttl),
+            };
+            self.lists.insert(kind, entry.clone());
+            affected.extend(self.lists.affected_by(kind, net));
+            added.push(entry);
+        }
+        self.commit(kind, &affected, before, &clocks)?;
+        Ok(added)
+    }
+
+    /// Removes entries; fails without changing anything when one is not listed.
+    pub fn remove(&mut self, kind: ListKind, nets: &[IpNet]) -> Result<Vec<Entry>, EnforceError> {
+        let missing: Vec<String> = nets
+            .iter()
+            .filter(|net| !self.lists.get(kind).contains_key(net))
+            .map(ToString::to_string)
+            .collect();
+        if !missing.is_empty() {
+            return Err(EnforceError::NotListed {
+                list: kind.name(),
+                nets: missing.join(", "),
+            });
+        }
+        self.remove_present(kind, nets)
+    }
+
+    /// Removes every blocklist entry whose deadline has passed (the kernel already
+    /// ignores them; this keeps the maps and `block ls` tidy).
+    pub fn sweep(&mut self, now: SystemTime) -> Result<Vec<Entry>, EnforceError> {
+        let expired = self.lists.expired(now);
+        if expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.remove_present(ListKind::Block, &expired)
+    }
+
+    fn remove_present(&mut self, kind: ListKind, nets: &[IpNet]) -> Result<Vec<Entry>, EnforceError> {
+        let clocks = Clocks::now();
+        let before = self.lists.clone();
+        let mut removed = Vec::with_capacity(nets.len());
+        let mut affected = Vec::new();
+        for net in nets {
+            affected.extend(self.lists.affected_by(kind, net));
+            if let Some(entry) = self.lists.remove(kind, net) {
+                removed.push(entry);
+            }
+        }
+        self.commit(kind, &affected, before, &clocks)?;
+        Ok(removed)
+    }
+
+    /// Writes the affected kernel entries and the state file; on failure, restores
+    /// the previous lists in memory and (best effort) in the kernel.
+    fn commit(&mut self, kind: ListKind, affected: &[IpNet], before: Lists, clocks: &Clocks) -> Result<(), EnforceError> {
+        let result = self
+            .sync(kind, affected, clocks)
+            .and_then(|()| self.state.save(&self.lists).map_err(EnforceError::from));
+        if let Err(error) = result {
+            self.lists = before;
+            if let Err(rollback) = self.sync(kind, affected, clocks) {
+                warn!(error = %rollback, "Rolling back the datapath failed; maps may differ until restart");
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel entries of `nets` match the lists, keeping their hit counters.
+    fn sync(&mut self, kind: ListKind, nets: &[IpNet], clocks: &Clocks) -> Result<(), EnforceError> {
+        for net in nets {
+            match self.lists.kernel_deadline(kind, net) {
+                Some(deadline) => {
+                    let hits = self.datapath.get(kind, net)?.map_or(0, |e| e.hits);
+                    let origin = self.lists.get(kind).get(net).map_or("", |e| e.origin.as_str());
+                    let entry = ListEntry {
+                        expires_at_ns: deadline.map_or(ListEntry::NEVER, |d| clocks.to_monotonic(d)),
+                        hits,
+                        reason: reason_code(origin) as u32,
+                        _pad: 0,
+                    };
+                    self.datapath.put(kind, net, entry)?;
+                }
+                None => self.datapath.remove(kind, net)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries with their kernel hit counters.
+    pub fn entries(&self, kind: ListKind) -> Result<Vec<EntryWithHits>, EnforceError> {
+        self.lists
+            .get(kind)
+            .values()
+            .map(|entry| {
+                let hits = self.datapath.get(kind, &entry.cidr)?.map_or(0, |e| e.hits);
+                Ok(EntryWithHits {
+                    entry: entry.clone(),
+                    hits,
+                })
+            })
+            .collect()
+    }
+}
+
+fn reason_code(origin: &str) -> ReasonCode {
+    if origin.starts_with("policy:") {
+        ReasonCode::Policy
+    } else if origin == ORIGIN_STATE {
+        ReasonCode::State
+    } else {
+        ReasonCode::Cli
+    }
+}

@@ -1,0 +1,11 @@
+//! apimon: eBPF API traffic monitor and enforcer. `main.rs` only wires these modules.
+
+pub mod cidr;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod enforce;
+pub mod loader;
+pub mod maps;

@@ -1,0 +1,346 @@
+//! Loads the embedded eBPF object, pins its maps so that a restarted daemon adopts the
+//! same state, and attaches the XDP program through pinned bpf_links: a daemon killed
+//! with SIGKILL leaves the datapath enforcing, and the next one swaps its program in
+//! atomically (no window in which blocked traffic passes).
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapInfo,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use monitor_common::maps;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::config::{DatapathConfig, XdpModeSetting};
+
+/// The kernel programs, built by build.rs and embedded in the binary.
+pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+pub const INGRESS_PROGRAM: &str = "apimon_ingress";
+/// An XDP program that only passes: the benchmark's baseline.
+pub const BASELINE_PROGRAM: &str = "apimon_baseline";
+
+/// bpffs superblock magic (linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+
+#[derive(Debug, Error)]
+pub enum LoaderError {
+    #[error("cannot prepare the bpffs pin directory {path}: {reason}")]
+    Bpffs { path: PathBuf, reason: String },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] EbpfError),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("loading program {name} failed (verifier log above): {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("attaching XDP to {iface} failed: {reason}")]
+    Attach { iface: String, reason: String },
+    #[error("detaching XDP from {iface} failed: {reason}")]
+    Detach { iface: String, reason: String },
+}
+
+/// Makes sure `dir` lives on a bpf filesystem, mounting bpffs at /sys/fs/bpf when the
+/// host has not (it is not mounted at boot everywhere), then creates `dir`.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoaderError> {
+    let error = |reason: String| LoaderError::Bpffs {
+        path: dir.to_owned(),
+        reason,
+    };
+    if dir.starts_with(BPFFS_MOUNT_POINT) && !is_bpffs(Path::new(BPFFS_MOUNT_POINT)) {
+        fs::create_dir_all(BPFFS_MOUNT_POINT).map_err(|e| error(e.to_string()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            BPFFS_MOUNT_POINT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| error(format!("mounting bpffs at {BPFFS_MOUNT_POINT}: {e}")))?;
+        info!(path = BPFFS_MOUNT_POINT, "Mounted bpffs");
+    }
+    fs::create_dir_all(dir.join("links")).map_err(|e| error(e.to_string()))?;
+    if !is_bpffs(dir) {
+        return Err(error("not on a bpf filesystem (mount -t bpf bpf DIR)".into()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// How the object is loaded: pinned (the daemon) or private (tests, benchmarks).
+pub struct LoadOptions<'a> {
+    pub pin_dir: Option<&'a Path>,
+    pub capacities: &'a DatapathConfig,
+}
+
+/// Loads the object with map sizes from the config, reusing maps already pinned under
+/// `pin_dir`, and loads the ingress program into the kernel (not yet attached).
+pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
+    let capacities = options.capacities;
+    let pin_paths: Vec<(&str, PathBuf)> = options
+        .pin_dir
+        .map(|dir| maps::PINNED.iter().map(|name| (*name, dir.join(name))).collect())
+        .unwrap_or_default();
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(maps::IP_STATS, capacities.ip_stats_capacity)
+        .map_max_entries(maps::BLOCK_V4_HOSTS, capacities.blocklist_capacity)
+        .map_max_entries(maps::BLOCK_V6_HOSTS, capacities.blocklist_capacity)
+        .map_max_entries(maps::BLOCK_V4_NETS, capacities.blocklist_capacity)
+        .map_max_entries(maps::BLOCK_V6_NETS, capacities.blocklist_capacity)
+        .map_max_entries(maps::ALLOW_V4, capacities.allowlist_capacity)
+        .map_max_entries(maps::ALLOW_V6, capacities.allowlist_capacity);
+    for (name, path) in &pin_paths {
+        warn_on_capacity_change(name, path, capacities);
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    load_program(&mut ebpf, INGRESS_PROGRAM)?;
+    Ok(ebpf)
+}
+
+/// A pinned map keeps the size it was created with; say so when the config asks otherwise.
+fn warn_on_capacity_change(name: &str, path: &Path, capacities: &DatapathConfig) {
+    let Ok(info) = MapInfo::from_pin(path) else {
+        return;
+    };
+    let wanted = match name {
+        maps::IP_STATS => capacities.ip_stats_capacity,
+        maps::ALLOW_V4 | maps::ALLOW_V6 => capacities.allowlist_capacity,
+        maps::ACTION_COUNTERS => return,
+        _ => capacities.blocklist_capacity,
+    };
+    if info.max_entries() != wanted {
+        warn!(
+            map = name,
+            pinned = info.max_entries(),
+            configured = wanted,
+            "Pinned map keeps its old capacity; remove the pin directory while stopped to resize"
+        );
+    }
+}
+
+/// Loads one XDP program of the object into the kernel.
+pub fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| LoaderError::Program { name, source })?;
+    Ok(program)
+}
+
+/// The XDP mode an attachment ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Skb,
+}
+
+impl AttachedMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Skb => "skb",
+        }
+    }
+
+    const fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachedMode::Native => XdpMode::Driver,
+            AttachedMode::Skb => XdpMode::Skb,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "native" => Some(AttachedMode::Native),
+            "skb" => Some(AttachedMode::Skb),
+            _ => None,
+        }
+    }
+}
+
+/// The program attached to one interface through a bpf_link pinned at `pin`
+/// (`<pin_dir>/links/xdp-<iface>-<mode>`), so it outlives a crashed daemon.
+pub struct Attachment {
+    pub iface: String,
+    pub mode: AttachedMode,
+    link: Option<FdLink>,
+    pin: Option<PathBuf>,
+}
+
+impl Attachment {
+    /// Detaches: removes the pin, then closes the last link fd.
+    pub fn detach(mut self) -> Result<(), LoaderError> {
+        if let Some(pin) = self.pin.take()
+            && let Err(e) = fs::remove_file(&pin)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(LoaderError::Detach {
+                iface: self.iface.clone(),
+                reason: format!("removing {}: {e}", pin.display()),
+            });
+        }
+        drop(self.link.take());
+        Ok(())
+    }
+}
+
+fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachedMode) -> PathBuf {
+    pin_dir.join("links").join(format!("xdp-{iface}-{}", mode.name()))
+}
+
+/// A link pinned by an earlier daemon for `iface`, if any.
+fn find_pinned_link(pin_dir: &Path, iface: &str) -> Option<(PathBuf, AttachedMode)> {
+    let prefix = format!("xdp-{iface}-");
+    fs::read_dir(pin_dir.join("links"))
+        .ok()?
+        .filter_map(Result::ok)
+        .find_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let mode = AttachedMode::from_name(name.strip_prefix(&prefix)?)?;
+            Some((entry.path(), mode))
+        })
+}
+
+/// Attaches the ingress program to `iface`. A link pinned by an earlier daemon is
+/// updated in place; otherwise native mode is tried first (for `auto`), then skb.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    requested: XdpModeSetting,
+    pin_dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let attach_error = |reason: String| LoaderError::Attach {
+        iface: iface.to_owned(),
+        reason,
+    };
+    let program: &mut Xdp = ebpf
+        .program_mut(INGRESS_PROGRAM)
+        .ok_or(LoaderError::MissingProgram(INGRESS_PROGRAM))?
+        .try_into()
+        .map_err(|e: ProgramError| attach_error(e.to_string()))?;
+
+    if let Some((pin, mode)) = find_pinned_link(pin_dir, iface) {
+        match replace_pinned(program, &pin) {
+            Ok(link) => {
+                info!(iface, mode = mode.name(), "Adopted the pinned XDP link; program replaced atomically");
+                return Ok(Attachment {
+                    iface: iface.to_owned(),
+                    mode,
+                    link: Some(link),
+                    pin: Some(pin),
+                });
+            }
+            Err(reason) => {
+                warn!(iface, pin = %pin.display(), %reason, "Pinned XDP link is stale; attaching afresh");
+                let _ = fs::remove_file(&pin);
+            }
+        }
+    }
+
+    let modes: &[AttachedMode] = match requested {
+        XdpModeSetting::Auto => &[AttachedMode::Native, AttachedMode::Skb],
+        XdpModeSetting::Native => &[AttachedMode::Native],
+        XdpModeSetting::Skb => &[AttachedMode::Skb],
+    };
+    let mut failures = Vec::new();
+    for &mode in modes {
+        match program.attach(iface, mode.xdp_mode()) {
+            Ok(link_id) => {
+                if !failures.is_empty() {
+                    warn!(iface, errors = %failures.join("; "), "XDP native attach failed; running in skb (generic) mode");
+                }
+                let link = program
+                    .take_link(link_id)
+                    .map_err(|e| attach_error(e.to_string()))?;
+                return pin_link(link, iface, mode, pin_dir);
+            }
+            Err(e) => failures.push(format!("{} mode: {}", mode.name(), error_chain(&e))),
+        }
+    }
+    Err(attach_error(failures.join("; ")))
+}
+
+fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<FdLink, String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| error_chain(&e))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| error_chain(&e))?;
+    let id = program.attach_to_link(link).map_err(|e| error_chain(&e))?;
+    let link = program.take_link(id).map_err(|e| error_chain(&e))?;
+    FdLink::try_from(link).map_err(|e| error_chain(&e))
+}
+
+fn pin_link(link: XdpLink, iface: &str, mode: AttachedMode, pin_dir: &Path) -> Result<Attachment, LoaderError> {
+    let pin = link_pin_path(pin_dir, iface, mode);
+    match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            let pinned = fd_link.pin(&pin).map_err(|e| LoaderError::Attach {
+                iface: iface.to_owned(),
+                reason: format!("pinning the link at {}: {}", pin.display(), error_chain(&e)),
+            })?;
+            // Keep our own fd too; `detach` unpins, then drops it.
+            let link = FdLink::from(pinned);
+            info!(iface, mode = mode.name(), "Attached XDP");
+            Ok(Attachment {
+                iface: iface.to_owned(),
+                mode,
+                link: Some(link),
+                pin: Some(pin),
+            })
+        }
+        Err(e) => {
+            // Netlink attachment (kernels without XDP bpf_link): no pin, no crash survival.
+            warn!(iface, reason = %error_chain(&e), "XDP link cannot be pinned; it ends with the daemon");
+            Err(LoaderError::Attach {
+                iface: iface.to_owned(),
+                reason: "kernel lacks XDP bpf_link support (Linux 5.9+ needed)".into(),
+            })
+        }
+    }
+}
+
+/// `error: cause: cause`, since aya nests the useful part (errno) a level or two down.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Index of an interface, or None when it does not exist.
+pub fn if_index(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}

@@ -1,0 +1,73 @@
+//! The `apimon` binary: `run` is the daemon, every other subcommand a client.
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use monitor::{
+    cli::{self, Cli, Command, Failure},
+    daemon,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
+    let result = match cli.command {
+        Command::Run(args) => run_daemon(&cli.paths, args),
+        command => cli::resolve_config(&cli.paths).and_then(|config| cli::run_client(command, &config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("apimon: {}", failure.message());
+            failure.exit_code()
+        }
+    }
+}
+
+/// Help and version go to stdout with exit 0; a usage error is one line and exit 2.
+fn usage_error(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid usage");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("apimon: {first}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let mut config = cli::resolve_config(paths)?;
+    if !args.ifaces.is_empty() {
+        config.daemon.interfaces = args.ifaces;
+    }
+    if let Some(mode) = args.xdp_mode {
+        config.daemon.xdp_mode = mode;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Failed(format!("starting the runtime: {e}")))?;
+    runtime
+        .block_on(daemon::run(config, args.dry_run))
+        .map_err(|e| Failure::Failed(e.to_string()))
+}
