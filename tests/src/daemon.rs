@@ -1,0 +1,251 @@
+//! The real `apimon` binary, run as a daemon inside a network namespace, and its CLI.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::{netns::NetNs, unique_tag};
+
+/// The `apimon` binary next to this test executable (target/<profile>/apimon), or
+/// `APIMON_BIN`.
+pub fn apimon_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("APIMON_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| if deps.ends_with("deps") { deps.parent() } else { Some(deps) })
+        .expect("test binary has a parent dir");
+    let bin = profile_dir.join("apimon");
+    assert!(bin.exists(), "{} is missing: build it first (cargo xtask test does)", bin.display());
+    bin
+}
+
+/// One daemon's private paths: socket, state dir, pin dir, log. Removed on drop.
+pub struct DaemonPaths {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonPaths {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("apimon-test-").tempdir().expect("tempdir");
+        Self {
+            socket: dir.path().join("apimon.sock"),
+            state_dir: dir.path().join("state"),
+            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/apimon-test-{}", unique_tag())),
+            log: dir.path().join("daemon.log"),
+            dir,
+        }
+    }
+
+    /// The path flags every subcommand takes.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--bpffs-dir".into(),
+            self.bpffs_dir.display().to_string(),
+            "--audit-log".into(),
+            self.dir.path().join("audit.jsonl").display().to_string(),
+            "--metrics-addr".into(),
+            "off".into(),
+            "--config".into(),
+            self.dir.path().join("apimon.toml").display().to_string(),
+        ]
+    }
+}
+
+impl Default for DaemonPaths {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for DaemonPaths {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+    }
+}
+
+/// A running `apimon run` in `ns`, attached to `iface`. Stopped on drop (and its pins
+/// removed with its paths); its log is printed when a test fails.
+pub struct Daemon {
+    pub paths: DaemonPaths,
+    ns_path: String,
+    iface: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(ns: &NetNs, iface: &str) -> Self {
+        let paths = DaemonPaths::new();
+        std::fs::write(paths.dir.path().join("apimon.toml"), "").expect("writing config");
+        let mut daemon = Self {
+            paths,
+            ns_path: ns.path(),
+            iface: iface.to_owned(),
+            child: None,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the process and waits until `status` answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.log)
+            .expect("opening log");
+        let mut command = Command::new(apimon_bin());
+        command
+            .arg("run")
+            .args(["--iface", &self.iface])
+            .args(self.paths.flags())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        let ns_path = self.ns_path.clone();
+        // SAFETY: only async-signal-safe calls (open, setns) between fork and exec.
+        // Entering only the network namespace (unlike `ip netns exec`, which also
+        // unshares mounts) keeps bpffs pins visible to everyone, as on a real host.
+        unsafe {
+            command.pre_exec(move || {
+                let file = std::fs::File::open(&ns_path)?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        self.child = Some(command.spawn().expect("spawning apimon run"));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!("apimon run exited early ({status}):\n{}", self.log());
+            }
+            if self.cli(&["status"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("apimon run did not become ready:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> Option<Pid> {
+        self.child.as_ref().map(|c| Pid::from_raw(i32::try_from(c.id()).expect("pid")))
+    }
+
+    /// SIGTERM and wait: the clean shutdown path.
+    pub fn stop(&mut self) {
+        self.signal_and_wait(Signal::SIGTERM);
+    }
+
+    /// SIGKILL and wait: the crash path.
+    pub fn kill(&mut self) {
+        self.signal_and_wait(Signal::SIGKILL);
+    }
+
+    fn signal_and_wait(&mut self, signal: Signal) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let _ = kill(pid, signal);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("apimon did not exit after {signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.paths.log).unwrap_or_default()
+    }
+
+    /// Runs `apimon ARGS` with this daemon's path flags.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_with(&self.paths, args)
+    }
+
+    /// Runs the CLI and returns stdout, panicking (with the daemon log) on failure.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "apimon {} failed ({}): {}\n--- daemon log ---\n{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// Runs the CLI with `--json` appended and parses the output.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let text = self.cli_ok(&with_json);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("apimon {}: not JSON ({e}): {text}", args.join(" ")))
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.paths.socket
+    }
+}
+
+/// Runs `apimon ARGS` with the given paths (the daemon need not run).
+pub fn cli_with(paths: &DaemonPaths, args: &[&str]) -> Output {
+    Command::new(apimon_bin())
+        .args(args)
+        .args(paths.flags())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running apimon")
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- apimon daemon log ---\n{}", self.log());
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+            let _ = kill(pid, Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The kernel programs loaded privately (no pins, nothing attached) for
+//! BPF_PROG_TEST_RUN on crafted frames.
+
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use monitor::{
+    config::DatapathConfig,
+    loader::{self, LoadOptions},
+    maps::Datapath,
+};
+use monitor_common::datapath::{Action, ActionCounter};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub struct TestDatapath {
+    pub ebpf: Ebpf,
+    pub maps: Datapath,
+}
+
+impl TestDatapath {
+    pub fn load() -> Self {
+        Self::load_with(&DatapathConfig {
+            ip_stats_capacity: 1024,
+            blocklist_capacity: 1024,
+            allowlist_capacity: 1024,
+        })
+    }
+
+    pub fn load_with(capacities: &DatapathConfig) -> Self {
+        crate::require_root();
+        let mut ebpf = loader::load(&LoadOptions {
+            pin_dir: None,
+            capacities,
+        })
+        .unwrap_or_else(|e| panic!("loading the datapath: {}", loader::error_chain(&e)));
+        loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM).expect("loading the baseline program");
+        let maps = Datapath::new(&mut ebpf).expect("datapath maps");
+        Self { ebpf, maps }
+    }
+
+    fn program(&self, name: &str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .unwrap_or_else(|| panic!("program {name}"))
+    }
+
+    /// Runs the ingress program once on `frame`; returns the XDP action.
+    pub fn run(&self, frame: &[u8]) -> u32 {
+        self.run_program(loader::INGRESS_PROGRAM, frame, 1).0
+    }
+
+    /// Runs a program `repeat` times; returns the action and the kernel's mean ns per run.
+    pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
+        let result = self
+            .program(name)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {}", loader::error_chain(&e)));
+        (result.return_value, result.duration.as_nanos() as f64)
+    }
+
+    pub fn counter(&self, action: Action) -> ActionCounter {
+        self.maps.counters().expect("counters")[action as usize]
+    }
+}
