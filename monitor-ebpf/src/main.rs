@@ -7,7 +7,10 @@
 #![no_main]
 // The bpf target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add.
 #![feature(core_intrinsics)]
-#![allow(internal_features, reason = "core_intrinsics for atomic adds on the bpf target")]
+#![allow(
+    internal_features,
+    reason = "core_intrinsics for atomic adds on the bpf target"
+)]
 
 mod packet;
 
@@ -122,10 +125,10 @@ fn blocked<K>(
     bits: u32,
     now: u64,
 ) -> bool {
-    if let Some(entry) = hosts.get_ptr_mut(&addr) {
-        if hit_if_live(entry, now) {
-            return true;
-        }
+    if let Some(entry) = hosts.get_ptr_mut(&addr)
+        && hit_if_live(entry, now)
+    {
+        return true;
     }
     listed(nets, addr, bits, now)
 }
@@ -163,7 +166,7 @@ fn record_source(ctx: &XdpContext, key: &IpKey, action: Action, bytes: u64, now:
         first_seen_ns: now,
         last_seen_ns: now,
     };
-    if IP_STATS.insert(key, &fresh, u64::from(BPF_NOEXIST)).is_err()
+    if IP_STATS.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err()
         // Another CPU inserted the same source first: add to its entry instead.
         && !add_to_source(key, bytes, drops, now)
     {

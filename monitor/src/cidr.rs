@@ -84,7 +84,9 @@ mod tests {
     use super::*;
 
     fn p(s: &str) -> String {
-        parse(s).map(|n| n.to_string()).unwrap_or_else(|e| e.to_string())
+        parse(s)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| e.to_string())
     }
 
     #[test]
@@ -117,7 +119,16 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_with_the_input_named() {
-        for bad in ["", "10.0.0", "10.0.0.1/33", "2001:db8::/129", "host", "1.2.3.4/", "/8", "1.2.3.4/-1"] {
+        for bad in [
+            "",
+            "10.0.0",
+            "10.0.0.1/33",
+            "2001:db8::/129",
+            "host",
+            "1.2.3.4/",
+            "/8",
+            "1.2.3.4/-1",
+        ] {
             let err = parse(bad).expect_err(bad);
             assert_eq!(err.input, bad);
             assert!(err.to_string().contains("invalid CIDR"));
@@ -128,6 +139,11 @@ mod tests {
     fn range_helpers() {
         let net = parse("10.0.0.0/8").unwrap();
         assert_eq!(last_host(&net).to_string(), "10.255.255.255/32");
-        assert_eq!(supernet(&parse("10.1.2.3").unwrap(), 16).unwrap().to_string(), "10.1.0.0/16");
+        assert_eq!(
+            supernet(&parse("10.1.2.3").unwrap(), 16)
+                .unwrap()
+                .to_string(),
+            "10.1.0.0/16"
+        );
     }
 }

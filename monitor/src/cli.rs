@@ -9,7 +9,10 @@ use serde::Serialize;
 use crate::{
     cidr,
     config::{self, Config, MetricsAddr, XdpModeSetting},
-    control::{self, Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey, TopRow},
+    control::{
+        self, Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView,
+        TopKey, TopRow,
+    },
 };
 
 const EXAMPLES: &str = "\
@@ -142,7 +145,8 @@ pub struct TopArgs {
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let ttl = humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    let ttl =
+        humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))?;
     if ttl.is_zero() {
         return Err("duration must be positive".into());
     }
@@ -261,7 +265,10 @@ pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
     };
     let changed: Vec<ListEntryView> = connect(config)?.call_as(request)?;
     for entry in &changed {
-        let until = entry.expires_at.as_deref().map_or_else(String::new, |t| format!(" until {t}"));
+        let until = entry
+            .expires_at
+            .as_deref()
+            .map_or_else(String::new, |t| format!(" until {t}"));
         println!("{}{until}", entry.cidr);
     }
     Ok(())
@@ -278,7 +285,11 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
     } else {
         println!("apimon {} up {}s", status.version, status.uptime_s);
         for iface in &status.interfaces {
-            let state = if iface.attached { "attached" } else { "NOT attached" };
+            let state = if iface.attached {
+                "attached"
+            } else {
+                "NOT attached"
+            };
             println!("  {}: {state} (xdp {})", iface.name, iface.mode);
         }
         println!(
@@ -298,7 +309,10 @@ fn list(config: &Config, request: Request, json: bool) -> Result<(), Failure> {
     if json {
         return print_json(&entries);
     }
-    println!("{:<43} {:<21} {:>12} {:<16} REASON", "CIDR", "EXPIRES (UTC)", "HITS (pkts)", "ORIGIN");
+    println!(
+        "{:<43} {:<21} {:>12} {:<16} REASON",
+        "CIDR", "EXPIRES (UTC)", "HITS (pkts)", "ORIGIN"
+    );
     for e in &entries {
         println!(
             "{:<43} {:<21} {:>12} {:<16} {}",
@@ -323,7 +337,10 @@ fn stats(config: &Config, json: bool) -> Result<(), Failure> {
         println!("{action:<16} {packets:>16} {bytes:>18}");
     }
     println!("blocklist entries: {}", stats.blocklist_entries);
-    println!("samples: {} captured, {} lost", stats.samples.captured, stats.samples.lost);
+    println!(
+        "samples: {} captured, {} lost",
+        stats.samples.captured, stats.samples.lost
+    );
     Ok(())
 }
 
@@ -335,9 +352,15 @@ fn top(config: &Config, args: TopArgs) -> Result<(), Failure> {
     if args.json {
         return print_json(&rows);
     }
-    println!("{:<40} {:>12} {:>14} {:>12} LAST SEEN (UTC)", "SOURCE", "PACKETS", "BYTES", "DROPS (pkts)");
+    println!(
+        "{:<40} {:>12} {:>14} {:>12} LAST SEEN (UTC)",
+        "SOURCE", "PACKETS", "BYTES", "DROPS (pkts)"
+    );
     for r in &rows {
-        println!("{:<40} {:>12} {:>14} {:>12} {}", r.ip, r.packets, r.bytes, r.drops, r.last_seen);
+        println!(
+            "{:<40} {:>12} {:>14} {:>12} {}",
+            r.ip, r.packets, r.bytes, r.drops, r.last_seen
+        );
     }
     Ok(())
 }

@@ -76,14 +76,19 @@ pub mod serde_rfc3339 {
 
         use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
 
-        pub fn serialize<S: Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(
+            time: &Option<SystemTime>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match time {
                 Some(time) => s.collect_str(&humantime::format_rfc3339_millis(*time)),
                 None => s.serialize_none(),
             }
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<SystemTime>, D::Error> {
             Option::<String>::deserialize(d)?
                 .map(|text| humantime::parse_rfc3339_weak(&text).map_err(D::Error::custom))
                 .transpose()
@@ -104,7 +109,10 @@ mod tests {
         let deadline = clocks.wall + Duration::from_secs(2);
         assert_eq!(clocks.to_monotonic(deadline), 7_000_000_000);
         assert_eq!(clocks.to_wall(7_000_000_000), deadline);
-        assert_eq!(clocks.to_wall(4_000_000_000), clocks.wall - Duration::from_secs(1));
+        assert_eq!(
+            clocks.to_wall(4_000_000_000),
+            clocks.wall - Duration::from_secs(1)
+        );
     }
 
     #[test]

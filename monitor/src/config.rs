@@ -256,7 +256,10 @@ mod tests {
         assert_eq!(config.daemon.interfaces, ["eth0", "eth1"]);
         assert_eq!(config.daemon.xdp_mode, XdpModeSetting::Skb);
         assert_eq!(config.daemon.metrics_addr, MetricsAddr::Off);
-        assert_eq!(config.daemon.sweep_interval, std::time::Duration::from_secs(2));
+        assert_eq!(
+            config.daemon.sweep_interval,
+            std::time::Duration::from_secs(2)
+        );
         assert_eq!(config.datapath.blocklist_capacity, 2000);
     }
 
@@ -274,7 +277,10 @@ mod tests {
         assert!(err.contains("expected HOST:PORT or `off`"), "{err}");
 
         let err = parse("[datapath]\nip_stats_capacity = 0\n").unwrap_err();
-        assert!(err.contains("ip_stats_capacity must be at least 1"), "{err}");
+        assert!(
+            err.contains("ip_stats_capacity must be at least 1"),
+            "{err}"
+        );
 
         let err = parse("[daemon\n").unwrap_err();
         assert!(err.contains("invalid config"), "{err}");
@@ -285,6 +291,9 @@ mod tests {
         let missing = Path::new("/nonexistent/apimon.toml");
         assert_eq!(Config::load(missing, false).unwrap(), Config::default());
         let err = Config::load(missing, true).unwrap_err().to_string();
-        assert!(err.starts_with("cannot read config /nonexistent/apimon.toml"), "{err}");
+        assert!(
+            err.starts_with("cannot read config /nonexistent/apimon.toml"),
+            "{err}"
+        );
     }
 }

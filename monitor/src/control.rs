@@ -244,7 +244,10 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let read = (&mut reader).take(MAX_REQUEST_BYTES + 1).read_until(b'\n', &mut line).await;
+        let read = (&mut reader)
+            .take(MAX_REQUEST_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .await;
         match read {
             Ok(0) => return,
             Ok(_) => {}
@@ -254,7 +257,8 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
             }
         }
         if line.len() as u64 > MAX_REQUEST_BYTES {
-            let error = ControlError::bad_request(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
+            let error =
+                ControlError::bad_request(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
             let _ = write_reply(&mut write, Reply::Error(error)).await;
             return;
         }
@@ -265,7 +269,9 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
                 match tokio::task::spawn_blocking(move || handler(request)).await {
                     Ok(Ok(value)) => Reply::Ok(value),
                     Ok(Err(error)) => Reply::Error(error),
-                    Err(join) => Reply::Error(ControlError::failed(format!("request handler failed: {join}"))),
+                    Err(join) => Reply::Error(ControlError::failed(format!(
+                        "request handler failed: {join}"
+                    ))),
                 }
             }
             Err(error) => Reply::Error(error),
@@ -278,8 +284,10 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
 
 /// Parses one request line; anything malformed is a `bad_request` naming the problem.
 pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
-    let text = std::str::from_utf8(line).map_err(|_| ControlError::bad_request("request is not UTF-8"))?;
-    let value: Value = serde_json::from_str(text.trim()).map_err(|e| ControlError::bad_request(format!("request is not JSON: {e}")))?;
+    let text =
+        std::str::from_utf8(line).map_err(|_| ControlError::bad_request("request is not UTF-8"))?;
+    let value: Value = serde_json::from_str(text.trim())
+        .map_err(|e| ControlError::bad_request(format!("request is not JSON: {e}")))?;
     match value.get("version").and_then(Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         Some(v) => {
@@ -287,14 +295,21 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
                 "unsupported protocol version {v} (this daemon speaks {PROTOCOL_VERSION})"
             )));
         }
-        None => return Err(ControlError::bad_request("request has no numeric `version`")),
+        None => {
+            return Err(ControlError::bad_request(
+                "request has no numeric `version`",
+            ));
+        }
     }
     serde_json::from_value::<RequestFrame>(value)
         .map(|frame| frame.request)
         .map_err(|e| ControlError::bad_request(format!("invalid request: {e}")))
 }
 
-async fn write_reply(write: &mut tokio::net::unix::OwnedWriteHalf, reply: Reply) -> std::io::Result<()> {
+async fn write_reply(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: Reply,
+) -> std::io::Result<()> {
     let frame = ReplyFrame {
         version: PROTOCOL_VERSION,
         reply,
@@ -329,8 +344,12 @@ impl Client {
             source,
         })?;
         let protocol = |e: std::io::Error| ClientError::Protocol(e.to_string());
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(protocol)?;
-        stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(protocol)?;
+        stream
+            .set_read_timeout(Some(CLIENT_TIMEOUT))
+            .map_err(protocol)?;
+        stream
+            .set_write_timeout(Some(CLIENT_TIMEOUT))
+            .map_err(protocol)?;
         Ok(Self {
             stream: BufReader::new(stream),
         })
@@ -344,13 +363,22 @@ impl Client {
         };
         let mut bytes = serde_json::to_vec(&frame).map_err(|e| protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.stream.get_mut().write_all(&bytes).map_err(|e| protocol(e.to_string()))?;
+        self.stream
+            .get_mut()
+            .write_all(&bytes)
+            .map_err(|e| protocol(e.to_string()))?;
         let mut line = String::new();
-        let read = self.stream.read_line(&mut line).map_err(|e| protocol(format!("reading the reply: {e}")))?;
+        let read = self
+            .stream
+            .read_line(&mut line)
+            .map_err(|e| protocol(format!("reading the reply: {e}")))?;
         if read == 0 {
-            return Err(protocol("the daemon closed the connection without replying".into()));
+            return Err(protocol(
+                "the daemon closed the connection without replying".into(),
+            ));
         }
-        let frame: ReplyFrame = serde_json::from_str(&line).map_err(|e| protocol(format!("malformed reply: {e}")))?;
+        let frame: ReplyFrame =
+            serde_json::from_str(&line).map_err(|e| protocol(format!("malformed reply: {e}")))?;
         match frame.reply {
             Reply::Ok(value) => Ok(value),
             Reply::Error(error) => Err(ClientError::Remote(error)),
@@ -358,9 +386,13 @@ impl Client {
     }
 
     /// Calls and decodes the result into its view type.
-    pub fn call_as<T: serde::de::DeserializeOwned>(&mut self, request: Request) -> Result<T, ClientError> {
+    pub fn call_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        request: Request,
+    ) -> Result<T, ClientError> {
         let value = self.call(request)?;
-        serde_json::from_value(value).map_err(|e| ClientError::Protocol(format!("unexpected reply shape: {e}")))
+        serde_json::from_value(value)
+            .map_err(|e| ClientError::Protocol(format!("unexpected reply shape: {e}")))
     }
 }
 
@@ -382,7 +414,8 @@ mod tests {
         let line = serde_json::to_vec(&frame).unwrap();
         assert_eq!(parse_request(&line).unwrap(), request);
         assert_eq!(
-            parse_request(br#"{"version":1,"request":{"op":"top","by":"drops","limit":3}}"#).unwrap(),
+            parse_request(br#"{"version":1,"request":{"op":"top","by":"drops","limit":3}}"#)
+                .unwrap(),
             Request::Top {
                 by: TopKey::Drops,
                 limit: 3
@@ -396,14 +429,27 @@ mod tests {
             (b"\xff\xfe", "not UTF-8"),
             (b"hello", "not JSON"),
             (b"{}", "no numeric `version`"),
-            (br#"{"version":2,"request":{"op":"stats"}}"#, "unsupported protocol version 2"),
-            (br#"{"version":1,"request":{"op":"reboot"}}"#, "unknown variant `reboot`"),
-            (br#"{"version":1,"request":{"op":"block_add","cidrs":"x"}}"#, "invalid request"),
+            (
+                br#"{"version":2,"request":{"op":"stats"}}"#,
+                "unsupported protocol version 2",
+            ),
+            (
+                br#"{"version":1,"request":{"op":"reboot"}}"#,
+                "unknown variant `reboot`",
+            ),
+            (
+                br#"{"version":1,"request":{"op":"block_add","cidrs":"x"}}"#,
+                "invalid request",
+            ),
         ];
         for (line, expected) in cases {
             let error = parse_request(line).unwrap_err();
             assert_eq!(error.kind, ErrorKind::BadRequest);
-            assert!(error.message.contains(expected), "{} !~ {expected}", error.message);
+            assert!(
+                error.message.contains(expected),
+                "{} !~ {expected}",
+                error.message
+            );
         }
     }
 }

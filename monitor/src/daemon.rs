@@ -21,8 +21,8 @@ use crate::{
     clock::{self, Clocks},
     config::Config,
     control::{
-        self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts, StatsView,
-        StatusView, TopKey, TopRow,
+        self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts,
+        StatsView, StatusView, TopKey, TopRow,
     },
     enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
     loader::{self, Attachment, LoadOptions, LoaderError},
@@ -66,7 +66,9 @@ impl Shared {
     fn enforcer(&self) -> MutexGuard<'_, Enforcer> {
         // A panic while holding the lock cannot leave the lists half-written (commit
         // rolls back), so a poisoned lock is still usable.
-        self.enforcer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.enforcer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -191,7 +193,9 @@ fn start_kernel_log(ebpf: &mut Ebpf) {
         }
     };
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns the logger.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
     let mut logger = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -221,14 +225,17 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
     loop {
         ticker.tick().await;
         let shared = shared.clone();
-        let swept = tokio::task::spawn_blocking(move || shared.enforcer().sweep(SystemTime::now())).await;
+        let swept =
+            tokio::task::spawn_blocking(move || shared.enforcer().sweep(SystemTime::now())).await;
         match swept {
             Ok(Ok(expired)) => {
                 for entry in expired {
                     info!(event.action = "block_expired", cidr = %entry.cidr, origin = %entry.origin, "Block expired");
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "Removing expired blocks failed; the kernel ignores them anyway"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "Removing expired blocks failed; the kernel ignores them anyway")
+            }
             Err(e) => warn!(error = %e, "Sweeper task failed"),
         }
     }
@@ -236,20 +243,28 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
 
 /// The interface of the IPv4 default route, else of the IPv6 one.
 pub fn default_route_interface() -> Option<String> {
-    let v4 = std::fs::read_to_string("/proc/net/route").ok().and_then(|table| {
-        table.lines().skip(1).find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000").then(|| fields[0].to_owned())
-        })
-    });
-    v4.or_else(|| {
-        std::fs::read_to_string("/proc/net/ipv6_route").ok().and_then(|table| {
-            table.lines().find_map(|line| {
+    let v4 = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|table| {
+            table.lines().skip(1).find_map(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
-                (fields.len() == 10 && fields[0] == "0".repeat(32) && fields[1] == "00" && fields[9] != "lo")
-                    .then(|| fields[9].to_owned())
+                (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+                    .then(|| fields[0].to_owned())
             })
-        })
+        });
+    v4.or_else(|| {
+        std::fs::read_to_string("/proc/net/ipv6_route")
+            .ok()
+            .and_then(|table| {
+                table.lines().find_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields.len() == 10
+                        && fields[0] == "0".repeat(32)
+                        && fields[1] == "00"
+                        && fields[9] != "lo")
+                        .then(|| fields[9].to_owned())
+                })
+            })
     })
 }
 
@@ -301,7 +316,11 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
                 loaded_at: clock::rfc3339(shared.started_wall),
             },
         }),
-        Request::BlockAdd { cidrs, ttl_ms, reason } => {
+        Request::BlockAdd {
+            cidrs,
+            ttl_ms,
+            reason,
+        } => {
             let ttl = match ttl_ms {
                 Some(0) => return Err(ControlError::bad_request("ttl must be positive")),
                 other => other.map(std::time::Duration::from_millis),
@@ -336,7 +355,9 @@ fn add(
         ListKind::Allow => "allow_added",
     };
     for entry in &added {
-        let expires_at = entry.expires_at.map_or_else(|| "never".to_owned(), clock::rfc3339);
+        let expires_at = entry
+            .expires_at
+            .map_or_else(|| "never".to_owned(), clock::rfc3339);
         info!(event.action = action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
     }
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
@@ -344,7 +365,10 @@ fn add(
 
 fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, ControlError> {
     let nets = parse_cidrs(cidrs)?;
-    let removed = shared.enforcer().remove(kind, &nets).map_err(enforce_error)?;
+    let removed = shared
+        .enforcer()
+        .remove(kind, &nets)
+        .map_err(enforce_error)?;
     let action = match kind {
         ListKind::Block => "block_removed",
         ListKind::Allow => "allow_removed",

@@ -75,11 +75,17 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoaderError> {
     }
     fs::create_dir_all(dir.join("links")).map_err(|e| error(e.to_string()))?;
     if !is_bpffs(dir) {
-        return Err(error("not on a bpf filesystem (mount -t bpf bpf DIR)".into()));
+        return Err(error(
+            "not on a bpf filesystem (mount -t bpf bpf DIR)".into(),
+        ));
     }
     Ok(())
 }
 
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "f_type's width differs between architectures"
+)]
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
@@ -98,7 +104,12 @@ pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
     let capacities = options.capacities;
     let pin_paths: Vec<(&str, PathBuf)> = options
         .pin_dir
-        .map(|dir| maps::PINNED.iter().map(|name| (*name, dir.join(name))).collect())
+        .map(|dir| {
+            maps::PINNED
+                .iter()
+                .map(|name| (*name, dir.join(name)))
+                .collect()
+        })
         .unwrap_or_default();
     let mut loader = EbpfLoader::new();
     loader
@@ -140,7 +151,10 @@ fn warn_on_capacity_change(name: &str, path: &Path, capacities: &DatapathConfig)
 }
 
 /// Loads one XDP program of the object into the kernel.
-pub fn load_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+pub fn load_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, LoaderError> {
     let program: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or(LoaderError::MissingProgram(name))?
@@ -210,7 +224,9 @@ impl Attachment {
 }
 
 fn link_pin_path(pin_dir: &Path, iface: &str, mode: AttachedMode) -> PathBuf {
-    pin_dir.join("links").join(format!("xdp-{iface}-{}", mode.name()))
+    pin_dir
+        .join("links")
+        .join(format!("xdp-{iface}-{}", mode.name()))
 }
 
 /// A link pinned by an earlier daemon for `iface`, if any.
@@ -247,7 +263,11 @@ pub fn attach(
     if let Some((pin, mode)) = find_pinned_link(pin_dir, iface) {
         match replace_pinned(program, &pin) {
             Ok(link) => {
-                info!(iface, mode = mode.name(), "Adopted the pinned XDP link; program replaced atomically");
+                info!(
+                    iface,
+                    mode = mode.name(),
+                    "Adopted the pinned XDP link; program replaced atomically"
+                );
                 return Ok(Attachment {
                     iface: iface.to_owned(),
                     mode,
@@ -293,7 +313,12 @@ fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<FdLink, String> {
     FdLink::try_from(link).map_err(|e| error_chain(&e))
 }
 
-fn pin_link(link: XdpLink, iface: &str, mode: AttachedMode, pin_dir: &Path) -> Result<Attachment, LoaderError> {
+fn pin_link(
+    link: XdpLink,
+    iface: &str,
+    mode: AttachedMode,
+    pin_dir: &Path,
+) -> Result<Attachment, LoaderError> {
     let pin = link_pin_path(pin_dir, iface, mode);
     match FdLink::try_from(link) {
         Ok(fd_link) => {

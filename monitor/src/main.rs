@@ -16,7 +16,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run_daemon(&cli.paths, args),
-        command => cli::resolve_config(&cli.paths).and_then(|config| cli::run_client(command, &config)),
+        command => {
+            cli::resolve_config(&cli.paths).and_then(|config| cli::run_client(command, &config))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +33,9 @@ fn main() -> ExitCode {
 fn usage_error(error: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match error.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = error.print();
             if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 ExitCode::from(2)
@@ -51,7 +55,9 @@ fn usage_error(error: &clap::Error) -> ExitCode {
 
 fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

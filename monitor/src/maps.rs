@@ -104,11 +104,13 @@ impl Datapath {
             ),
             (ListKind::Block, IpNet::V4(v4), false) => optional(
                 maps::BLOCK_V4_NETS,
-                self.block_v4_nets.get(&Key::new(bits, v4.addr().octets()), 0),
+                self.block_v4_nets
+                    .get(&Key::new(bits, v4.addr().octets()), 0),
             ),
             (ListKind::Block, IpNet::V6(v6), false) => optional(
                 maps::BLOCK_V6_NETS,
-                self.block_v6_nets.get(&Key::new(bits, v6.addr().octets()), 0),
+                self.block_v6_nets
+                    .get(&Key::new(bits, v6.addr().octets()), 0),
             ),
             (ListKind::Allow, IpNet::V4(v4), _) => optional(
                 maps::ALLOW_V4,
@@ -136,19 +138,23 @@ impl Datapath {
             ),
             (ListKind::Block, IpNet::V4(v4), false) => (
                 maps::BLOCK_V4_NETS,
-                self.block_v4_nets.insert(&Key::new(bits, v4.addr().octets()), entry, 0),
+                self.block_v4_nets
+                    .insert(&Key::new(bits, v4.addr().octets()), entry, 0),
             ),
             (ListKind::Block, IpNet::V6(v6), false) => (
                 maps::BLOCK_V6_NETS,
-                self.block_v6_nets.insert(&Key::new(bits, v6.addr().octets()), entry, 0),
+                self.block_v6_nets
+                    .insert(&Key::new(bits, v6.addr().octets()), entry, 0),
             ),
             (ListKind::Allow, IpNet::V4(v4), _) => (
                 maps::ALLOW_V4,
-                self.allow_v4.insert(&Key::new(bits, v4.addr().octets()), entry, 0),
+                self.allow_v4
+                    .insert(&Key::new(bits, v4.addr().octets()), entry, 0),
             ),
             (ListKind::Allow, IpNet::V6(v6), _) => (
                 maps::ALLOW_V6,
-                self.allow_v6.insert(&Key::new(bits, v6.addr().octets()), entry, 0),
+                self.allow_v6
+                    .insert(&Key::new(bits, v6.addr().octets()), entry, 0),
             ),
         };
         result.map_err(|source| MapsError::Map { name, source })
@@ -168,11 +174,13 @@ impl Datapath {
             ),
             (ListKind::Block, IpNet::V4(v4), false) => ok_if_absent(
                 maps::BLOCK_V4_NETS,
-                self.block_v4_nets.remove(&Key::new(bits, v4.addr().octets())),
+                self.block_v4_nets
+                    .remove(&Key::new(bits, v4.addr().octets())),
             ),
             (ListKind::Block, IpNet::V6(v6), false) => ok_if_absent(
                 maps::BLOCK_V6_NETS,
-                self.block_v6_nets.remove(&Key::new(bits, v6.addr().octets())),
+                self.block_v6_nets
+                    .remove(&Key::new(bits, v6.addr().octets())),
             ),
             (ListKind::Allow, IpNet::V4(v4), _) => ok_if_absent(
                 maps::ALLOW_V4,
@@ -187,7 +195,12 @@ impl Datapath {
 
     /// Every entry the kernel holds for a list (adopting pinned state on restart).
     pub fn entries(&self, list: ListKind) -> Result<Vec<(IpNet, ListEntry)>, MapsError> {
-        fn collect<I, K>(name: &'static str, iter: I, out: &mut Vec<(IpNet, ListEntry)>, to_net: impl Fn(K) -> Option<IpNet>) -> Result<(), MapsError>
+        fn collect<I, K>(
+            name: &'static str,
+            iter: I,
+            out: &mut Vec<(IpNet, ListEntry)>,
+            to_net: impl Fn(K) -> Option<IpNet>,
+        ) -> Result<(), MapsError>
         where
             I: Iterator<Item = Result<(K, ListEntry), MapError>>,
         {
@@ -212,14 +225,30 @@ impl Datapath {
         let mut out = Vec::new();
         match list {
             ListKind::Block => {
-                collect(maps::BLOCK_V4_HOSTS, self.block_v4_hosts.iter(), &mut out, |k: [u8; 4]| {
-                    Some(IpNet::from(IpAddr::from(k)))
-                })?;
-                collect(maps::BLOCK_V6_HOSTS, self.block_v6_hosts.iter(), &mut out, |k: [u8; 16]| {
-                    Some(IpNet::from(IpAddr::from(k)))
-                })?;
-                collect(maps::BLOCK_V4_NETS, self.block_v4_nets.iter(), &mut out, v4_net)?;
-                collect(maps::BLOCK_V6_NETS, self.block_v6_nets.iter(), &mut out, v6_net)?;
+                collect(
+                    maps::BLOCK_V4_HOSTS,
+                    self.block_v4_hosts.iter(),
+                    &mut out,
+                    |k: [u8; 4]| Some(IpNet::from(IpAddr::from(k))),
+                )?;
+                collect(
+                    maps::BLOCK_V6_HOSTS,
+                    self.block_v6_hosts.iter(),
+                    &mut out,
+                    |k: [u8; 16]| Some(IpNet::from(IpAddr::from(k))),
+                )?;
+                collect(
+                    maps::BLOCK_V4_NETS,
+                    self.block_v4_nets.iter(),
+                    &mut out,
+                    v4_net,
+                )?;
+                collect(
+                    maps::BLOCK_V6_NETS,
+                    self.block_v6_nets.iter(),
+                    &mut out,
+                    v6_net,
+                )?;
             }
             ListKind::Allow => {
                 collect(maps::ALLOW_V4, self.allow_v4.iter(), &mut out, v4_net)?;
@@ -233,13 +262,13 @@ impl Datapath {
     pub fn counters(&self) -> Result<[ActionCounter; Action::COUNT], MapsError> {
         let mut totals = [ActionCounter::default(); Action::COUNT];
         for (index, total) in totals.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(index as u32), 0)
-                .map_err(|source| MapsError::Map {
-                    name: maps::ACTION_COUNTERS,
-                    source,
-                })?;
+            let per_cpu =
+                self.counters
+                    .get(&(index as u32), 0)
+                    .map_err(|source| MapsError::Map {
+                        name: maps::ACTION_COUNTERS,
+                        source,
+                    })?;
             for value in per_cpu.iter() {
                 total.packets += value.packets;
                 total.bytes += value.bytes;

@@ -23,10 +23,20 @@ pub fn apimon_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe
         .parent()
-        .and_then(|deps| if deps.ends_with("deps") { deps.parent() } else { Some(deps) })
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
         .expect("test binary has a parent dir");
     let bin = profile_dir.join("apimon");
-    assert!(bin.exists(), "{} is missing: build it first (cargo xtask test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo xtask test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -41,7 +51,12 @@ pub struct DaemonPaths {
 
 impl DaemonPaths {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("apimon-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("apimon-test-")
+            .tempdir()
+            .expect("tempdir");
+        // An empty config of our own, so a host's /etc/apimon/apimon.toml cannot interfere.
+        std::fs::write(dir.path().join("apimon.toml"), "").expect("writing config");
         Self {
             socket: dir.path().join("apimon.sock"),
             state_dir: dir.path().join("state"),
@@ -94,7 +109,6 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(ns: &NetNs, iface: &str) -> Self {
         let paths = DaemonPaths::new();
-        std::fs::write(paths.dir.path().join("apimon.toml"), "").expect("writing config");
         let mut daemon = Self {
             paths,
             ns_path: ns.path(),
@@ -129,7 +143,8 @@ impl Daemon {
         unsafe {
             command.pre_exec(move || {
                 let file = std::fs::File::open(&ns_path)?;
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
             });
         }
         self.child = Some(command.spawn().expect("spawning apimon run"));
@@ -150,7 +165,9 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> Option<Pid> {
-        self.child.as_ref().map(|c| Pid::from_raw(i32::try_from(c.id()).expect("pid")))
+        self.child
+            .as_ref()
+            .map(|c| Pid::from_raw(i32::try_from(c.id()).expect("pid")))
     }
 
     /// SIGTERM and wait: the clean shutdown path.
@@ -211,7 +228,8 @@ impl Daemon {
         let mut with_json = args.to_vec();
         with_json.push("--json");
         let text = self.cli_ok(&with_json);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("apimon {}: not JSON ({e}): {text}", args.join(" ")))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("apimon {}: not JSON ({e}): {text}", args.join(" ")))
     }
 
     pub fn socket(&self) -> &Path {

@@ -12,8 +12,12 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 /// Transport layer of a crafted packet.
 #[derive(Clone, Copy, Debug)]
 pub enum L4 {
-    Tcp { dport: u16 },
-    Udp { dport: u16 },
+    Tcp {
+        dport: u16,
+    },
+    Udp {
+        dport: u16,
+    },
     Icmp,
     /// No transport header at all (e.g. a non-first fragment).
     None,
@@ -26,7 +30,9 @@ pub enum Ext {
     DestOpts,
     Routing,
     /// Fragment header with this fragment offset (in 8-byte units).
-    Fragment { offset: u16 },
+    Fragment {
+        offset: u16,
+    },
 }
 
 /// Frame description; `build` turns it into bytes.
@@ -57,12 +63,18 @@ impl Frame {
     }
 
     pub fn v4(src: [u8; 4]) -> Self {
-        Self::tcp(IpAddr::V4(Ipv4Addr::from(src)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        Self::tcp(
+            IpAddr::V4(Ipv4Addr::from(src)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+        )
     }
 
     pub fn v6(src: &str) -> Self {
         let src: Ipv6Addr = src.parse().expect("ipv6 literal");
-        Self::tcp(IpAddr::V6(src), IpAddr::V6("2001:db8::1".parse().expect("literal")))
+        Self::tcp(
+            IpAddr::V6(src),
+            IpAddr::V6("2001:db8::1".parse().expect("literal")),
+        )
     }
 
     pub fn with_vlans(mut self, tags: &[(u16, u16)]) -> Self {
@@ -76,7 +88,10 @@ impl Frame {
     }
 
     pub fn with_ipv4_options(mut self, bytes: usize) -> Self {
-        assert!(bytes % 4 == 0 && bytes <= 40, "IPv4 options come in words, up to 40 bytes");
+        assert!(
+            bytes.is_multiple_of(4) && bytes <= 40,
+            "IPv4 options come in words, up to 40 bytes"
+        );
         self.ipv4_options = bytes;
         self
     }
@@ -145,7 +160,10 @@ impl Frame {
                 out.extend_from_slice(&src.octets());
                 out.extend_from_slice(&dst.octets());
                 for (index, ext) in self.ipv6_ext.iter().enumerate() {
-                    let next = self.ipv6_ext.get(index + 1).map_or(self.protocol(), ext_number);
+                    let next = self
+                        .ipv6_ext
+                        .get(index + 1)
+                        .map_or(self.protocol(), ext_number);
                     match ext {
                         Ext::Fragment { offset } => {
                             out.push(next);
@@ -228,7 +246,9 @@ mod tests {
 
     #[test]
     fn vlan_tags_sit_between_macs_and_ethertype() {
-        let frame = Frame::v4([10, 0, 0, 1]).with_vlans(&[(ETH_P_8021AD, 100), (ETH_P_8021Q, 200)]).build();
+        let frame = Frame::v4([10, 0, 0, 1])
+            .with_vlans(&[(ETH_P_8021AD, 100), (ETH_P_8021Q, 200)])
+            .build();
         assert_eq!(&frame[12..14], &ETH_P_8021AD.to_be_bytes());
         assert_eq!(&frame[14..16], &100u16.to_be_bytes());
         assert_eq!(&frame[16..18], &ETH_P_8021Q.to_be_bytes());
@@ -240,7 +260,10 @@ mod tests {
     #[test]
     fn lengths_add_up() {
         assert_eq!(Frame::v4([1, 2, 3, 4]).build().len(), 14 + 20 + 20);
-        assert_eq!(Frame::v4([1, 2, 3, 4]).with_ipv4_options(8).build().len(), 14 + 28 + 20);
+        assert_eq!(
+            Frame::v4([1, 2, 3, 4]).with_ipv4_options(8).build().len(),
+            14 + 28 + 20
+        );
         let v6 = Frame::v6("2001:db8::2").with_ext(&[Ext::HopByHop, Ext::Fragment { offset: 0 }]);
         assert_eq!(v6.build().len(), 14 + 40 + 16 + 20);
         assert_eq!(v6.clone().with_payload(10).headers_len(), v6.build().len());

@@ -2,7 +2,12 @@
 //! namespaces with veth pairs, and a handle on a real `apimon` daemon.
 //!
 //! Helpers panic on failure (with context) so a failing test keeps its location.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test support: failing loudly is the point")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support: failing loudly is the point"
+)]
 
 pub mod daemon;
 pub mod frames;

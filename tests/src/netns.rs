@@ -68,7 +68,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -96,14 +98,47 @@ impl Topology {
         let tag = unique_tag();
         let server_if = format!("am{tag}s");
         let client_if = format!("am{tag}c");
-        ip(&["link", "add", &server_if, "netns", &server.name, "type", "veth", "peer", "name", &client_if, "netns", &client.name]);
-        server.ip(&["addr", "add", &format!("{}/24", Self::SERVER_V4), "dev", &server_if]);
-        server.ip(&["addr", "add", &format!("{}/64", Self::SERVER_V6), "dev", &server_if, "nodad"]);
+        ip(&[
+            "link",
+            "add",
+            &server_if,
+            "netns",
+            &server.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
+        ]);
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::SERVER_V4),
+            "dev",
+            &server_if,
+        ]);
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", Self::SERVER_V6),
+            "dev",
+            &server_if,
+            "nodad",
+        ]);
         for v4 in Self::CLIENT_V4 {
             client.ip(&["addr", "add", &format!("{v4}/24"), "dev", &client_if]);
         }
         for v6 in Self::CLIENT_V6 {
-            client.ip(&["addr", "add", &format!("{v6}/64"), "dev", &client_if, "nodad"]);
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                &client_if,
+                "nodad",
+            ]);
         }
         server.ip(&["link", "set", &server_if, "up"]);
         client.ip(&["link", "set", &client_if, "up"]);

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{SockaddrStorage, bind, connect, socket, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
 
 use crate::netns::NetNs;
 
@@ -26,7 +26,9 @@ impl EchoServer {
     pub fn start(ns: &NetNs, addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let listener = ns.run(move || TcpListener::bind(addr).expect("binding the echo server"));
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let stop_flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
@@ -93,7 +95,12 @@ impl Client {
     }
 
     /// Polls `exchange` until it returns `want` or `deadline` passes; returns when it did.
-    pub fn wait_until(&self, server: SocketAddr, want: bool, deadline: Duration) -> Option<Duration> {
+    pub fn wait_until(
+        &self,
+        server: SocketAddr,
+        want: bool,
+        deadline: Duration,
+    ) -> Option<Duration> {
         let start = Instant::now();
         while start.elapsed() < deadline {
             if self.exchange(server, Duration::from_millis(200)) == want {
@@ -106,18 +113,33 @@ impl Client {
 }
 
 fn exchange_from(source: IpAddr, server: SocketAddr, timeout: Duration) -> bool {
-    let family = if source.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let family = if source.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let Ok(fd) = socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None) else {
         return false;
     };
-    if bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(SocketAddr::new(source, 0))).is_err() {
+    if bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(SocketAddr::new(source, 0)),
+    )
+    .is_err()
+    {
         return false;
     }
-    let _ = connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(server));
+    let _ = connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(server),
+    );
     let stream = TcpStream::from(fd);
     // Wait for the non-blocking connect to finish within the timeout.
     let start = Instant::now();
-    let mut pollfd = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stream), nix::poll::PollFlags::POLLOUT)];
+    let mut pollfd = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&stream),
+        nix::poll::PollFlags::POLLOUT,
+    )];
     let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
     if nix::poll::poll(&mut pollfd, nix::poll::PollTimeout::from(millis)).unwrap_or(0) != 1 {
         return false;
@@ -125,7 +147,9 @@ fn exchange_from(source: IpAddr, server: SocketAddr, timeout: Duration) -> bool 
     if stream.take_error().ok().flatten().is_some() || stream.peer_addr().is_err() {
         return false;
     }
-    let remaining = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+    let remaining = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
     let mut stream = stream;
     if stream.set_nonblocking(false).is_err() || stream.set_read_timeout(Some(remaining)).is_err() {
         return false;

@@ -36,7 +36,8 @@ impl TestDatapath {
             capacities,
         })
         .unwrap_or_else(|e| panic!("loading the datapath: {}", loader::error_chain(&e)));
-        loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM).expect("loading the baseline program");
+        loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM)
+            .expect("loading the baseline program");
         let maps = Datapath::new(&mut ebpf).expect("datapath maps");
         Self { ebpf, maps }
     }

@@ -1,5 +1,11 @@
 //! The real daemon on a veth pair between two network namespaces, with a real TCP
 //! server and real clients: what an operator sees when blocking and allowing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly, with their location"
+)]
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -32,8 +38,14 @@ impl Setup {
         require_root();
         let topo = Topology::new();
         let servers = [
-            EchoServer::start(&topo.server, SocketAddr::new(IpAddr::V4(Topology::SERVER_V4), PORT)),
-            EchoServer::start(&topo.server, SocketAddr::new(IpAddr::V6(Topology::SERVER_V6), PORT)),
+            EchoServer::start(
+                &topo.server,
+                SocketAddr::new(IpAddr::V4(Topology::SERVER_V4), PORT),
+            ),
+            EchoServer::start(
+                &topo.server,
+                SocketAddr::new(IpAddr::V6(Topology::SERVER_V6), PORT),
+            ),
         ];
         let daemon = Daemon::start(&topo.server, &topo.server_if);
         Self {
@@ -61,7 +73,13 @@ impl Setup {
     /// Waits (bounded) for the client's traffic to pass again; IPv6 needs neighbour
     /// discovery to recover after a block, so a single probe is not enough.
     fn reaches_soon(&self, client: &Client) -> bool {
-        client.wait_until(Self::server_for(client.source), true, Duration::from_secs(5)).is_some()
+        client
+            .wait_until(
+                Self::server_for(client.source),
+                true,
+                Duration::from_secs(5),
+            )
+            .is_some()
     }
 }
 
@@ -70,8 +88,14 @@ impl Setup {
 fn block_and_measure(setup: &Setup, blocked: IpAddr, other: IpAddr) -> Duration {
     let blocked_client = setup.client(blocked);
     let other_client = setup.client(other);
-    assert!(setup.reaches_soon(&blocked_client), "{blocked} must reach the server before the block");
-    assert!(setup.reaches_soon(&other_client), "{other} must reach the server before the block");
+    assert!(
+        setup.reaches_soon(&blocked_client),
+        "{blocked} must reach the server before the block"
+    );
+    assert!(
+        setup.reaches_soon(&other_client),
+        "{other} must reach the server before the block"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
@@ -92,20 +116,38 @@ fn block_and_measure(setup: &Setup, blocked: IpAddr, other: IpAddr) -> Duration 
     };
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
-    setup.daemon.cli_ok(&["block", "add", &blocked.to_string(), "--reason", "test"]);
+    setup
+        .daemon
+        .cli_ok(&["block", "add", &blocked.to_string(), "--reason", "test"]);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let successes = prober.join().expect("prober");
-    assert!(successes.iter().any(|s| *s < t0), "the prober saw no traffic before the block");
-    let last_success = successes.iter().filter(|s| **s >= t0).map(|s| s.duration_since(t0)).max().unwrap_or_default();
+    assert!(
+        successes.iter().any(|s| *s < t0),
+        "the prober saw no traffic before the block"
+    );
+    let last_success = successes
+        .iter()
+        .filter(|s| **s >= t0)
+        .map(|s| s.duration_since(t0))
+        .max()
+        .unwrap_or_default();
 
-    assert!(!setup.reaches(&blocked_client), "{blocked} still reaches the server after block add");
-    assert!(setup.reaches(&other_client), "{other} must still get through");
+    assert!(
+        !setup.reaches(&blocked_client),
+        "{blocked} still reaches the server after block add"
+    );
+    assert!(
+        setup.reaches(&other_client),
+        "{other} must still get through"
+    );
     last_success
 }
 
 fn json_array(value: &Value) -> &Vec<Value> {
-    value.as_array().unwrap_or_else(|| panic!("expected a JSON array: {value}"))
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("expected a JSON array: {value}"))
 }
 
 fn find_cidr<'a>(list: &'a Value, cidr: &str) -> Option<&'a Value> {
@@ -119,7 +161,9 @@ fn top_counts_traffic_per_client_ip() {
     for _ in 0..5 {
         assert!(setup.reaches_soon(&client));
     }
-    let top = setup.daemon.cli_json(&["top", "--by", "packets", "--limit", "50"]);
+    let top = setup
+        .daemon
+        .cli_json(&["top", "--by", "packets", "--limit", "50"]);
     let row = json_array(&top)
         .iter()
         .find(|row| row["ip"] == Topology::CLIENT_V4[0].to_string())
@@ -133,14 +177,26 @@ fn top_counts_traffic_per_client_ip() {
         assert!(row.get(key).is_some(), "top rows carry {key}: {row}");
     }
     // Sorted by packets, descending.
-    let packets: Vec<u64> = json_array(&top).iter().map(|r| r["packets"].as_u64().unwrap()).collect();
+    let packets: Vec<u64> = json_array(&top)
+        .iter()
+        .map(|r| r["packets"].as_u64().unwrap())
+        .collect();
     assert!(packets.windows(2).all(|w| w[0] >= w[1]), "{packets:?}");
 
     let stats = setup.daemon.cli_json(&["stats"]);
     assert!(stats["packets"]["pass"].as_u64().unwrap() >= 15, "{stats}");
     assert!(stats["bytes"]["pass"].as_u64().unwrap() > 0, "{stats}");
-    for action in ["pass", "drop_blocklist", "drop_ratelimit", "drop_policy", "malformed"] {
-        assert!(stats["packets"].get(action).is_some(), "stats lacks {action}: {stats}");
+    for action in [
+        "pass",
+        "drop_blocklist",
+        "drop_ratelimit",
+        "drop_policy",
+        "malformed",
+    ] {
+        assert!(
+            stats["packets"].get(action).is_some(),
+            "stats lacks {action}: {stats}"
+        );
     }
     assert_eq!(stats["samples"]["lost"], 0);
     assert_eq!(stats["blocklist_entries"], 0);
@@ -151,7 +207,10 @@ fn ipv4_block_stops_traffic_within_100ms_and_rm_restores_it() {
     let setup = Setup::new();
     let blocked = IpAddr::V4(Topology::CLIENT_V4[0]);
     let last = block_and_measure(&setup, blocked, IpAddr::V4(Topology::CLIENT_V4[1]));
-    assert!(last < Duration::from_millis(100), "traffic still passed {last:?} after block add");
+    assert!(
+        last < Duration::from_millis(100),
+        "traffic still passed {last:?} after block add"
+    );
 
     let ls = setup.daemon.cli_json(&["block", "ls"]);
     let entry = find_cidr(&ls, "10.77.0.2/32").unwrap_or_else(|| panic!("{ls}"));
@@ -160,12 +219,22 @@ fn ipv4_block_stops_traffic_within_100ms_and_rm_restores_it() {
     assert_eq!(entry["reason"], "test");
     assert_eq!(entry["expires_at"], Value::Null);
 
-    let top = setup.daemon.cli_json(&["top", "--by", "drops", "--limit", "1"]);
+    let top = setup
+        .daemon
+        .cli_json(&["top", "--by", "drops", "--limit", "1"]);
     assert_eq!(json_array(&top)[0]["ip"], "10.77.0.2", "{top}");
-    assert!(setup.daemon.cli_json(&["stats"])["packets"]["drop_blocklist"].as_u64().unwrap() > 0);
+    assert!(
+        setup.daemon.cli_json(&["stats"])["packets"]["drop_blocklist"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     setup.daemon.cli_ok(&["block", "rm", "10.77.0.2"]);
-    assert!(setup.reaches_soon(&setup.client(blocked)), "block rm must restore traffic");
+    assert!(
+        setup.reaches_soon(&setup.client(blocked)),
+        "block rm must restore traffic"
+    );
     assert!(find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").is_none());
 }
 
@@ -174,21 +243,34 @@ fn ipv6_block_stops_traffic_within_100ms_and_rm_restores_it() {
     let setup = Setup::new();
     let blocked = IpAddr::V6(Topology::CLIENT_V6[0]);
     let last = block_and_measure(&setup, blocked, IpAddr::V6(Topology::CLIENT_V6[1]));
-    assert!(last < Duration::from_millis(100), "traffic still passed {last:?} after block add");
+    assert!(
+        last < Duration::from_millis(100),
+        "traffic still passed {last:?} after block add"
+    );
     setup.daemon.cli_ok(&["block", "rm", &blocked.to_string()]);
-    assert!(setup.reaches_soon(&setup.client(blocked)), "block rm must restore IPv6 traffic");
+    assert!(
+        setup.reaches_soon(&setup.client(blocked)),
+        "block rm must restore IPv6 traffic"
+    );
 }
 
 #[test]
 fn a_prefix_block_covers_every_address_in_it() {
     let setup = Setup::new();
-    let clients = [setup.client(Topology::CLIENT_V6[0]), setup.client(Topology::CLIENT_V6[1])];
+    let clients = [
+        setup.client(Topology::CLIENT_V6[0]),
+        setup.client(Topology::CLIENT_V6[1]),
+    ];
     for client in &clients {
         assert!(setup.reaches_soon(client));
     }
     setup.daemon.cli_ok(&["block", "add", "fd00:77::/64"]);
     for client in &clients {
-        assert!(!setup.reaches(client), "{} passed a /64 block", client.source);
+        assert!(
+            !setup.reaches(client),
+            "{} passed a /64 block",
+            client.source
+        );
     }
     // Still reachable over IPv4: the prefix is IPv6 only.
     assert!(setup.reaches_soon(&setup.client(Topology::CLIENT_V4[0])));
@@ -200,23 +282,41 @@ fn a_ttl_block_ends_by_itself() {
     let client = setup.client(Topology::CLIENT_V4[0]);
     assert!(setup.reaches_soon(&client));
     let added = Instant::now();
-    let out = setup.daemon.cli_ok(&["block", "add", "10.77.0.2", "--ttl", "2s"]);
+    let out = setup
+        .daemon
+        .cli_ok(&["block", "add", "10.77.0.2", "--ttl", "2s"]);
     assert!(out.contains("until"), "{out}");
     assert!(!setup.reaches(&client), "a ttl block must drop at once");
-    let entry = find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").cloned().expect("listed");
+    let entry = find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32")
+        .cloned()
+        .expect("listed");
     assert!(entry["expires_at"].is_string(), "{entry}");
     let passed_after = client
-        .wait_until(Setup::server_for(client.source), true, Duration::from_secs(8))
+        .wait_until(
+            Setup::server_for(client.source),
+            true,
+            Duration::from_secs(8),
+        )
         .map(|_| added.elapsed())
         .expect("the block must end by itself");
-    assert!(passed_after >= Duration::from_millis(1500), "ended early: {passed_after:?}");
+    assert!(
+        passed_after >= Duration::from_millis(1500),
+        "ended early: {passed_after:?}"
+    );
     // The daemon tidies the expired entry away.
     let start = Instant::now();
     while find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").is_some() {
-        assert!(start.elapsed() < Duration::from_secs(3), "expired entry still listed");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "expired entry still listed"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(setup.daemon.log().contains("block_expired"), "{}", setup.daemon.log());
+    assert!(
+        setup.daemon.log().contains("block_expired"),
+        "{}",
+        setup.daemon.log()
+    );
 }
 
 #[test]
@@ -224,30 +324,55 @@ fn a_ttl_block_ends_on_time_while_the_daemon_is_down() {
     let mut setup = Setup::new();
     let client = setup.client(Topology::CLIENT_V4[0]);
     assert!(setup.reaches_soon(&client));
-    setup.daemon.cli_ok(&["block", "add", "10.77.0.2", "--ttl", "2s"]);
+    setup
+        .daemon
+        .cli_ok(&["block", "add", "10.77.0.2", "--ttl", "2s"]);
     let added = Instant::now();
     setup.daemon.kill();
-    assert!(!setup.reaches(&client), "the kernel keeps enforcing after the daemon died");
+    assert!(
+        !setup.reaches(&client),
+        "the kernel keeps enforcing after the daemon died"
+    );
     let passed_after = client
-        .wait_until(Setup::server_for(client.source), true, Duration::from_secs(8))
+        .wait_until(
+            Setup::server_for(client.source),
+            true,
+            Duration::from_secs(8),
+        )
         .map(|_| added.elapsed())
         .expect("the kernel must end the block without the daemon");
-    assert!(passed_after >= Duration::from_millis(1500), "ended early: {passed_after:?}");
+    assert!(
+        passed_after >= Duration::from_millis(1500),
+        "ended early: {passed_after:?}"
+    );
 }
 
 #[test]
 fn allowlisted_addresses_are_never_dropped() {
     let setup = Setup::new();
-    setup.daemon.cli_ok(&["allow", "add", "10.77.0.2", "--reason", "monitoring"]);
-    setup.daemon.cli_ok(&["block", "add", "10.77.0.0/24", "10.77.0.2"]);
-    assert!(setup.reaches_soon(&setup.client(Topology::CLIENT_V4[0])), "allowlisted client was dropped");
-    assert!(!setup.reaches(&setup.client(Topology::CLIENT_V4[1])), "the /24 block must drop the other client");
+    setup
+        .daemon
+        .cli_ok(&["allow", "add", "10.77.0.2", "--reason", "monitoring"]);
+    setup
+        .daemon
+        .cli_ok(&["block", "add", "10.77.0.0/24", "10.77.0.2"]);
+    assert!(
+        setup.reaches_soon(&setup.client(Topology::CLIENT_V4[0])),
+        "allowlisted client was dropped"
+    );
+    assert!(
+        !setup.reaches(&setup.client(Topology::CLIENT_V4[1])),
+        "the /24 block must drop the other client"
+    );
     let allow = setup.daemon.cli_json(&["allow", "ls"]);
     let entry = find_cidr(&allow, "10.77.0.2/32").unwrap_or_else(|| panic!("{allow}"));
     assert!(entry["hits"].as_u64().unwrap() > 0, "{entry}");
     assert_eq!(entry["reason"], "monitoring");
     setup.daemon.cli_ok(&["allow", "rm", "10.77.0.2"]);
-    assert!(!setup.reaches(&setup.client(Topology::CLIENT_V4[0])), "without the allow entry the block applies");
+    assert!(
+        !setup.reaches(&setup.client(Topology::CLIENT_V4[0])),
+        "without the allow entry the block applies"
+    );
 }
 
 #[test]
@@ -256,12 +381,20 @@ fn blocks_survive_a_clean_restart() {
     let blocked = setup.client(Topology::CLIENT_V4[0]);
     let blocked_v6 = setup.client(Topology::CLIENT_V6[0]);
     assert!(setup.reaches_soon(&blocked));
-    setup.daemon.cli_ok(&["block", "add", "10.77.0.2", "fd00:77::2"]);
+    setup
+        .daemon
+        .cli_ok(&["block", "add", "10.77.0.2", "fd00:77::2"]);
     setup.daemon.stop();
     assert!(setup.daemon.log().contains("Detached XDP"));
     setup.daemon.spawn();
-    assert!(!setup.reaches(&blocked), "the IPv4 block must hold after a restart");
-    assert!(!setup.reaches(&blocked_v6), "the IPv6 block must hold after a restart");
+    assert!(
+        !setup.reaches(&blocked),
+        "the IPv4 block must hold after a restart"
+    );
+    assert!(
+        !setup.reaches(&blocked_v6),
+        "the IPv6 block must hold after a restart"
+    );
     assert!(setup.reaches_soon(&setup.client(Topology::CLIENT_V4[1])));
     let ls = setup.daemon.cli_json(&["block", "ls"]);
     assert_eq!(json_array(&ls).len(), 2, "{ls}");
@@ -274,15 +407,34 @@ fn blocks_survive_sigkill_and_hold_while_the_daemon_is_dead() {
     assert!(setup.reaches_soon(&blocked));
     setup.daemon.cli_ok(&["block", "add", "10.77.0.2"]);
     assert!(!setup.reaches(&blocked));
-    let hits_before = find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").unwrap()["hits"].as_u64().unwrap();
+    let hits_before = find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").unwrap()
+        ["hits"]
+        .as_u64()
+        .unwrap();
     setup.daemon.kill();
-    assert!(!setup.reaches(&blocked), "the pinned program must keep dropping while the daemon is dead");
+    assert!(
+        !setup.reaches(&blocked),
+        "the pinned program must keep dropping while the daemon is dead"
+    );
     setup.daemon.spawn();
-    assert!(setup.daemon.log().contains("Adopted the pinned XDP link"), "{}", setup.daemon.log());
-    assert!(!setup.reaches(&blocked), "the block must hold after the restart");
+    assert!(
+        setup.daemon.log().contains("Adopted the pinned XDP link"),
+        "{}",
+        setup.daemon.log()
+    );
+    assert!(
+        !setup.reaches(&blocked),
+        "the block must hold after the restart"
+    );
     assert!(setup.reaches_soon(&setup.client(Topology::CLIENT_V4[1])));
-    let hits_after = find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").unwrap()["hits"].as_u64().unwrap();
-    assert!(hits_after > hits_before, "hit counters live in pinned maps: {hits_before} -> {hits_after}");
+    let hits_after =
+        find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").unwrap()["hits"]
+            .as_u64()
+            .unwrap();
+    assert!(
+        hits_after > hits_before,
+        "hit counters live in pinned maps: {hits_before} -> {hits_after}"
+    );
 }
 
 #[test]
@@ -292,7 +444,10 @@ fn status_reports_the_attached_interface() {
     let iface = &status["interfaces"][0];
     assert_eq!(iface["name"], setup.topo.server_if.as_str());
     assert_eq!(iface["attached"], true);
-    assert!(["native", "skb"].contains(&iface["mode"].as_str().unwrap()), "{status}");
+    assert!(
+        ["native", "skb"].contains(&iface["mode"].as_str().unwrap()),
+        "{status}"
+    );
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert!(status["policy"]["source"].is_string());
     assert!(status["uptime_s"].is_u64());

@@ -1,5 +1,11 @@
 //! The XDP program on crafted frames through BPF_PROG_TEST_RUN: exact verdicts and
 //! exact map effects, without a network.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly, with their location"
+)]
 
 use std::net::IpAddr;
 
@@ -25,11 +31,17 @@ fn entry(expires_at_ns: u64) -> ListEntry {
 }
 
 fn block(dp: &mut TestDatapath, cidr: &str) {
-    dp.maps.put(ListKind::Block, &net(cidr), entry(ListEntry::NEVER)).unwrap();
+    dp.maps
+        .put(ListKind::Block, &net(cidr), entry(ListEntry::NEVER))
+        .unwrap();
 }
 
 fn hits(dp: &TestDatapath, list: ListKind, cidr: &str) -> u64 {
-    dp.maps.get(list, &net(cidr)).unwrap().expect("entry present").hits
+    dp.maps
+        .get(list, &net(cidr))
+        .unwrap()
+        .expect("entry present")
+        .hits
 }
 
 fn source_stats(dp: &TestDatapath, ip: &str) -> monitor_common::datapath::IpStats {
@@ -53,7 +65,10 @@ fn ipv4_tcp_passes_and_is_counted_per_source() {
     assert_eq!(pass.packets, 2);
     assert_eq!(pass.bytes, 2 * frame.len() as u64);
     let stats = source_stats(&dp, "198.51.100.7");
-    assert_eq!((stats.packets, stats.bytes, stats.drops), (2, 2 * frame.len() as u64, 0));
+    assert_eq!(
+        (stats.packets, stats.bytes, stats.drops),
+        (2, 2 * frame.len() as u64, 0)
+    );
     assert!(stats.first_seen_ns > 0 && stats.last_seen_ns >= stats.first_seen_ns);
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
@@ -87,7 +102,10 @@ fn ipv6_prefix_and_host_blocks() {
     block(&mut dp, "2001:db8:bad::/64");
     block(&mut dp, "2001:db8:1::99");
     assert_eq!(dp.run(&Frame::v6("2001:db8:bad::1234").build()), XDP_DROP);
-    assert_eq!(dp.run(&Frame::v6("2001:db8:bad:0:ffff::1").build()), XDP_DROP);
+    assert_eq!(
+        dp.run(&Frame::v6("2001:db8:bad:0:ffff::1").build()),
+        XDP_DROP
+    );
     assert_eq!(dp.run(&Frame::v6("2001:db8:bad:1::1").build()), XDP_PASS);
     assert_eq!(dp.run(&Frame::v6("2001:db8:1::99").build()), XDP_DROP);
     assert_eq!(dp.run(&Frame::v6("2001:db8:1::98").build()), XDP_PASS);
@@ -99,10 +117,16 @@ fn ipv6_prefix_and_host_blocks() {
 fn expired_entries_no_longer_drop() {
     let mut dp = TestDatapath::load();
     // Deadline 1 ns after boot: long past. A live deadline an hour ahead still drops.
-    dp.maps.put(ListKind::Block, &net("198.51.100.1"), entry(1)).unwrap();
-    dp.maps.put(ListKind::Block, &net("198.51.100.0/24"), entry(1)).unwrap();
+    dp.maps
+        .put(ListKind::Block, &net("198.51.100.1"), entry(1))
+        .unwrap();
+    dp.maps
+        .put(ListKind::Block, &net("198.51.100.0/24"), entry(1))
+        .unwrap();
     let hour_ahead = clock::monotonic_ns() + 3_600_000_000_000;
-    dp.maps.put(ListKind::Block, &net("198.51.100.2"), entry(hour_ahead)).unwrap();
+    dp.maps
+        .put(ListKind::Block, &net("198.51.100.2"), entry(hour_ahead))
+        .unwrap();
     assert_eq!(dp.run(&Frame::v4([198, 51, 100, 1]).build()), XDP_PASS);
     assert_eq!(dp.run(&Frame::v4([198, 51, 100, 3]).build()), XDP_PASS);
     assert_eq!(dp.run(&Frame::v4([198, 51, 100, 2]).build()), XDP_DROP);
@@ -112,7 +136,9 @@ fn expired_entries_no_longer_drop() {
 #[test]
 fn an_expired_host_falls_through_to_a_live_prefix() {
     let mut dp = TestDatapath::load();
-    dp.maps.put(ListKind::Block, &net("198.51.100.1"), entry(1)).unwrap();
+    dp.maps
+        .put(ListKind::Block, &net("198.51.100.1"), entry(1))
+        .unwrap();
     block(&mut dp, "198.51.100.0/24");
     assert_eq!(dp.run(&Frame::v4([198, 51, 100, 1]).build()), XDP_DROP);
     assert_eq!(hits(&dp, ListKind::Block, "198.51.100.0/24"), 1);
@@ -123,8 +149,20 @@ fn the_allowlist_beats_the_blocklist() {
     let mut dp = TestDatapath::load();
     block(&mut dp, "10.0.0.0/8");
     block(&mut dp, "10.1.1.1");
-    dp.maps.put(ListKind::Allow, &net("10.1.1.0/24"), entry(ListEntry::NEVER)).unwrap();
-    dp.maps.put(ListKind::Allow, &net("2001:db8::/32"), entry(ListEntry::NEVER)).unwrap();
+    dp.maps
+        .put(
+            ListKind::Allow,
+            &net("10.1.1.0/24"),
+            entry(ListEntry::NEVER),
+        )
+        .unwrap();
+    dp.maps
+        .put(
+            ListKind::Allow,
+            &net("2001:db8::/32"),
+            entry(ListEntry::NEVER),
+        )
+        .unwrap();
     block(&mut dp, "2001:db8::5");
     assert_eq!(dp.run(&Frame::v4([10, 1, 1, 1]).build()), XDP_PASS);
     assert_eq!(dp.run(&Frame::v4([10, 1, 1, 2]).build()), XDP_PASS);
@@ -146,7 +184,11 @@ fn vlan_tagged_frames_are_parsed() {
     assert_eq!(dp.run(&double.build()), XDP_DROP);
     assert_eq!(dp.run(&v6.build()), XDP_DROP);
     // A third tag is beyond what we unwrap: passed, not judged, not malformed.
-    let triple = Frame::v4([198, 51, 100, 7]).with_vlans(&[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2), (ETH_P_8021Q, 3)]);
+    let triple = Frame::v4([198, 51, 100, 7]).with_vlans(&[
+        (ETH_P_8021AD, 1),
+        (ETH_P_8021Q, 2),
+        (ETH_P_8021Q, 3),
+    ]);
     assert_eq!(dp.run(&triple.build()), XDP_PASS);
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
@@ -155,10 +197,18 @@ fn vlan_tagged_frames_are_parsed() {
 fn ipv4_options_and_fragments() {
     let mut dp = TestDatapath::load();
     block(&mut dp, "198.51.100.7");
-    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).with_ipv4_options(40).build()), XDP_DROP);
-    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 8]).with_ipv4_options(12).build()), XDP_PASS);
+    assert_eq!(
+        dp.run(&Frame::v4([198, 51, 100, 7]).with_ipv4_options(40).build()),
+        XDP_DROP
+    );
+    assert_eq!(
+        dp.run(&Frame::v4([198, 51, 100, 8]).with_ipv4_options(12).build()),
+        XDP_PASS
+    );
     // A non-first fragment has no transport header: judged by source, not malformed.
-    let fragment = Frame::v4([198, 51, 100, 7]).with_l4(L4::None).with_ipv4_fragment_offset(185);
+    let fragment = Frame::v4([198, 51, 100, 7])
+        .with_l4(L4::None)
+        .with_ipv4_fragment_offset(185);
     assert_eq!(dp.run(&fragment.build()), XDP_DROP);
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
@@ -167,10 +217,28 @@ fn ipv4_options_and_fragments() {
 fn ipv6_extension_headers_are_walked() {
     let mut dp = TestDatapath::load();
     block(&mut dp, "2001:db8::7");
-    let chain = [Ext::HopByHop, Ext::Routing, Ext::DestOpts, Ext::Fragment { offset: 0 }];
-    assert_eq!(dp.run(&Frame::v6("2001:db8::7").with_ext(&chain).build()), XDP_DROP);
-    assert_eq!(dp.run(&Frame::v6("2001:db8::8").with_ext(&chain).with_l4(L4::Udp { dport: 53 }).build()), XDP_PASS);
-    let later_fragment = Frame::v6("2001:db8::7").with_ext(&[Ext::Fragment { offset: 100 }]).with_l4(L4::None);
+    let chain = [
+        Ext::HopByHop,
+        Ext::Routing,
+        Ext::DestOpts,
+        Ext::Fragment { offset: 0 },
+    ];
+    assert_eq!(
+        dp.run(&Frame::v6("2001:db8::7").with_ext(&chain).build()),
+        XDP_DROP
+    );
+    assert_eq!(
+        dp.run(
+            &Frame::v6("2001:db8::8")
+                .with_ext(&chain)
+                .with_l4(L4::Udp { dport: 53 })
+                .build()
+        ),
+        XDP_PASS
+    );
+    let later_fragment = Frame::v6("2001:db8::7")
+        .with_ext(&[Ext::Fragment { offset: 100 }])
+        .with_l4(L4::None);
     assert_eq!(dp.run(&later_fragment.build()), XDP_DROP);
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
@@ -179,9 +247,22 @@ fn ipv6_extension_headers_are_walked() {
 fn icmp_udp_and_non_ip_frames() {
     let mut dp = TestDatapath::load();
     block(&mut dp, "198.51.100.7");
-    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).with_l4(L4::Icmp).build()), XDP_DROP);
-    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).with_l4(L4::Udp { dport: 53 }).build()), XDP_DROP);
-    assert_eq!(dp.run(&Frame::v6("2001:db8::1").with_l4(L4::Icmp).build()), XDP_PASS);
+    assert_eq!(
+        dp.run(&Frame::v4([198, 51, 100, 7]).with_l4(L4::Icmp).build()),
+        XDP_DROP
+    );
+    assert_eq!(
+        dp.run(
+            &Frame::v4([198, 51, 100, 7])
+                .with_l4(L4::Udp { dport: 53 })
+                .build()
+        ),
+        XDP_DROP
+    );
+    assert_eq!(
+        dp.run(&Frame::v6("2001:db8::1").with_l4(L4::Icmp).build()),
+        XDP_PASS
+    );
     assert_eq!(dp.run(&frames::arp()), XDP_PASS);
     assert_eq!(dp.counter(Action::Pass).packets, 2);
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
@@ -195,11 +276,15 @@ fn truncation_at_every_header_is_malformed_and_passed() {
     block(&mut dp, "198.51.100.7");
     block(&mut dp, "2001:db8::7");
     let frames = [
-        Frame::v4([198, 51, 100, 7]).with_vlans(&[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2)]).with_ipv4_options(8),
+        Frame::v4([198, 51, 100, 7])
+            .with_vlans(&[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2)])
+            .with_ipv4_options(8),
         Frame::v4([198, 51, 100, 7]).with_l4(L4::Udp { dport: 53 }),
         Frame::v4([198, 51, 100, 7]).with_l4(L4::Icmp),
         Frame::v6("2001:db8::7").with_ext(&[Ext::HopByHop, Ext::Fragment { offset: 0 }]),
-        Frame::v6("2001:db8::7").with_l4(L4::Icmp).with_vlans(&[(ETH_P_8021Q, 5)]),
+        Frame::v6("2001:db8::7")
+            .with_l4(L4::Icmp)
+            .with_vlans(&[(ETH_P_8021Q, 5)]),
     ];
     let mut expected_malformed = 0;
     for frame in &frames {
@@ -210,11 +295,18 @@ fn truncation_at_every_header_is_malformed_and_passed() {
         for cut in (14 + vlan_len)..frame.headers_len() {
             assert_eq!(dp.run(&bytes[..cut]), XDP_PASS, "cut at {cut} of {frame:?}");
             expected_malformed += 1;
-            assert_eq!(dp.counter(Action::Malformed).packets, expected_malformed, "cut at {cut} of {frame:?}");
+            assert_eq!(
+                dp.counter(Action::Malformed).packets,
+                expected_malformed,
+                "cut at {cut} of {frame:?}"
+            );
         }
         assert_eq!(dp.run(&bytes), XDP_DROP, "whole frame {frame:?}");
     }
-    assert_eq!(dp.counter(Action::DropBlocklist).packets, frames.len() as u64);
+    assert_eq!(
+        dp.counter(Action::DropBlocklist).packets,
+        frames.len() as u64
+    );
 }
 
 #[test]
@@ -230,7 +322,13 @@ fn inconsistent_headers_are_malformed() {
     bad_doff[14 + 20 + 12] = 4 << 4;
     let mut bad_v6_version = Frame::v6("2001:db8::7").build();
     bad_v6_version[14] = 0x40;
-    for frame in [&bad_ihl, &bad_version, &bad_total, &bad_doff, &bad_v6_version] {
+    for frame in [
+        &bad_ihl,
+        &bad_version,
+        &bad_total,
+        &bad_doff,
+        &bad_v6_version,
+    ] {
         assert_eq!(dp.run(frame), XDP_PASS);
     }
     assert_eq!(dp.counter(Action::Malformed).packets, 5);

@@ -1,1 +1,233 @@
-fn main() {}
+//! `cargo xtask`: everything a fresh machine needs, then build, run, test, bench, lint.
+//!
+//! The eBPF crate needs nightly with rust-src and a bpf-linker built against the same
+//! LLVM major as nightly's rustc. No system LLVM of that version exists here, so
+//! bpf-linker is linked against rustc's own libLLVM and installed into a cache dir
+//! owned by this project (build.rs looks there too).
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "apimon build chain")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker) if missing.
+    Setup,
+    /// Build everything (the eBPF object is embedded in `apimon`).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the daemon (`apimon run ARGS`), elevated with sudo when not root.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `apimon run`, after `--` (e.g. `-- --iface eth0`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit, BPF_PROG_TEST_RUN, network-namespace integration.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Measure the datapath and write docs/benchmarks.md.
+    Bench {
+        /// Repeats per BPF_PROG_TEST_RUN measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
+    /// rustfmt and clippy (-D warnings), the eBPF crate on its own target.
+    Lint,
+}
+
+fn main() -> std::process::ExitCode {
+    match run_task(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => toolchain::ensure().map(|_| ()),
+        Task::Build { release } => build(&root, release),
+        Task::Run { release, args } => {
+            build(&root, release)?;
+            let bin = root
+                .join("target")
+                .join(profile_dir(release))
+                .join("apimon");
+            let mut run_args = vec!["run".to_owned()];
+            run_args.extend(args);
+            elevated(&bin, &run_args)
+        }
+        Task::Test { args } => test(&root, &args),
+        Task::Bench { repeat } => bench(&root, repeat),
+        Task::Lint => lint(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn profile_dir(release: bool) -> &'static str {
+    if release { "release" } else { "debug" }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A cargo command with the project's toolchain dir on PATH.
+fn cargo(root: &Path, tools: &toolchain::Tools) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .current_dir(root)
+        .env("PATH", tools.path_with_tools());
+    command
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let shown = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let status = command
+        .status()
+        .with_context(|| format!("starting `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed: {status}");
+    }
+    Ok(())
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    let tools = toolchain::ensure()?;
+    let mut command = cargo(root, &tools);
+    command.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "monitor-ebpf",
+        "--bins",
+    ]);
+    if release {
+        command.arg("--release");
+    }
+    run(&mut command)
+}
+
+/// Runs a built binary as root: directly when we are root, else through sudo.
+fn elevated(bin: &Path, args: &[String]) -> Result<()> {
+    let mut command = if is_root() {
+        Command::new(bin)
+    } else {
+        eprintln!("xtask: not root; running {} with sudo", bin.display());
+        let mut sudo = Command::new("sudo");
+        sudo.arg("-E").arg(bin);
+        sudo
+    };
+    command.args(args);
+    run(&mut command)
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    build(root, false)?;
+    let tools = toolchain::ensure()?;
+    let mut command = cargo(root, &tools);
+    command.args(["test", "--workspace", "--exclude", "monitor-ebpf"]);
+    if !is_root() {
+        // Build as the invoking user; only the test binaries run elevated.
+        eprintln!("xtask: not root; test binaries run with sudo");
+        command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    command.args(args);
+    run(&mut command)
+}
+
+fn bench(root: &Path, repeat: u32) -> Result<()> {
+    let tools = toolchain::ensure()?;
+    run(cargo(root, &tools).args([
+        "build",
+        "--release",
+        "-p",
+        "apimon-tests",
+        "--bin",
+        "apimon-bench",
+    ]))?;
+    let bin = root.join("target/release/apimon-bench");
+    let out = root.join("docs/benchmarks.md");
+    elevated(
+        &bin,
+        &[
+            "--repeat".into(),
+            repeat.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+}
+
+fn lint(root: &Path) -> Result<()> {
+    let tools = toolchain::ensure()?;
+    run(cargo(root, &tools).args(["fmt", "--all", "--check"]))?;
+    run(cargo(root, &tools).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "monitor-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate on its own target: feature unification with userspace breaks it.
+    run(Command::new("rustup")
+        .current_dir(root.join("monitor-ebpf"))
+        .env("PATH", tools.path_with_tools())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--bins",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}

@@ -149,13 +149,28 @@ mod tests {
         lists.insert(ListKind::Block, entry("10.0.0.0/8", Some(100)));
         lists.insert(ListKind::Block, entry("10.1.0.0/16", Some(50)));
         lists.insert(ListKind::Block, entry("10.1.2.0/24", Some(200)));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("10.0.0.0/8")), Some(Some(at(100))));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("10.1.0.0/16")), Some(Some(at(100))));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("10.1.2.0/24")), Some(Some(at(200))));
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("10.0.0.0/8")),
+            Some(Some(at(100)))
+        );
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("10.1.0.0/16")),
+            Some(Some(at(100)))
+        );
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("10.1.2.0/24")),
+            Some(Some(at(200)))
+        );
         // A permanent cover makes everything inside it permanent.
         lists.insert(ListKind::Block, entry("10.0.0.0/7", None));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("10.1.0.0/16")), Some(None));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("11.0.0.0/8")), None);
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("10.1.0.0/16")),
+            Some(None)
+        );
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("11.0.0.0/8")),
+            None
+        );
     }
 
     #[test]
@@ -163,15 +178,28 @@ mod tests {
         let mut lists = Lists::default();
         lists.insert(ListKind::Block, entry("10.0.0.0/8", None));
         lists.insert(ListKind::Block, entry("10.0.0.1", Some(5)));
-        assert_eq!(lists.kernel_deadline(ListKind::Block, &net("10.0.0.1")), Some(Some(at(5))));
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Block, &net("10.0.0.1")),
+            Some(Some(at(5)))
+        );
         lists.insert(ListKind::Allow, entry("10.9.0.0/16", None));
-        assert_eq!(lists.kernel_deadline(ListKind::Allow, &net("10.9.0.0/16")), Some(None));
+        assert_eq!(
+            lists.kernel_deadline(ListKind::Allow, &net("10.9.0.0/16")),
+            Some(None)
+        );
     }
 
     #[test]
     fn affected_nets_are_the_prefixes_inside() {
         let mut lists = Lists::default();
-        for cidr in ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3", "11.0.0.0/8", "2001:db8::/32", "2001:db8:1::/48"] {
+        for cidr in [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3",
+            "11.0.0.0/8",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+        ] {
             lists.insert(ListKind::Block, entry(cidr, None));
         }
         let mut affected = lists.affected_by(ListKind::Block, &net("10.0.0.0/8"));
@@ -179,7 +207,10 @@ mod tests {
         assert_eq!(affected, vec![net("10.0.0.0/8"), net("10.1.0.0/16")]);
         let affected = lists.affected_by(ListKind::Block, &net("2001:db8::/32"));
         assert_eq!(affected.len(), 2);
-        assert_eq!(lists.affected_by(ListKind::Block, &net("10.1.2.3")), vec![net("10.1.2.3")]);
+        assert_eq!(
+            lists.affected_by(ListKind::Block, &net("10.1.2.3")),
+            vec![net("10.1.2.3")]
+        );
     }
 
     #[test]
@@ -196,7 +227,10 @@ mod tests {
     fn entries_round_trip_through_json() {
         let original = entry("2001:db8::/64", Some(1_700_000_000));
         let text = serde_json::to_string(&original).unwrap();
-        assert!(text.contains("\"expires_at\":\"2023-11-14T22:13:20.000Z\""), "{text}");
+        assert!(
+            text.contains("\"expires_at\":\"2023-11-14T22:13:20.000Z\""),
+            "{text}"
+        );
         assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), original);
     }
 }

@@ -63,7 +63,8 @@ impl Enforcer {
                 if enforcer.lists.get(kind).contains_key(&net) {
                     continue;
                 }
-                let expires_at = (kernel.expires_at_ns != ListEntry::NEVER).then(|| clocks.to_wall(kernel.expires_at_ns));
+                let expires_at = (kernel.expires_at_ns != ListEntry::NEVER)
+                    .then(|| clocks.to_wall(kernel.expires_at_ns));
                 enforcer.lists.insert(
                     kind,
                     Entry {
@@ -78,7 +79,10 @@ impl Enforcer {
             }
         }
         if adopted > 0 {
-            warn!(entries = adopted, "Adopted pinned entries missing from the state file");
+            warn!(
+                entries = adopted,
+                "Adopted pinned entries missing from the state file"
+            );
             enforcer.state.save(&enforcer.lists)?;
         }
         for kind in [ListKind::Block, ListKind::Allow] {
@@ -120,7 +124,11 @@ impl Enforcer {
         let mut added = Vec::with_capacity(nets.len());
         let mut affected = Vec::new();
         for net in nets {
-            let created_at = self.lists.get(kind).get(net).map_or(clocks.wall, |e| e.created_at);
+            let created_at = self
+                .lists
+                .get(kind)
+                .get(net)
+                .map_or(clocks.wall, |e| e.created_at);
             let entry = Entry {
                 cidr: *net,
                 reason: reason.to_owned(),
@@ -162,7 +170,11 @@ impl Enforcer {
         self.remove_present(ListKind::Block, &expired)
     }
 
-    fn remove_present(&mut self, kind: ListKind, nets: &[IpNet]) -> Result<Vec<Entry>, EnforceError> {
+    fn remove_present(
+        &mut self,
+        kind: ListKind,
+        nets: &[IpNet],
+    ) -> Result<Vec<Entry>, EnforceError> {
         let clocks = Clocks::now();
         let before = self.lists.clone();
         let mut removed = Vec::with_capacity(nets.len());
@@ -179,7 +191,13 @@ impl Enforcer {
 
     /// Writes the affected kernel entries and the state file; on failure, restores
     /// the previous lists in memory and (best effort) in the kernel.
-    fn commit(&mut self, kind: ListKind, affected: &[IpNet], before: Lists, clocks: &Clocks) -> Result<(), EnforceError> {
+    fn commit(
+        &mut self,
+        kind: ListKind,
+        affected: &[IpNet],
+        before: Lists,
+        clocks: &Clocks,
+    ) -> Result<(), EnforceError> {
         let result = self
             .sync(kind, affected, clocks)
             .and_then(|()| self.state.save(&self.lists).map_err(EnforceError::from));
@@ -194,14 +212,24 @@ impl Enforcer {
     }
 
     /// Makes the kernel entries of `nets` match the lists, keeping their hit counters.
-    fn sync(&mut self, kind: ListKind, nets: &[IpNet], clocks: &Clocks) -> Result<(), EnforceError> {
+    fn sync(
+        &mut self,
+        kind: ListKind,
+        nets: &[IpNet],
+        clocks: &Clocks,
+    ) -> Result<(), EnforceError> {
         for net in nets {
             match self.lists.kernel_deadline(kind, net) {
                 Some(deadline) => {
                     let hits = self.datapath.get(kind, net)?.map_or(0, |e| e.hits);
-                    let origin = self.lists.get(kind).get(net).map_or("", |e| e.origin.as_str());
+                    let origin = self
+                        .lists
+                        .get(kind)
+                        .get(net)
+                        .map_or("", |e| e.origin.as_str());
                     let entry = ListEntry {
-                        expires_at_ns: deadline.map_or(ListEntry::NEVER, |d| clocks.to_monotonic(d)),
+                        expires_at_ns: deadline
+                            .map_or(ListEntry::NEVER, |d| clocks.to_monotonic(d)),
                         hits,
                         reason: reason_code(origin) as u32,
                         _pad: 0,

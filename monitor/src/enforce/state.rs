@@ -71,7 +71,8 @@ impl StateFile {
             path: self.path.clone(),
             reason,
         };
-        let document: StateDocument = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let document: StateDocument =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
         if document.version != STATE_VERSION {
             return Err(corrupt(format!("unknown version {}", document.version)));
         }
@@ -92,11 +93,14 @@ impl StateFile {
         fs::create_dir_all(dir).map_err(write_error)?;
         let temp = self.path.with_extension("json.tmp");
         let mut file = File::create(&temp).map_err(write_error)?;
-        let bytes = serde_json::to_vec_pretty(&document).map_err(|e| write_error(std::io::Error::other(e)))?;
+        let bytes = serde_json::to_vec_pretty(&document)
+            .map_err(|e| write_error(std::io::Error::other(e)))?;
         file.write_all(&bytes).map_err(write_error)?;
         file.sync_all().map_err(write_error)?;
         fs::rename(&temp, &self.path).map_err(write_error)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(write_error)?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_error)?;
         Ok(())
     }
 }
@@ -145,7 +149,17 @@ mod tests {
         fs::write(state.path(), "{\"version\":1,\"blocklist\":[{").unwrap();
         let err = state.load().unwrap_err().to_string();
         assert!(err.contains("is corrupt"), "{err}");
-        fs::write(state.path(), "{\"version\":9,\"blocklist\":[],\"allowlist\":[]}").unwrap();
-        assert!(state.load().unwrap_err().to_string().contains("unknown version 9"));
+        fs::write(
+            state.path(),
+            "{\"version\":9,\"blocklist\":[],\"allowlist\":[]}",
+        )
+        .unwrap();
+        assert!(
+            state
+                .load()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown version 9")
+        );
     }
 }
