@@ -84,6 +84,42 @@ impl ListEntry {
     }
 }
 
+/// What the kernel needs to know about the lists as a whole. Written by the daemon
+/// after every change to a list map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    /// `PRESENT_*` bits: list maps holding entries. The kernel skips lookups in empty
+    /// ones (a lookup in an empty LPM trie still costs a helper call per packet).
+    pub present: u32,
+    /// Bumped on every list change, never 0. A source whose `IpStats::pass_epoch` equals
+    /// it passed the lists under this very state, so its next packets skip the lookups.
+    pub epoch: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathState>() == 8);
+
+impl DatapathState {
+    pub const PRESENT_BLOCK_V4_HOSTS: u32 = 1 << 0;
+    pub const PRESENT_BLOCK_V6_HOSTS: u32 = 1 << 1;
+    pub const PRESENT_BLOCK_V4_NETS: u32 = 1 << 2;
+    pub const PRESENT_BLOCK_V6_NETS: u32 = 1 << 3;
+    pub const PRESENT_ALLOW_V4: u32 = 1 << 4;
+    pub const PRESENT_ALLOW_V6: u32 = 1 << 5;
+
+    #[inline(always)]
+    pub const fn has(&self, bit: u32) -> bool {
+        self.present & bit != 0
+    }
+
+    /// The epoch after this one (0 is reserved for "no verdict cached").
+    pub const fn next_epoch(epoch: u32) -> u32 {
+        match epoch.wrapping_add(1) {
+            0 => 1,
+            next => next,
+        }
+    }
+}
+
 /// Traffic seen from one source address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,8 +131,12 @@ pub struct IpStats {
     pub first_seen_ns: u64,
     /// CLOCK_MONOTONIC ns.
     pub last_seen_ns: u64,
+    /// `DatapathState::epoch` under which this source last passed the lists (0: none).
+    /// Only passes are cached: a drop always looks up its entry, to count its hit.
+    pub pass_epoch: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<IpStats>() == 40);
+const _: () = assert!(core::mem::size_of::<IpStats>() == 48);
 
 /// Source address key for `IP_STATS`: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`)
 /// so that one map serves both families.

@@ -18,9 +18,12 @@ pub const IP_STATS: &str = "IP_STATS";
 /// Per-CPU global counters, indexed by `Action`: `ActionCounter`.
 pub const ACTION_COUNTERS: &str = "ACTION_COUNTERS";
 
+/// One-slot array: `DatapathState`, which list maps are non-empty.
+pub const DATAPATH_STATE: &str = "DATAPATH_STATE";
+
 /// Every map the daemon pins, so that the CLI, a restarted daemon and the
 /// kernel programs share one state.
-pub const PINNED: [&str; 8] = [
+pub const PINNED: [&str; 9] = [
     BLOCK_V4_HOSTS,
     BLOCK_V6_HOSTS,
     BLOCK_V4_NETS,
@@ -29,6 +32,7 @@ pub const PINNED: [&str; 8] = [
     ALLOW_V6,
     IP_STATS,
     ACTION_COUNTERS,
+    DATAPATH_STATE,
 ];
 
 /// Capacity compiled into the object; the daemon resizes from its config at load time.

@@ -21,14 +21,14 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{
-        HashMap, LruHashMap, PerCpuArray,
+        Array, HashMap, LruHashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    datapath::{Action, ActionCounter, IpKey, IpStats, ListEntry},
+    datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry},
     maps::{DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY},
 };
 
@@ -57,6 +57,8 @@ static ALLOW_V6: LpmTrie<[u8; 16], ListEntry> =
 static IP_STATS: LruHashMap<IpKey, IpStats> =
     LruHashMap::with_max_entries(DEFAULT_IP_STATS_CAPACITY, 0);
 #[map]
+static DATAPATH_STATE: Array<DatapathState> = Array::with_max_entries(1, 0);
+#[map]
 static ACTION_COUNTERS: PerCpuArray<ActionCounter> =
     PerCpuArray::with_max_entries(Action::COUNT as u32, 0);
 
@@ -76,13 +78,7 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let bytes = pkt.len();
     let action = match packet::parse(&pkt) {
-        Ok(Some(parsed)) => {
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_coarse_ns() };
-            let action = verdict(&parsed.source, now);
-            record_source(ctx, &parsed.source.stats_key(), action, bytes, now);
-            action
-        }
+        Ok(Some(parsed)) => judge_and_record(ctx, &parsed.source, bytes),
         Ok(None) => Action::Pass,
         Err(packet::Malformed) => Action::Malformed,
     };
@@ -94,23 +90,131 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Allowlist first (it always wins), then the exact host hash, then the prefix trie.
+/// Judges a packet from `source` and counts it in the source's statistics. A source
+/// that passed the lists since they last changed passes again without looking them up.
 #[inline(always)]
-fn verdict(source: &Source, now: u64) -> Action {
-    let blocked = match source {
-        Source::V4(addr) => {
-            !listed(&ALLOW_V4, *addr, 32, now)
-                && blocked(&BLOCK_V4_HOSTS, &BLOCK_V4_NETS, *addr, 32, now)
-        }
-        Source::V6(addr) => {
-            !listed(&ALLOW_V6, *addr, 128, now)
-                && blocked(&BLOCK_V6_HOSTS, &BLOCK_V6_NETS, *addr, 128, now)
-        }
+fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64) -> Action {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
+    let key = source.stats_key();
+    if let Some(stats) = IP_STATS.get_ptr_mut(&key) {
+        // SAFETY: `stats` points at a map value.
+        let cached = state.epoch != 0 && unsafe { (*stats).pass_epoch } == state.epoch;
+        let verdict = if cached {
+            Verdict::Unlisted
+        } else {
+            verdict(source, now, &state)
+        };
+        // SAFETY: as above.
+        unsafe { add_to_source(stats, verdict, bytes, now, state.epoch) };
+        return verdict.action();
+    }
+    let verdict = verdict(source, now, &state);
+    let drops = u64::from(verdict == Verdict::Blocked);
+    let fresh = IpStats {
+        packets: 1,
+        bytes,
+        drops,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        pass_epoch: if verdict == Verdict::Unlisted {
+            state.epoch
+        } else {
+            0
+        },
+        _pad: 0,
     };
-    if blocked {
-        Action::DropBlocklist
+    if IP_STATS
+        .insert(&key, fresh, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        match IP_STATS.get_ptr_mut(&key) {
+            // Another CPU inserted the same source first: add to its entry instead.
+            // SAFETY: `stats` points at a map value.
+            Some(stats) => unsafe { add_to_source(stats, verdict, bytes, now, state.epoch) },
+            // Rare by construction (an LRU map evicts rather than fails): off the fast path.
+            None => warn!(ctx, "IP_STATS update failed"),
+        }
+    }
+    verdict.action()
+}
+
+/// The lists' judgement of a source.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// On no list: cacheable until the lists change.
+    Unlisted,
+    /// Allowlisted: passes, and counts a hit on its allow entry every time.
+    Allowed,
+    Blocked,
+}
+
+impl Verdict {
+    #[inline(always)]
+    const fn action(self) -> Action {
+        match self {
+            Verdict::Unlisted | Verdict::Allowed => Action::Pass,
+            Verdict::Blocked => Action::DropBlocklist,
+        }
+    }
+}
+
+/// Allowlist first (it always wins), then the exact host hash, then the prefix trie;
+/// maps the daemon marked empty are not looked up at all.
+#[inline(always)]
+fn verdict(source: &Source, now: u64, state: &DatapathState) -> Verdict {
+    match source {
+        Source::V4(addr) => judge(
+            (state.has(DatapathState::PRESENT_ALLOW_V4), &ALLOW_V4),
+            (
+                state.has(DatapathState::PRESENT_BLOCK_V4_HOSTS),
+                &BLOCK_V4_HOSTS,
+            ),
+            (
+                state.has(DatapathState::PRESENT_BLOCK_V4_NETS),
+                &BLOCK_V4_NETS,
+            ),
+            *addr,
+            32,
+            now,
+        ),
+        Source::V6(addr) => judge(
+            (state.has(DatapathState::PRESENT_ALLOW_V6), &ALLOW_V6),
+            (
+                state.has(DatapathState::PRESENT_BLOCK_V6_HOSTS),
+                &BLOCK_V6_HOSTS,
+            ),
+            (
+                state.has(DatapathState::PRESENT_BLOCK_V6_NETS),
+                &BLOCK_V6_NETS,
+            ),
+            *addr,
+            128,
+            now,
+        ),
+    }
+}
+
+/// One address family's lists; each map comes with "holds entries".
+#[inline(always)]
+fn judge<K>(
+    (any_allowed, allow): (bool, &LpmTrie<K, ListEntry>),
+    hosts: (bool, &HashMap<K, ListEntry>),
+    nets: (bool, &LpmTrie<K, ListEntry>),
+    addr: K,
+    bits: u32,
+    now: u64,
+) -> Verdict
+where
+    K: Copy,
+{
+    if any_allowed && listed(allow, addr, bits, now) {
+        Verdict::Allowed
+    } else if blocked(hosts, nets, addr, bits, now) {
+        Verdict::Blocked
     } else {
-        Action::Pass
+        Verdict::Unlisted
     }
 }
 
@@ -119,18 +223,19 @@ fn verdict(source: &Source, now: u64) -> Action {
 /// so the longest match alone decides.
 #[inline(always)]
 fn blocked<K>(
-    hosts: &HashMap<K, ListEntry>,
-    nets: &LpmTrie<K, ListEntry>,
+    (any_hosts, hosts): (bool, &HashMap<K, ListEntry>),
+    (any_nets, nets): (bool, &LpmTrie<K, ListEntry>),
     addr: K,
     bits: u32,
     now: u64,
 ) -> bool {
-    if let Some(entry) = hosts.get_ptr_mut(&addr)
+    if any_hosts
+        && let Some(entry) = hosts.get_ptr_mut(&addr)
         && hit_if_live(entry, now)
     {
         return true;
     }
-    listed(nets, addr, bits, now)
+    any_nets && listed(nets, addr, bits, now)
 }
 
 #[inline(always)]
@@ -153,43 +258,23 @@ fn hit_if_live(entry: *mut ListEntry, now: u64) -> bool {
     live
 }
 
+/// Counts one packet in a source's statistics and caches an `Unlisted` verdict.
+///
+/// # Safety
+/// `stats` must point at a live `IP_STATS` value.
 #[inline(always)]
-fn record_source(ctx: &XdpContext, key: &IpKey, action: Action, bytes: u64, now: u64) {
-    let drops = u64::from(action.is_drop());
-    if add_to_source(key, bytes, drops, now) {
-        return;
-    }
-    let fresh = IpStats {
-        packets: 1,
-        bytes,
-        drops,
-        first_seen_ns: now,
-        last_seen_ns: now,
-    };
-    if IP_STATS.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err()
-        // Another CPU inserted the same source first: add to its entry instead.
-        && !add_to_source(key, bytes, drops, now)
-    {
-        // Rare by construction (an LRU map evicts rather than fails): off the fast path.
-        warn!(ctx, "IP_STATS update failed");
-    }
-}
-
-#[inline(always)]
-fn add_to_source(key: &IpKey, bytes: u64, drops: u64, now: u64) -> bool {
-    let Some(stats) = IP_STATS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: `stats` points at a map value shared between CPUs; counters are atomic.
+unsafe fn add_to_source(stats: *mut IpStats, verdict: Verdict, bytes: u64, now: u64, epoch: u32) {
+    // SAFETY: the caller guarantees `stats`; it is shared between CPUs, so counters are atomic.
     unsafe {
         atomic_add(&raw mut (*stats).packets, 1);
         atomic_add(&raw mut (*stats).bytes, bytes);
-        if drops != 0 {
-            atomic_add(&raw mut (*stats).drops, drops);
+        match verdict {
+            Verdict::Blocked => atomic_add(&raw mut (*stats).drops, 1),
+            Verdict::Unlisted if (*stats).pass_epoch != epoch => (*stats).pass_epoch = epoch,
+            Verdict::Unlisted | Verdict::Allowed => {}
         }
         (*stats).last_seen_ns = now;
     }
-    true
 }
 
 /// Adds to a counter shared between CPUs.

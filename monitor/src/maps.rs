@@ -4,11 +4,11 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use ipnet::IpNet;
 use monitor_common::{
-    datapath::{Action, ActionCounter, IpKey, IpStats, ListEntry},
+    datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry},
     maps,
 };
 use thiserror::Error;
@@ -43,6 +43,62 @@ impl ListKind {
     }
 }
 
+/// The six list maps, by list, family and (for the blocklist) host or prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListMap {
+    BlockV4Hosts,
+    BlockV6Hosts,
+    BlockV4Nets,
+    BlockV6Nets,
+    AllowV4,
+    AllowV6,
+}
+
+impl ListMap {
+    const ALL: [ListMap; 6] = [
+        ListMap::BlockV4Hosts,
+        ListMap::BlockV6Hosts,
+        ListMap::BlockV4Nets,
+        ListMap::BlockV6Nets,
+        ListMap::AllowV4,
+        ListMap::AllowV6,
+    ];
+
+    /// Blocklist hosts go to the exact-match hashes, everything else to the tries.
+    fn of(list: ListKind, net: &IpNet) -> Self {
+        match (list, net, cidr::is_host(net)) {
+            (ListKind::Block, IpNet::V4(_), true) => ListMap::BlockV4Hosts,
+            (ListKind::Block, IpNet::V6(_), true) => ListMap::BlockV6Hosts,
+            (ListKind::Block, IpNet::V4(_), false) => ListMap::BlockV4Nets,
+            (ListKind::Block, IpNet::V6(_), false) => ListMap::BlockV6Nets,
+            (ListKind::Allow, IpNet::V4(_), _) => ListMap::AllowV4,
+            (ListKind::Allow, IpNet::V6(_), _) => ListMap::AllowV6,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            ListMap::BlockV4Hosts => maps::BLOCK_V4_HOSTS,
+            ListMap::BlockV6Hosts => maps::BLOCK_V6_HOSTS,
+            ListMap::BlockV4Nets => maps::BLOCK_V4_NETS,
+            ListMap::BlockV6Nets => maps::BLOCK_V6_NETS,
+            ListMap::AllowV4 => maps::ALLOW_V4,
+            ListMap::AllowV6 => maps::ALLOW_V6,
+        }
+    }
+
+    const fn present_bit(self) -> u32 {
+        match self {
+            ListMap::BlockV4Hosts => DatapathState::PRESENT_BLOCK_V4_HOSTS,
+            ListMap::BlockV6Hosts => DatapathState::PRESENT_BLOCK_V6_HOSTS,
+            ListMap::BlockV4Nets => DatapathState::PRESENT_BLOCK_V4_NETS,
+            ListMap::BlockV6Nets => DatapathState::PRESENT_BLOCK_V6_NETS,
+            ListMap::AllowV4 => DatapathState::PRESENT_ALLOW_V4,
+            ListMap::AllowV6 => DatapathState::PRESENT_ALLOW_V6,
+        }
+    }
+}
+
 /// Handles on every map the daemon reads or writes.
 pub struct Datapath {
     block_v4_hosts: HashMap<MapData, [u8; 4], ListEntry>,
@@ -53,6 +109,11 @@ pub struct Datapath {
     allow_v6: LpmTrie<MapData, [u8; 16], ListEntry>,
     ip_stats: HashMap<MapData, IpKey, IpStats>,
     counters: PerCpuArray<MapData, ActionCounter>,
+    state: Array<MapData, DatapathState>,
+    /// Entries per list map (indexed like `ListMap::ALL`), for `DatapathState`.
+    entry_counts: [usize; 6],
+    /// The last `DatapathState::epoch` written.
+    epoch: u32,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -72,13 +133,19 @@ fn optional<V>(name: &'static str, result: Result<V, MapError>) -> Result<Option
     }
 }
 
-fn ok_if_absent(name: &'static str, result: Result<(), MapError>) -> Result<(), MapsError> {
-    optional(name, result).map(|_| ())
+fn v4_key(net: &ipnet::Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
+}
+
+fn v6_key(net: &ipnet::Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.addr().octets())
 }
 
 impl Datapath {
+    /// Takes the maps out of the object and tells the kernel which list maps hold
+    /// entries (adopted pinned maps may already).
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        Ok(Self {
+        let mut datapath = Self {
             block_v4_hosts: take(ebpf, maps::BLOCK_V4_HOSTS)?,
             block_v6_hosts: take(ebpf, maps::BLOCK_V6_HOSTS)?,
             block_v4_nets: take(ebpf, maps::BLOCK_V4_NETS)?,
@@ -87,110 +154,129 @@ impl Datapath {
             allow_v6: take(ebpf, maps::ALLOW_V6)?,
             ip_stats: take(ebpf, maps::IP_STATS)?,
             counters: take(ebpf, maps::ACTION_COUNTERS)?,
-        })
+            state: take(ebpf, maps::DATAPATH_STATE)?,
+            entry_counts: [0; 6],
+            epoch: 0,
+        };
+        // Continue from a pinned epoch, so verdicts cached under it are never reused.
+        datapath.epoch = datapath
+            .state
+            .get(&0, 0)
+            .map_err(|source| MapsError::Map {
+                name: maps::DATAPATH_STATE,
+                source,
+            })?
+            .epoch;
+        for list in [ListKind::Block, ListKind::Allow] {
+            for (net, _) in datapath.entries(list)? {
+                datapath.entry_counts[ListMap::of(list, &net) as usize] += 1;
+            }
+        }
+        datapath.write_state()?;
+        Ok(datapath)
+    }
+
+    /// Publishes which maps hold entries under a new epoch, which also invalidates
+    /// every pass verdict the kernel cached. Called after each change to a list map.
+    fn write_state(&mut self) -> Result<(), MapsError> {
+        let present = ListMap::ALL
+            .iter()
+            .filter(|map| self.entry_counts[**map as usize] > 0)
+            .fold(0, |bits, map| bits | map.present_bit());
+        self.epoch = DatapathState::next_epoch(self.epoch);
+        let epoch = self.epoch;
+        self.state
+            .set(0, DatapathState { present, epoch }, 0)
+            .map_err(|source| MapsError::Map {
+                name: maps::DATAPATH_STATE,
+                source,
+            })
     }
 
     /// Reads the kernel entry for `net`, if any.
     pub fn get(&self, list: ListKind, net: &IpNet) -> Result<Option<ListEntry>, MapsError> {
-        let bits = u32::from(net.prefix_len());
-        match (list, net, cidr::is_host(net)) {
-            (ListKind::Block, IpNet::V4(v4), true) => optional(
-                maps::BLOCK_V4_HOSTS,
-                self.block_v4_hosts.get(&v4.addr().octets(), 0),
-            ),
-            (ListKind::Block, IpNet::V6(v6), true) => optional(
-                maps::BLOCK_V6_HOSTS,
-                self.block_v6_hosts.get(&v6.addr().octets(), 0),
-            ),
-            (ListKind::Block, IpNet::V4(v4), false) => optional(
-                maps::BLOCK_V4_NETS,
-                self.block_v4_nets
-                    .get(&Key::new(bits, v4.addr().octets()), 0),
-            ),
-            (ListKind::Block, IpNet::V6(v6), false) => optional(
-                maps::BLOCK_V6_NETS,
-                self.block_v6_nets
-                    .get(&Key::new(bits, v6.addr().octets()), 0),
-            ),
-            (ListKind::Allow, IpNet::V4(v4), _) => optional(
-                maps::ALLOW_V4,
-                self.allow_v4.get(&Key::new(bits, v4.addr().octets()), 0),
-            ),
-            (ListKind::Allow, IpNet::V6(v6), _) => optional(
-                maps::ALLOW_V6,
-                self.allow_v6.get(&Key::new(bits, v6.addr().octets()), 0),
-            ),
-        }
+        let map = ListMap::of(list, net);
+        let result = match (map, net) {
+            (ListMap::BlockV4Hosts, IpNet::V4(v4)) => {
+                self.block_v4_hosts.get(&v4.addr().octets(), 0)
+            }
+            (ListMap::BlockV6Hosts, IpNet::V6(v6)) => {
+                self.block_v6_hosts.get(&v6.addr().octets(), 0)
+            }
+            (ListMap::BlockV4Nets, IpNet::V4(v4)) => self.block_v4_nets.get(&v4_key(v4), 0),
+            (ListMap::BlockV6Nets, IpNet::V6(v6)) => self.block_v6_nets.get(&v6_key(v6), 0),
+            (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.get(&v4_key(v4), 0),
+            (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.get(&v6_key(v6), 0),
+            _ => Err(MapError::KeyNotFound),
+        };
+        optional(map.name(), result)
     }
 
     /// Writes the kernel entry for `net` (hosts of the blocklist go to the exact-match
     /// hash, everything else to the tries).
     pub fn put(&mut self, list: ListKind, net: &IpNet, entry: ListEntry) -> Result<(), MapsError> {
-        let bits = u32::from(net.prefix_len());
-        let (name, result) = match (list, net, cidr::is_host(net)) {
-            (ListKind::Block, IpNet::V4(v4), true) => (
-                maps::BLOCK_V4_HOSTS,
-                self.block_v4_hosts.insert(v4.addr().octets(), entry, 0),
-            ),
-            (ListKind::Block, IpNet::V6(v6), true) => (
-                maps::BLOCK_V6_HOSTS,
-                self.block_v6_hosts.insert(v6.addr().octets(), entry, 0),
-            ),
-            (ListKind::Block, IpNet::V4(v4), false) => (
-                maps::BLOCK_V4_NETS,
-                self.block_v4_nets
-                    .insert(&Key::new(bits, v4.addr().octets()), entry, 0),
-            ),
-            (ListKind::Block, IpNet::V6(v6), false) => (
-                maps::BLOCK_V6_NETS,
-                self.block_v6_nets
-                    .insert(&Key::new(bits, v6.addr().octets()), entry, 0),
-            ),
-            (ListKind::Allow, IpNet::V4(v4), _) => (
-                maps::ALLOW_V4,
-                self.allow_v4
-                    .insert(&Key::new(bits, v4.addr().octets()), entry, 0),
-            ),
-            (ListKind::Allow, IpNet::V6(v6), _) => (
-                maps::ALLOW_V6,
-                self.allow_v6
-                    .insert(&Key::new(bits, v6.addr().octets()), entry, 0),
-            ),
+        let is_new = self.get(list, net)?.is_none();
+        self.insert(list, net, entry)?;
+        if is_new {
+            self.entry_counts[ListMap::of(list, net) as usize] += 1;
+        }
+        // Entry first, then the state: the kernel never skips a map holding it, nor
+        // reuses a verdict cached before it.
+        self.write_state()
+    }
+
+    fn insert(&mut self, list: ListKind, net: &IpNet, entry: ListEntry) -> Result<(), MapsError> {
+        let map = ListMap::of(list, net);
+        let result = match (map, net) {
+            (ListMap::BlockV4Hosts, IpNet::V4(v4)) => {
+                self.block_v4_hosts.insert(v4.addr().octets(), entry, 0)
+            }
+            (ListMap::BlockV6Hosts, IpNet::V6(v6)) => {
+                self.block_v6_hosts.insert(v6.addr().octets(), entry, 0)
+            }
+            (ListMap::BlockV4Nets, IpNet::V4(v4)) => {
+                self.block_v4_nets.insert(&v4_key(v4), entry, 0)
+            }
+            (ListMap::BlockV6Nets, IpNet::V6(v6)) => {
+                self.block_v6_nets.insert(&v6_key(v6), entry, 0)
+            }
+            (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.insert(&v4_key(v4), entry, 0),
+            (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.insert(&v6_key(v6), entry, 0),
+            _ => Ok(()),
         };
-        result.map_err(|source| MapsError::Map { name, source })
+        result.map_err(|source| MapsError::Map {
+            name: map.name(),
+            source,
+        })
     }
 
     /// Removes the kernel entry for `net`; absent is fine.
     pub fn remove(&mut self, list: ListKind, net: &IpNet) -> Result<(), MapsError> {
-        let bits = u32::from(net.prefix_len());
-        match (list, net, cidr::is_host(net)) {
-            (ListKind::Block, IpNet::V4(v4), true) => ok_if_absent(
-                maps::BLOCK_V4_HOSTS,
-                self.block_v4_hosts.remove(&v4.addr().octets()),
-            ),
-            (ListKind::Block, IpNet::V6(v6), true) => ok_if_absent(
-                maps::BLOCK_V6_HOSTS,
-                self.block_v6_hosts.remove(&v6.addr().octets()),
-            ),
-            (ListKind::Block, IpNet::V4(v4), false) => ok_if_absent(
-                maps::BLOCK_V4_NETS,
-                self.block_v4_nets
-                    .remove(&Key::new(bits, v4.addr().octets())),
-            ),
-            (ListKind::Block, IpNet::V6(v6), false) => ok_if_absent(
-                maps::BLOCK_V6_NETS,
-                self.block_v6_nets
-                    .remove(&Key::new(bits, v6.addr().octets())),
-            ),
-            (ListKind::Allow, IpNet::V4(v4), _) => ok_if_absent(
-                maps::ALLOW_V4,
-                self.allow_v4.remove(&Key::new(bits, v4.addr().octets())),
-            ),
-            (ListKind::Allow, IpNet::V6(v6), _) => ok_if_absent(
-                maps::ALLOW_V6,
-                self.allow_v6.remove(&Key::new(bits, v6.addr().octets())),
-            ),
+        if self.get(list, net)?.is_none() {
+            return Ok(());
         }
+        self.delete(list, net)?;
+        let map = ListMap::of(list, net);
+        self.entry_counts[map as usize] = self.entry_counts[map as usize].saturating_sub(1);
+        self.write_state()
+    }
+
+    fn delete(&mut self, list: ListKind, net: &IpNet) -> Result<(), MapsError> {
+        let map = ListMap::of(list, net);
+        let result = match (map, net) {
+            (ListMap::BlockV4Hosts, IpNet::V4(v4)) => {
+                self.block_v4_hosts.remove(&v4.addr().octets())
+            }
+            (ListMap::BlockV6Hosts, IpNet::V6(v6)) => {
+                self.block_v6_hosts.remove(&v6.addr().octets())
+            }
+            (ListMap::BlockV4Nets, IpNet::V4(v4)) => self.block_v4_nets.remove(&v4_key(v4)),
+            (ListMap::BlockV6Nets, IpNet::V6(v6)) => self.block_v6_nets.remove(&v6_key(v6)),
+            (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.remove(&v4_key(v4)),
+            (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.remove(&v6_key(v6)),
+            _ => Ok(()),
+        };
+        optional(map.name(), result).map(|_| ())
     }
 
     /// Every entry the kernel holds for a list (adopting pinned state on restart).
