@@ -176,6 +176,19 @@ impl Datapath {
         Ok(datapath)
     }
 
+    /// Turns the kernel's pass-verdict cache off (epoch 0) until the next list change,
+    /// so that every packet goes through the list lookups. For benchmarks of the
+    /// uncached path; the daemon never calls it.
+    pub fn disable_verdict_cache(&mut self) -> Result<(), MapsError> {
+        let present = self.state.get(&0, 0).map_or(0, |state| state.present);
+        self.state
+            .set(0, DatapathState { present, epoch: 0 }, 0)
+            .map_err(|source| MapsError::Map {
+                name: maps::DATAPATH_STATE,
+                source,
+            })
+    }
+
     /// Publishes which maps hold entries under a new epoch, which also invalidates
     /// every pass verdict the kernel cached. Called after each change to a list map.
     fn write_state(&mut self) -> Result<(), MapsError> {

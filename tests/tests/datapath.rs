@@ -344,10 +344,20 @@ fn cached_pass_verdicts_end_with_any_list_change() {
         assert_eq!(dp.run(&frame), XDP_PASS);
     }
     block(&mut dp, "198.51.100.0/24");
-    assert_eq!(dp.run(&frame), XDP_DROP, "a new block must not be hidden by a cached pass");
+    assert_eq!(
+        dp.run(&frame),
+        XDP_DROP,
+        "a new block must not be hidden by a cached pass"
+    );
     assert_eq!(dp.run(&frame), XDP_DROP);
-    assert_eq!(hits(&dp, ListKind::Block, "198.51.100.0/24"), 2, "every drop counts a hit");
-    dp.maps.remove(ListKind::Block, &net("198.51.100.0/24")).unwrap();
+    assert_eq!(
+        hits(&dp, ListKind::Block, "198.51.100.0/24"),
+        2,
+        "every drop counts a hit"
+    );
+    dp.maps
+        .remove(ListKind::Block, &net("198.51.100.0/24"))
+        .unwrap();
     assert_eq!(dp.run(&frame), XDP_PASS);
 
     // An unrelated change still invalidates (the epoch is global), and the host hash
@@ -362,7 +372,13 @@ fn cached_pass_verdicts_end_with_any_list_change() {
 #[test]
 fn allowlisted_sources_count_a_hit_per_packet() {
     let mut dp = TestDatapath::load();
-    dp.maps.put(ListKind::Allow, &net("198.51.100.0/24"), entry(ListEntry::NEVER)).unwrap();
+    dp.maps
+        .put(
+            ListKind::Allow,
+            &net("198.51.100.0/24"),
+            entry(ListEntry::NEVER),
+        )
+        .unwrap();
     let frame = Frame::v4([198, 51, 100, 7]).build();
     for _ in 0..4 {
         assert_eq!(dp.run(&frame), XDP_PASS);
