@@ -98,7 +98,7 @@ fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64) -> Action {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
     let key = source.stats_key();
-    if let Some(stats) = IP_STATS.get_ptr_mut(&key) {
+    if let Some(stats) = IP_STATS.get_ptr_mut(key) {
         // SAFETY: `stats` points at a map value.
         let cached = state.epoch != 0 && unsafe { (*stats).pass_epoch } == state.epoch;
         let verdict = if cached {
@@ -125,11 +125,8 @@ fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64) -> Action {
         },
         _pad: 0,
     };
-    if IP_STATS
-        .insert(&key, fresh, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        match IP_STATS.get_ptr_mut(&key) {
+    if IP_STATS.insert(key, fresh, u64::from(BPF_NOEXIST)).is_err() {
+        match IP_STATS.get_ptr_mut(key) {
             // Another CPU inserted the same source first: add to its entry instead.
             // SAFETY: `stats` points at a map value.
             Some(stats) => unsafe { add_to_source(stats, verdict, bytes, now, state.epoch) },

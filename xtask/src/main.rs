@@ -169,8 +169,36 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         eprintln!("xtask: not root; test binaries run with sudo");
         command.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    command.args(args);
-    run(&mut command)
+    command.args(args).stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(stdout) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some((p, f)) = parse_test_result(&line) {
+                passed += p;
+                failed += f;
+            }
+        }
+    }
+    let status = child.wait()?;
+    // One closing line over every test binary, for people and CI alike.
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+/// `test result: ok. 15 passed; 0 failed; ...` -> (15, 0)
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut numbers = rest
+        .split(';')
+        .filter_map(|part| part.split_whitespace().rev().nth(1)?.parse::<u64>().ok());
+    Some((numbers.next()?, numbers.next()?))
 }
 
 fn bench(root: &Path, repeat: u32) -> Result<()> {
