@@ -22,6 +22,8 @@ use tracing::{debug, warn};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the daemon reads; longer ones are refused.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// A connection that sends nothing for this long is closed (file descriptors are finite).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the CLI waits for a reply (a `top` over a million sources takes a while).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -244,15 +246,22 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let read = (&mut reader)
-            .take(MAX_REQUEST_BYTES + 1)
-            .read_until(b'\n', &mut line)
-            .await;
+        let read = tokio::time::timeout(
+            IDLE_TIMEOUT,
+            (&mut reader)
+                .take(MAX_REQUEST_BYTES + 1)
+                .read_until(b'\n', &mut line),
+        )
+        .await;
         match read {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(error) => {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
                 debug!(%error, "Control connection read failed");
+                return;
+            }
+            Err(_) => {
+                debug!("Control connection idle; closing it");
                 return;
             }
         }

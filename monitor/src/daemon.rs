@@ -26,7 +26,7 @@ use crate::{
     },
     enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
     loader::{self, Attachment, LoadOptions, LoaderError},
-    maps::{Datapath, ListKind, MapsError},
+    maps::{Datapath, ListKind, MapsError, Traffic},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -57,6 +57,7 @@ pub enum DaemonError {
 /// What the control handler needs; shared with the sweeper.
 struct Shared {
     enforcer: Mutex<Enforcer>,
+    traffic: Traffic,
     started: Instant,
     started_wall: SystemTime,
     interfaces: Vec<InterfaceView>,
@@ -98,6 +99,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     })?;
     start_kernel_log(&mut ebpf);
     let datapath = Datapath::new(&mut ebpf)?;
+    let traffic = Traffic::new(&mut ebpf)?;
     // Lists go into the maps before anything is attached: no window for blocked traffic.
     let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
 
@@ -113,6 +115,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     }
     let shared = Arc::new(Shared {
         enforcer: Mutex::new(enforcer),
+        traffic,
         started: Instant::now(),
         started_wall: SystemTime::now(),
         interfaces: attachments
@@ -390,9 +393,8 @@ fn list(shared: &Shared, kind: ListKind) -> Result<Value, ControlError> {
 }
 
 fn stats(shared: &Shared) -> Result<Value, ControlError> {
-    let enforcer = shared.enforcer();
-    let counters = enforcer
-        .datapath()
+    let counters = shared
+        .traffic
         .counters()
         .map_err(|e| ControlError::failed(e.to_string()))?;
     let mut packets = BTreeMap::new();
@@ -406,15 +408,13 @@ fn stats(shared: &Shared) -> Result<Value, ControlError> {
         packets,
         bytes,
         samples: SampleCounts::default(),
-        blocklist_entries: enforcer.len(ListKind::Block) as u64,
+        blocklist_entries: shared.enforcer().len(ListKind::Block) as u64,
     })
 }
 
 fn top(shared: &Shared, by: TopKey, limit: usize) -> Result<Value, ControlError> {
-    // Walk the map without holding the lists lock for longer than the walk itself.
     let mut sources = shared
-        .enforcer()
-        .datapath()
+        .traffic
         .sources()
         .map_err(|e| ControlError::failed(e.to_string()))?;
     let key = |stats: &monitor_common::datapath::IpStats| match by {

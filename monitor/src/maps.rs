@@ -107,8 +107,6 @@ pub struct Datapath {
     block_v6_nets: LpmTrie<MapData, [u8; 16], ListEntry>,
     allow_v4: LpmTrie<MapData, [u8; 4], ListEntry>,
     allow_v6: LpmTrie<MapData, [u8; 16], ListEntry>,
-    ip_stats: HashMap<MapData, IpKey, IpStats>,
-    counters: PerCpuArray<MapData, ActionCounter>,
     state: Array<MapData, DatapathState>,
     /// Entries per list map (indexed like `ListMap::ALL`), for `DatapathState`.
     entry_counts: [usize; 6],
@@ -152,8 +150,6 @@ impl Datapath {
             block_v6_nets: take(ebpf, maps::BLOCK_V6_NETS)?,
             allow_v4: take(ebpf, maps::ALLOW_V4)?,
             allow_v6: take(ebpf, maps::ALLOW_V6)?,
-            ip_stats: take(ebpf, maps::IP_STATS)?,
-            counters: take(ebpf, maps::ACTION_COUNTERS)?,
             state: take(ebpf, maps::DATAPATH_STATE)?,
             entry_counts: [0; 6],
             epoch: 0,
@@ -355,6 +351,22 @@ impl Datapath {
             }
         }
         Ok(out)
+    }
+}
+
+/// The traffic counters: read-only for the daemon, so they need no lock and a long
+/// walk of a million sources never holds up a list change.
+pub struct Traffic {
+    ip_stats: HashMap<MapData, IpKey, IpStats>,
+    counters: PerCpuArray<MapData, ActionCounter>,
+}
+
+impl Traffic {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            ip_stats: take(ebpf, maps::IP_STATS)?,
+            counters: take(ebpf, maps::ACTION_COUNTERS)?,
+        })
     }
 
     /// Global counters per action, summed over CPUs.

@@ -8,7 +8,7 @@ use aya::{
 use monitor::{
     config::DatapathConfig,
     loader::{self, LoadOptions},
-    maps::Datapath,
+    maps::{Datapath, Traffic},
 };
 use monitor_common::datapath::{Action, ActionCounter};
 
@@ -18,6 +18,7 @@ pub const XDP_PASS: u32 = 2;
 pub struct TestDatapath {
     pub ebpf: Ebpf,
     pub maps: Datapath,
+    pub traffic: Traffic,
 }
 
 impl TestDatapath {
@@ -39,7 +40,12 @@ impl TestDatapath {
         loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM)
             .expect("loading the baseline program");
         let maps = Datapath::new(&mut ebpf).expect("datapath maps");
-        Self { ebpf, maps }
+        let traffic = Traffic::new(&mut ebpf).expect("traffic maps");
+        Self {
+            ebpf,
+            maps,
+            traffic,
+        }
     }
 
     fn program(&self, name: &str) -> &Xdp {
@@ -68,6 +74,6 @@ impl TestDatapath {
     }
 
     pub fn counter(&self, action: Action) -> ActionCounter {
-        self.maps.counters().expect("counters")[action as usize]
+        self.traffic.counters().expect("counters")[action as usize]
     }
 }

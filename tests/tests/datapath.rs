@@ -46,7 +46,7 @@ fn hits(dp: &TestDatapath, list: ListKind, cidr: &str) -> u64 {
 
 fn source_stats(dp: &TestDatapath, ip: &str) -> monitor_common::datapath::IpStats {
     let ip: IpAddr = ip.parse().unwrap();
-    dp.maps
+    dp.traffic
         .sources()
         .unwrap()
         .into_iter()

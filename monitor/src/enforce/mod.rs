@@ -97,10 +97,6 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    pub fn datapath(&self) -> &Datapath {
-        &self.datapath
-    }
-
     pub fn len(&self, kind: ListKind) -> usize {
         self.lists.get(kind).len()
     }
