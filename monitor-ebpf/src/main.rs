@@ -32,7 +32,7 @@ use monitor_common::{
     maps::{DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY},
 };
 
-use crate::packet::{Packet, Source};
+use crate::packet::{Packet, Parsed, Source};
 
 // Map statics are named exactly as the constants in `monitor_common::maps`.
 #[map]
@@ -78,9 +78,15 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let bytes = pkt.len();
     let action = match packet::parse(&pkt) {
-        Ok(Some(parsed)) => judge_and_record(ctx, &parsed.source, bytes),
-        Ok(None) => Action::Pass,
-        Err(packet::Malformed) => Action::Malformed,
+        Parsed::Ip {
+            source,
+            well_formed,
+        } => match judge_and_record(ctx, &source, bytes) {
+            Action::Pass if !well_formed => Action::Malformed,
+            action => action,
+        },
+        Parsed::NotIp => Action::Pass,
+        Parsed::Malformed => Action::Malformed,
     };
     count(action, bytes);
     if action.is_drop() {

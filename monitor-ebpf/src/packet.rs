@@ -12,8 +12,14 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-/// Truncated or inconsistent headers. The packet is counted as `malformed` and passed.
-pub struct Malformed;
+/// Why header parsing stopped early.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Truncated or inconsistent headers: the packet's fault.
+    Malformed,
+    /// Past what we inspect (`MAX_HEADER_OFFSET`): legal, just not looked at.
+    TooDeep,
+}
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -54,16 +60,15 @@ impl Packet {
         (self.end - self.start) as u64
     }
 
-    /// The single accessor for packet memory: a copy of the `T` at `offset`, or
-    /// `Malformed` when it does not fit inside the packet.
+    /// The single accessor for packet memory: a copy of the `T` at `offset`, or why not.
     #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Result<T, Malformed> {
+    fn read<T: Copy>(&self, offset: usize) -> Result<T, Stop> {
         if offset > MAX_HEADER_OFFSET {
-            return Err(Malformed);
+            return Err(Stop::TooDeep);
         }
         let at = self.start + offset;
         if at + size_of::<T>() > self.end {
-            return Err(Malformed);
+            return Err(Stop::Malformed);
         }
         // SAFETY: `[at, at + size_of::<T>())` lies inside the packet, checked above;
         // packet memory has no alignment guarantee, hence the unaligned read.
@@ -72,12 +77,12 @@ impl Packet {
 
     /// Checks that `len` bytes at `offset` are present (variable-length headers).
     #[inline(always)]
-    fn require(&self, offset: usize, len: usize) -> Result<(), Malformed> {
+    fn require(&self, offset: usize, len: usize) -> Result<(), Stop> {
         if offset > MAX_HEADER_OFFSET || len > MAX_HEADER_OFFSET {
-            return Err(Malformed);
+            return Err(Stop::TooDeep);
         }
         if self.start + offset + len > self.end {
-            return Err(Malformed);
+            return Err(Stop::Malformed);
         }
         Ok(())
     }
@@ -91,6 +96,19 @@ pub enum Source {
 }
 
 impl Source {
+    /// An IPv4-mapped IPv6 source (`::ffff:a.b.c.d`) is judged and counted as the IPv4
+    /// address it names, as the operator contract says; otherwise a spoofed mapped
+    /// source would share the IPv4 address's statistics entry under other lists.
+    #[inline(always)]
+    fn from_ipv6(addr: [u8; 16]) -> Self {
+        let mapped_prefix = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        if addr[..12] == mapped_prefix {
+            Source::V4([addr[12], addr[13], addr[14], addr[15]])
+        } else {
+            Source::V6(addr)
+        }
+    }
+
     #[inline(always)]
     pub fn stats_key(&self) -> IpKey {
         match self {
@@ -100,62 +118,98 @@ impl Source {
     }
 }
 
-/// What the datapath needs of a parsed IP packet.
-pub struct Parsed {
-    pub source: Source,
+/// What the datapath needs of a parsed frame.
+pub enum Parsed {
+    /// Not IP (ARP, LLDP, a third VLAN tag, ...): passed, not judged.
+    NotIp,
+    /// Broken before the source address could be trusted: counted and passed.
+    Malformed,
+    /// An IP packet, judged by its source whatever follows: a broken header after the
+    /// source address must not be a way around the blocklist. `well_formed` is false
+    /// when a later header is truncated or inconsistent.
+    Ip { source: Source, well_formed: bool },
+}
+
+impl Parsed {
+    /// An IP packet whose later headers ended with `end`.
+    #[inline(always)]
+    fn ip(source: Source, end: Result<(), Stop>) -> Self {
+        Parsed::Ip {
+            source,
+            well_formed: end != Err(Stop::Malformed),
+        }
+    }
 }
 
 /// Parses Ethernet (up to two VLAN tags), IPv4 or IPv6 and the transport header.
-/// `Ok(None)`: not IP (ARP, LLDP, ...), passed uncounted per source.
 #[inline(always)]
-pub fn parse(pkt: &Packet) -> Result<Option<Parsed>, Malformed> {
-    let eth: EthHdr = pkt.read(0)?;
+pub fn parse(pkt: &Packet) -> Parsed {
+    let Ok(eth) = pkt.read::<EthHdr>(0) else {
+        return Parsed::Malformed;
+    };
     let mut ether_type = u16::from_be(eth.ether_type);
     let mut offset = EthHdr::LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
-        let vlan: VlanHdr = pkt.read(offset)?;
+        let Ok(vlan) = pkt.read::<VlanHdr>(offset) else {
+            return Parsed::Malformed;
+        };
         ether_type = u16::from_be(vlan.ether_type);
         offset += VlanHdr::LEN;
     }
     match ether_type {
-        ETH_P_IP => parse_ipv4(pkt, offset).map(Some),
-        ETH_P_IPV6 => parse_ipv6(pkt, offset).map(Some),
+        ETH_P_IP => parse_ipv4(pkt, offset),
+        ETH_P_IPV6 => parse_ipv6(pkt, offset),
         // A third tag, or a tag we did not unwrap: not ours to judge.
-        _ => Ok(None),
+        _ => Parsed::NotIp,
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(pkt: &Packet, offset: usize) -> Result<Parsed, Malformed> {
-    let ip: Ipv4Hdr = pkt.read(offset)?;
-    let header_len = usize::from(ip.ihl());
-    if ip.version() != 4 || header_len < Ipv4Hdr::LEN || usize::from(ip.tot_len()) < header_len {
-        return Err(Malformed);
-    }
-    pkt.require(offset, header_len)?;
-    // Only the first fragment carries the transport header.
-    if ip.frag_offset() == 0 {
-        check_transport(pkt, offset + header_len, ip.proto)?;
-    }
-    Ok(Parsed {
-        source: Source::V4(ip.src_addr),
-    })
-}
-
-#[inline(always)]
-fn parse_ipv6(pkt: &Packet, offset: usize) -> Result<Parsed, Malformed> {
-    let ip: Ipv6Hdr = pkt.read(offset)?;
-    if ip.version() != 6 {
-        return Err(Malformed);
-    }
-    let parsed = Parsed {
-        source: Source::V6(ip.src_addr),
+fn parse_ipv4(pkt: &Packet, offset: usize) -> Parsed {
+    let Ok(ip) = pkt.read::<Ipv4Hdr>(offset) else {
+        return Parsed::Malformed;
     };
-    let mut next = ip.next_hdr;
-    let mut offset = offset + Ipv6Hdr::LEN;
+    if ip.version() != 4 {
+        return Parsed::Malformed;
+    }
+    let source = Source::V4(ip.src_addr);
+    let header_len = usize::from(ip.ihl());
+    if header_len < Ipv4Hdr::LEN || usize::from(ip.tot_len()) < header_len {
+        return Parsed::ip(source, Err(Stop::Malformed));
+    }
+    let end = pkt.require(offset, header_len).and_then(|()| {
+        // Only the first fragment carries the transport header.
+        if ip.frag_offset() == 0 {
+            check_transport(pkt, offset + header_len, ip.proto)
+        } else {
+            Ok(())
+        }
+    });
+    Parsed::ip(source, end)
+}
+
+#[inline(always)]
+fn parse_ipv6(pkt: &Packet, offset: usize) -> Parsed {
+    let Ok(ip) = pkt.read::<Ipv6Hdr>(offset) else {
+        return Parsed::Malformed;
+    };
+    if ip.version() != 6 {
+        return Parsed::Malformed;
+    }
+    let source = Source::from_ipv6(ip.src_addr);
+    Parsed::ip(
+        source,
+        walk_ipv6_headers(pkt, offset + Ipv6Hdr::LEN, ip.next_hdr),
+    )
+}
+
+/// Walks the extension headers to the transport header. Chains longer than we walk
+/// are legal: the walk just stops there.
+#[inline(always)]
+fn walk_ipv6_headers(pkt: &Packet, mut offset: usize, mut next: u8) -> Result<(), Stop> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         // Every extension header starts with next-header and a length byte.
         let ext_len = match next {
@@ -174,31 +228,27 @@ fn parse_ipv6(pkt: &Packet, offset: usize) -> Result<Parsed, Malformed> {
                 next = hdr[0];
                 let fragment_offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
                 if fragment_offset != 0 {
-                    return Ok(parsed);
+                    return Ok(());
                 }
                 8
             }
-            transport => {
-                check_transport(pkt, offset, transport)?;
-                return Ok(parsed);
-            }
+            transport => return check_transport(pkt, offset, transport),
         };
         pkt.require(offset, ext_len)?;
         offset += ext_len;
     }
-    // Longer chains are legal but rare; the source address is still sound.
-    Ok(parsed)
+    Ok(())
 }
 
 /// Verifies that the transport header is complete; other protocols pass unchecked.
 #[inline(always)]
-fn check_transport(pkt: &Packet, offset: usize, proto: u8) -> Result<(), Malformed> {
+fn check_transport(pkt: &Packet, offset: usize, proto: u8) -> Result<(), Stop> {
     match proto {
         IPPROTO_TCP => {
             let tcp: TcpHdr = pkt.read(offset)?;
             let header_len = usize::from(tcp.doff()) * 4;
             if header_len < TcpHdr::LEN {
-                return Err(Malformed);
+                return Err(Stop::Malformed);
             }
             pkt.require(offset, header_len)
         }

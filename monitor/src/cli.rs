@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    cidr,
+    cidr, clock,
     config::{self, Config, MetricsAddr, XdpModeSetting},
     control::{
         self, Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView,
@@ -150,6 +150,12 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     if ttl.is_zero() {
         return Err("duration must be positive".into());
     }
+    if ttl > clock::MAX_TTL {
+        return Err(format!(
+            "duration {text:?} is longer than the maximum of {}; omit --ttl for a permanent entry",
+            humantime::format_duration(clock::MAX_TTL)
+        ));
+    }
     Ok(ttl)
 }
 
@@ -183,6 +189,14 @@ impl Failure {
 impl From<ClientError> for Failure {
     fn from(error: ClientError) -> Self {
         match &error {
+            ClientError::Unreachable { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Failure::Failed(format!(
+                    "permission denied on {}: the control socket is for root",
+                    path.display()
+                ))
+            }
             ClientError::Unreachable { .. } => Failure::Unreachable(error.to_string()),
             ClientError::Remote(remote) => match remote.kind {
                 ErrorKind::BadRequest => Failure::Usage(remote.message.clone()),

@@ -42,7 +42,9 @@ impl Clocks {
     /// Wall time of a kernel timestamp.
     pub fn to_wall(&self, monotonic_ns: u64) -> SystemTime {
         if monotonic_ns >= self.monotonic_ns {
-            self.wall + Duration::from_nanos(monotonic_ns - self.monotonic_ns)
+            self.wall
+                .checked_add(Duration::from_nanos(monotonic_ns - self.monotonic_ns))
+                .unwrap_or_else(latest)
         } else {
             self.wall
                 .checked_sub(Duration::from_nanos(self.monotonic_ns - monotonic_ns))
@@ -51,9 +53,23 @@ impl Clocks {
     }
 }
 
+/// The longest TTL accepted anywhere: keeps every deadline printable (RFC 3339 ends at
+/// year 9999) and far from overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// The latest time RFC 3339 can print, 9999-12-31T23:59:59Z.
+fn latest() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
+}
+
 /// RFC 3339 UTC with second precision, as operators and the contract want it.
 pub fn rfc3339(time: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(time).to_string()
+    humantime::format_rfc3339_seconds(time.min(latest())).to_string()
+}
+
+/// RFC 3339 UTC with milliseconds (the state file).
+pub fn rfc3339_millis(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time.min(latest())).to_string()
 }
 
 /// Serde for `SystemTime` as RFC 3339 strings with milliseconds (the state file).
@@ -63,7 +79,7 @@ pub mod serde_rfc3339 {
     use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
 
     pub fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_millis(*time))
+        s.serialize_str(&super::rfc3339_millis(*time))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -81,7 +97,7 @@ pub mod serde_rfc3339 {
             s: S,
         ) -> Result<S::Ok, S::Error> {
             match time {
-                Some(time) => s.collect_str(&humantime::format_rfc3339_millis(*time)),
+                Some(time) => s.serialize_str(&super::super::rfc3339_millis(*time)),
                 None => s.serialize_none(),
             }
         }
@@ -122,6 +138,16 @@ mod tests {
             monotonic_ns: 0,
         };
         assert_eq!(clocks.to_monotonic(SystemTime::UNIX_EPOCH), 1);
+    }
+
+    #[test]
+    fn far_future_times_never_panic() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339_millis(far), "9999-12-31T23:59:59.000Z");
+        // u64::MAX ns is some 584 years: far, but printable, and no overflow.
+        let clocks = Clocks::now();
+        assert!(rfc3339(clocks.to_wall(u64::MAX)).starts_with("26"));
     }
 
     #[test]

@@ -102,6 +102,16 @@ pub enum XdpModeSetting {
     Skb,
 }
 
+impl XdpModeSetting {
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpModeSetting::Auto => "auto",
+            XdpModeSetting::Native => "native",
+            XdpModeSetting::Skb => "skb",
+        }
+    }
+}
+
 /// The metrics listener, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MetricsAddr {

@@ -43,6 +43,8 @@ pub enum DaemonError {
     Control(#[from] control::ServerError),
     #[error("no interface given and no default route found; pass --iface IF")]
     NoInterface,
+    #[error("{0}")]
+    PinDirBusy(String),
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
     #[error("cannot create state dir {path}: {source}")]
@@ -60,7 +62,8 @@ struct Shared {
     traffic: Traffic,
     started: Instant,
     started_wall: SystemTime,
-    interfaces: Vec<InterfaceView>,
+    /// Name, XDP mode and the ifindex attached to.
+    interfaces: Vec<(String, &'static str, u32)>,
 }
 
 impl Shared {
@@ -92,7 +95,13 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         path: daemon.state_dir.clone(),
         source,
     })?;
+    // Claim the socket and the pin directory before touching any kernel state, so a
+    // second daemon changes nothing that belongs to the first.
+    let listener = control::bind(&daemon.socket)?;
+    let _socket_file = RemoveOnDrop(daemon.socket.clone());
     loader::prepare_pin_dir(&daemon.bpffs_dir)?;
+    let _pin_lock = loader::lock_pin_dir(&daemon.bpffs_dir)?;
+
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(&daemon.bpffs_dir),
         capacities: &config.datapath,
@@ -108,7 +117,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         match loader::attach(&mut ebpf, iface, daemon.xdp_mode, &daemon.bpffs_dir) {
             Ok(attachment) => attachments.push(attachment),
             Err(e) => {
-                detach_all(attachments);
+                // Links adopted from a crashed daemon keep enforcing; ours go.
+                for attachment in attachments {
+                    release_or_detach(attachment);
+                }
                 return Err(e.into());
             }
         }
@@ -120,21 +132,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         started_wall: SystemTime::now(),
         interfaces: attachments
             .iter()
-            .map(|a| InterfaceView {
-                name: a.iface.clone(),
-                mode: a.mode.name().into(),
-                attached: true,
-            })
+            .map(|a| (a.iface.clone(), a.mode.name(), a.ifindex))
             .collect(),
     });
 
-    let listener = match control::bind(&daemon.socket) {
-        Ok(listener) => listener,
-        Err(e) => {
-            detach_all(attachments);
-            return Err(e.into());
-        }
-    };
     let handler_state = shared.clone();
     let control_task = tokio::spawn(control::serve(
         listener,
@@ -152,12 +153,41 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let result = wait_for_shutdown().await;
     control_task.abort();
     sweeper_task.abort();
-    detach_all(attachments);
-    if let Err(e) = std::fs::remove_file(&daemon.socket) {
-        warn!(error = %e, "Removing the control socket failed");
+    for attachment in attachments {
+        let iface = attachment.iface.clone();
+        match attachment.detach() {
+            Ok(()) => info!(iface, "Detached XDP"),
+            Err(e) => error!(iface, error = %e, "Detaching XDP failed"),
+        }
     }
     info!("Daemon stopped");
     result
+}
+
+/// On a failed start: a link adopted from an earlier daemon stays pinned (and keeps
+/// enforcing); a link this start created is detached.
+fn release_or_detach(attachment: Attachment) {
+    let iface = attachment.iface.clone();
+    if attachment.adopted {
+        attachment.release();
+        return;
+    }
+    if let Err(e) = attachment.detach() {
+        error!(iface, error = %e, "Detaching XDP failed");
+    }
+}
+
+/// Removes a file when dropped (the control socket, on every way out of `run`).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %self.0.display(), error = %e, "Removing the control socket failed");
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> Result<(), DaemonError> {
@@ -172,16 +202,6 @@ async fn wait_for_shutdown() -> Result<(), DaemonError> {
                 // The default policy is built in; policy files arrive with the policy engine.
                 info!(signal = "SIGHUP", "Reload requested; the built-in default policy is unchanged");
             }
-        }
-    }
-}
-
-fn detach_all(attachments: Vec<Attachment>) {
-    for attachment in attachments {
-        let iface = attachment.iface.clone();
-        match attachment.detach() {
-            Ok(()) => info!(iface, "Detached XDP"),
-            Err(e) => error!(iface, error = %e, "Detaching XDP failed"),
         }
     }
 }
@@ -228,8 +248,13 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
     loop {
         ticker.tick().await;
         let shared = shared.clone();
-        let swept =
-            tokio::task::spawn_blocking(move || shared.enforcer().sweep(SystemTime::now())).await;
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut enforcer = shared.enforcer();
+            let expired = enforcer.sweep(SystemTime::now())?;
+            enforcer.settle()?;
+            Ok::<_, EnforceError>(expired)
+        })
+        .await;
         match swept {
             Ok(Ok(expired)) => {
                 for entry in expired {
@@ -237,7 +262,7 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
                 }
             }
             Ok(Err(e)) => {
-                warn!(error = %e, "Removing expired blocks failed; the kernel ignores them anyway")
+                warn!(error = %e, "Datapath upkeep failed (expired blocks stay ignored by the kernel)")
             }
             Err(e) => warn!(error = %e, "Sweeper task failed"),
         }
@@ -308,9 +333,11 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
             interfaces: shared
                 .interfaces
                 .iter()
-                .map(|view| InterfaceView {
-                    attached: view.attached && loader::if_index(&view.name).is_some(),
-                    ..view.clone()
+                .map(|(name, mode, ifindex)| InterfaceView {
+                    name: name.clone(),
+                    mode: (*mode).into(),
+                    // A link dies with its interface; a namesake created since is not ours.
+                    attached: loader::if_index(name) == Some(*ifindex),
                 })
                 .collect(),
             policy: PolicyView {
@@ -324,9 +351,17 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
             ttl_ms,
             reason,
         } => {
-            let ttl = match ttl_ms {
-                Some(0) => return Err(ControlError::bad_request("ttl must be positive")),
-                other => other.map(std::time::Duration::from_millis),
+            let ttl = match ttl_ms.map(std::time::Duration::from_millis) {
+                Some(ttl) if ttl.is_zero() => {
+                    return Err(ControlError::bad_request("ttl must be positive"));
+                }
+                Some(ttl) if ttl > clock::MAX_TTL => {
+                    return Err(ControlError::bad_request(format!(
+                        "ttl longer than the maximum of {}",
+                        humantime::format_duration(clock::MAX_TTL)
+                    )));
+                }
+                ttl => ttl,
             };
             add(shared, ListKind::Block, &cidrs, ttl, reason)
         }
@@ -436,4 +471,14 @@ fn top(shared: &Shared, by: TopKey, limit: usize) -> Result<Value, ControlError>
         })
         .collect();
     to_value(&rows)
+}
+
+impl DaemonError {
+    /// Errors in what the operator asked for (exit 2) rather than failures (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::NoInterface | DaemonError::UnknownInterface(_)
+        )
+    }
 }

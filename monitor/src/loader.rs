@@ -82,6 +82,25 @@ pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
+/// Holds an exclusive lock on the pin directory for the daemon's lifetime: two daemons
+/// sharing pinned maps would overwrite each other's lists.
+pub fn lock_pin_dir(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, LoaderError> {
+    let error = |reason: String| LoaderError::Bpffs {
+        path: dir.to_owned(),
+        reason,
+    };
+    let file = fs::File::open(dir).map_err(|e| error(e.to_string()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                error("another apimon daemon is using it".into())
+            } else {
+                error(format!("locking: {errno}"))
+            }
+        },
+    )
+}
+
 #[allow(
     clippy::unnecessary_cast,
     reason = "f_type's width differs between architectures"
@@ -201,12 +220,21 @@ impl AttachedMode {
 /// (`<pin_dir>/links/xdp-<iface>-<mode>`), so it outlives a crashed daemon.
 pub struct Attachment {
     pub iface: String,
+    pub ifindex: u32,
     pub mode: AttachedMode,
+    /// Taken over from an earlier daemon rather than created by this one.
+    pub adopted: bool,
     link: Option<FdLink>,
     pin: Option<PathBuf>,
 }
 
 impl Attachment {
+    /// Lets go of the link but leaves it pinned: the program stays attached.
+    pub fn release(mut self) {
+        self.pin = None;
+        drop(self.link.take());
+    }
+
     /// Detaches: removes the pin, then closes the last link fd.
     pub fn detach(mut self) -> Result<(), LoaderError> {
         if let Some(pin) = self.pin.take()
@@ -254,6 +282,7 @@ pub fn attach(
         iface: iface.to_owned(),
         reason,
     };
+    let ifindex = if_index(iface).ok_or_else(|| attach_error("no such interface".into()))?;
     let program: &mut Xdp = ebpf
         .program_mut(INGRESS_PROGRAM)
         .ok_or(LoaderError::MissingProgram(INGRESS_PROGRAM))?
@@ -268,9 +297,19 @@ pub fn attach(
                     mode = mode.name(),
                     "Adopted the pinned XDP link; program replaced atomically"
                 );
+                if requested != XdpModeSetting::Auto && requested.name() != mode.name() {
+                    warn!(
+                        iface,
+                        running = mode.name(),
+                        requested = requested.name(),
+                        "Kept the pinned link's XDP mode; stop the daemon cleanly to change it"
+                    );
+                }
                 return Ok(Attachment {
                     iface: iface.to_owned(),
+                    ifindex,
                     mode,
+                    adopted: true,
                     link: Some(link),
                     pin: Some(pin),
                 });
@@ -297,7 +336,7 @@ pub fn attach(
                 let link = program
                     .take_link(link_id)
                     .map_err(|e| attach_error(e.to_string()))?;
-                return pin_link(link, iface, mode, pin_dir);
+                return pin_link(link, iface, ifindex, mode, pin_dir);
             }
             Err(e) => failures.push(format!("{} mode: {}", mode.name(), error_chain(&e))),
         }
@@ -316,6 +355,7 @@ fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<FdLink, String> {
 fn pin_link(
     link: XdpLink,
     iface: &str,
+    ifindex: u32,
     mode: AttachedMode,
     pin_dir: &Path,
 ) -> Result<Attachment, LoaderError> {
@@ -331,7 +371,9 @@ fn pin_link(
             info!(iface, mode = mode.name(), "Attached XDP");
             Ok(Attachment {
                 iface: iface.to_owned(),
+                ifindex,
                 mode,
+                adopted: false,
                 link: Some(link),
                 pin: Some(pin),
             })

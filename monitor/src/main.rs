@@ -33,15 +33,13 @@ fn main() -> ExitCode {
 fn usage_error(error: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match error.kind() {
-        ErrorKind::DisplayHelp
-        | ErrorKind::DisplayVersion
-        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = error.print();
-            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            }
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("apimon: a subcommand is required; see `apimon --help`");
+            ExitCode::from(2)
         }
         _ => {
             let rendered = error.render().to_string();
@@ -75,5 +73,11 @@ fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> 
         .map_err(|e| Failure::Failed(format!("starting the runtime: {e}")))?;
     runtime
         .block_on(daemon::run(config, args.dry_run))
-        .map_err(|e| Failure::Failed(e.to_string()))
+        .map_err(|e| {
+            if e.is_bad_input() {
+                Failure::Usage(e.to_string())
+            } else {
+                Failure::Failed(e.to_string())
+            }
+        })
 }

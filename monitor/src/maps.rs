@@ -1,6 +1,6 @@
 //! Typed access to the datapath maps: the only place that knows their key layouts.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use aya::{
     Ebpf,
@@ -108,10 +108,14 @@ pub struct Datapath {
     allow_v4: LpmTrie<MapData, [u8; 4], ListEntry>,
     allow_v6: LpmTrie<MapData, [u8; 16], ListEntry>,
     state: Array<MapData, DatapathState>,
-    /// Entries per list map (indexed like `ListMap::ALL`), for `DatapathState`.
-    entry_counts: [usize; 6],
+    /// The keys in each list map (indexed like `ListMap::ALL`). A trie lookup is a
+    /// longest-prefix match, not an exact one, so "is this prefix stored" is answered
+    /// here; it also gives `DatapathState::present`.
+    keys: [HashSet<IpNet>; 6],
     /// The last `DatapathState::epoch` written.
     epoch: u32,
+    /// A list changed since the last `settle`.
+    unsettled: bool,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -151,8 +155,9 @@ impl Datapath {
             allow_v4: take(ebpf, maps::ALLOW_V4)?,
             allow_v6: take(ebpf, maps::ALLOW_V6)?,
             state: take(ebpf, maps::DATAPATH_STATE)?,
-            entry_counts: [0; 6],
+            keys: Default::default(),
             epoch: 0,
+            unsettled: false,
         };
         // Continue from a pinned epoch, so verdicts cached under it are never reused.
         datapath.epoch = datapath
@@ -165,7 +170,7 @@ impl Datapath {
             .epoch;
         for list in [ListKind::Block, ListKind::Allow] {
             for (net, _) in datapath.entries(list)? {
-                datapath.entry_counts[ListMap::of(list, &net) as usize] += 1;
+                datapath.keys[ListMap::of(list, &net) as usize].insert(net);
             }
         }
         datapath.write_state()?;
@@ -185,12 +190,27 @@ impl Datapath {
             })
     }
 
+    /// Publishes the state once more under a new epoch if a list changed since the
+    /// last call. Called periodically: a packet racing a change may have read the new
+    /// epoch yet missed the new entry (nothing orders the two reads on every
+    /// architecture, and the state is copied without atomicity), caching a pass it
+    /// should not have; one more epoch shortly after bounds how long that can last.
+    pub fn settle(&mut self) -> Result<(), MapsError> {
+        if !self.unsettled {
+            return Ok(());
+        }
+        self.write_state()?;
+        self.unsettled = false;
+        Ok(())
+    }
+
     /// Publishes which maps hold entries under a new epoch, which also invalidates
     /// every pass verdict the kernel cached. Called after each change to a list map.
     fn write_state(&mut self) -> Result<(), MapsError> {
+        self.unsettled = true;
         let present = ListMap::ALL
             .iter()
-            .filter(|map| self.entry_counts[**map as usize] > 0)
+            .filter(|map| !self.keys[**map as usize].is_empty())
             .fold(0, |bits, map| bits | map.present_bit());
         self.epoch = DatapathState::next_epoch(self.epoch);
         let epoch = self.epoch;
@@ -202,9 +222,14 @@ impl Datapath {
             })
     }
 
-    /// Reads the kernel entry for `net`, if any.
+    /// Reads the kernel entry stored for exactly `net`, if any.
     pub fn get(&self, list: ListKind, net: &IpNet) -> Result<Option<ListEntry>, MapsError> {
         let map = ListMap::of(list, net);
+        if !self.keys[map as usize].contains(net) {
+            return Ok(None);
+        }
+        // The exact key is stored, so the longest match of a lookup limited to its
+        // prefix length is that key's entry.
         let result = match (map, net) {
             (ListMap::BlockV4Hosts, IpNet::V4(v4)) => {
                 self.block_v4_hosts.get(&v4.addr().octets(), 0)
@@ -224,11 +249,8 @@ impl Datapath {
     /// Writes the kernel entry for `net` (hosts of the blocklist go to the exact-match
     /// hash, everything else to the tries).
     pub fn put(&mut self, list: ListKind, net: &IpNet, entry: ListEntry) -> Result<(), MapsError> {
-        let is_new = self.get(list, net)?.is_none();
         self.insert(list, net, entry)?;
-        if is_new {
-            self.entry_counts[ListMap::of(list, net) as usize] += 1;
-        }
+        self.keys[ListMap::of(list, net) as usize].insert(*net);
         // Entry first, then the state: the kernel never skips a map holding it, nor
         // reuses a verdict cached before it.
         self.write_state()
@@ -261,12 +283,12 @@ impl Datapath {
 
     /// Removes the kernel entry for `net`; absent is fine.
     pub fn remove(&mut self, list: ListKind, net: &IpNet) -> Result<(), MapsError> {
-        if self.get(list, net)?.is_none() {
+        let map = ListMap::of(list, net);
+        if !self.keys[map as usize].contains(net) {
             return Ok(());
         }
         self.delete(list, net)?;
-        let map = ListMap::of(list, net);
-        self.entry_counts[map as usize] = self.entry_counts[map as usize].saturating_sub(1);
+        self.keys[map as usize].remove(net);
         self.write_state()
     }
 
@@ -389,11 +411,15 @@ impl Traffic {
     }
 
     /// Every tracked source with its statistics (IPv4-mapped keys come back as IPv4).
+    /// A walk that races LRU evictions can restart and meet a key twice: each source
+    /// is reported once.
     pub fn sources(&self) -> Result<Vec<(IpAddr, IpStats)>, MapsError> {
-        let mut out = Vec::new();
+        let mut out = std::collections::HashMap::new();
         for item in self.ip_stats.iter() {
             match item {
-                Ok((key, stats)) => out.push((cidr::canonical_addr(IpAddr::from(key)), stats)),
+                Ok((key, stats)) => {
+                    out.insert(cidr::canonical_addr(IpAddr::from(key)), stats);
+                }
                 // An LRU entry evicted while we walk: skip it, the walk goes on.
                 Err(MapError::KeyNotFound) => continue,
                 Err(source) => {
@@ -404,6 +430,6 @@ impl Traffic {
                 }
             }
         }
-        Ok(out)
+        Ok(out.into_iter().collect())
     }
 }

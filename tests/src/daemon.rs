@@ -47,6 +47,7 @@ pub struct DaemonPaths {
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub log: PathBuf,
+    owns_pins: bool,
 }
 
 impl DaemonPaths {
@@ -62,6 +63,7 @@ impl DaemonPaths {
             state_dir: dir.path().join("state"),
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/apimon-test-{}", unique_tag())),
             log: dir.path().join("daemon.log"),
+            owns_pins: true,
             dir,
         }
     }
@@ -91,9 +93,21 @@ impl Default for DaemonPaths {
     }
 }
 
+impl DaemonPaths {
+    /// Own socket, state and log, but `other`'s pin directory (left for `other` to remove).
+    pub fn sharing_pins_of(other: &DaemonPaths) -> Self {
+        let mut paths = Self::new();
+        paths.bpffs_dir = other.bpffs_dir.clone();
+        paths.owns_pins = false;
+        paths
+    }
+}
+
 impl Drop for DaemonPaths {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        if self.owns_pins {
+            let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        }
     }
 }
 
@@ -122,32 +136,11 @@ impl Daemon {
     /// Starts the process and waits until `status` answers.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.paths.log)
-            .expect("opening log");
-        let mut command = Command::new(apimon_bin());
-        command
-            .arg("run")
-            .args(["--iface", &self.iface])
-            .args(self.paths.flags())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
-        let ns_path = self.ns_path.clone();
-        // SAFETY: only async-signal-safe calls (open, setns) between fork and exec.
-        // Entering only the network namespace (unlike `ip netns exec`, which also
-        // unshares mounts) keeps bpffs pins visible to everyone, as on a real host.
-        unsafe {
-            command.pre_exec(move || {
-                let file = std::fs::File::open(&ns_path)?;
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        self.child = Some(command.spawn().expect("spawning apimon run"));
+        self.child = Some(
+            run_command(&self.ns_path, &self.iface, &self.paths)
+                .spawn()
+                .expect("spawning apimon run"),
+        );
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
             if let Some(child) = self.child.as_mut()
@@ -235,6 +228,61 @@ impl Daemon {
     pub fn socket(&self) -> &Path {
         &self.paths.socket
     }
+}
+
+/// `apimon run --iface IFACE` with `paths`, to start inside the namespace at `ns_path`,
+/// logging to `paths.log`.
+fn run_command(ns_path: &str, iface: &str, paths: &DaemonPaths) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .expect("opening log");
+    let mut command = Command::new(apimon_bin());
+    command
+        .arg("run")
+        .args(["--iface", iface])
+        .args(paths.flags())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log);
+    let ns_path = ns_path.to_owned();
+    // SAFETY: only async-signal-safe calls (open, setns) between fork and exec.
+    // Entering only the network namespace (unlike `ip netns exec`, which also
+    // unshares mounts) keeps bpffs pins visible to everyone, as on a real host.
+    unsafe {
+        command.pre_exec(move || {
+            let file = std::fs::File::open(&ns_path)?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    command
+}
+
+/// Runs `apimon run` in `ns` with `paths` and waits for it to exit on its own (a start
+/// that must be refused); returns its exit code and log.
+pub fn run_until_exit(ns: &NetNs, iface: &str, paths: &DaemonPaths) -> (Option<i32>, String) {
+    let mut child = run_command(&ns.path(), iface, paths)
+        .spawn()
+        .expect("spawning apimon run");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("apimon run was expected to exit by itself");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(&paths.log).unwrap_or_default(),
+    )
 }
 
 /// Runs `apimon ARGS` with the given paths (the daemon need not run).

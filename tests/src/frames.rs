@@ -33,6 +33,22 @@ pub enum Ext {
     Fragment {
         offset: u16,
     },
+    /// Authentication header (its length counts 4-byte words, minus 2).
+    Ah,
+    /// Destination options padded to this many 8-byte units (1..=256).
+    LongDestOpts {
+        units: usize,
+    },
+}
+
+impl Ext {
+    fn len(&self) -> usize {
+        match self {
+            Ext::LongDestOpts { units } => units * 8,
+            Ext::Ah => 16,
+            _ => 8,
+        }
+    }
 }
 
 /// Frame description; `build` turns it into bytes.
@@ -151,7 +167,7 @@ impl Frame {
                 out.extend(std::iter::repeat_n(1u8, self.ipv4_options));
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
-                let ext_len: usize = self.ipv6_ext.len() * 8;
+                let ext_len: usize = self.ipv6_ext.iter().map(Ext::len).sum();
                 let payload_len = ext_len + l4.len() + self.payload;
                 out.extend_from_slice(&[0x60, 0, 0, 0]);
                 out.extend_from_slice(&(payload_len as u16).to_be_bytes());
@@ -170,6 +186,29 @@ impl Frame {
                             out.push(0);
                             out.extend_from_slice(&(offset << 3).to_be_bytes());
                             out.extend_from_slice(&[0, 0, 0, 7]);
+                        }
+                        Ext::Ah => {
+                            // 16 bytes: payload length (16 / 4) - 2 = 2, SPI, sequence.
+                            out.push(next);
+                            out.push(2);
+                            out.extend_from_slice(&[0; 14]);
+                        }
+                        Ext::LongDestOpts { units } => {
+                            out.push(next);
+                            out.push(u8::try_from(units - 1).expect("at most 256 units"));
+                            // A PadN option filling the rest (repeated while longer than 255).
+                            let mut left = units * 8 - 2;
+                            while left > 0 {
+                                let chunk = left.min(257);
+                                if chunk == 1 {
+                                    out.push(0); // Pad1
+                                } else {
+                                    out.push(1);
+                                    out.push(u8::try_from(chunk - 2).expect("PadN length"));
+                                    out.extend(std::iter::repeat_n(0u8, chunk - 2));
+                                }
+                                left -= chunk;
+                            }
                         }
                         _ => {
                             // 8 bytes: next header, length 0 (= 8 bytes), 6 bytes of padding.
@@ -225,7 +264,8 @@ fn ext_number(ext: &Ext) -> u8 {
         Ext::HopByHop => 0,
         Ext::Routing => 43,
         Ext::Fragment { .. } => 44,
-        Ext::DestOpts => 60,
+        Ext::Ah => 51,
+        Ext::DestOpts | Ext::LongDestOpts { .. } => 60,
     }
 }
 
@@ -267,5 +307,7 @@ mod tests {
         let v6 = Frame::v6("2001:db8::2").with_ext(&[Ext::HopByHop, Ext::Fragment { offset: 0 }]);
         assert_eq!(v6.build().len(), 14 + 40 + 16 + 20);
         assert_eq!(v6.clone().with_payload(10).headers_len(), v6.build().len());
+        let long = Frame::v6("2001:db8::2").with_ext(&[Ext::Ah, Ext::LongDestOpts { units: 70 }]);
+        assert_eq!(long.build().len(), 14 + 40 + 16 + 560 + 20);
     }
 }

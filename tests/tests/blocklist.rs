@@ -341,9 +341,33 @@ fn a_ttl_block_ends_on_time_while_the_daemon_is_down() {
     assert_ttl_block_ended(&client, added);
 }
 
+/// The kernel sees only the longest matching prefix, so a nested prefix must carry the
+/// deadline of the permanent prefix around it.
+#[test]
+fn a_permanent_prefix_outlives_a_nested_ttl_prefix() {
+    let setup = Setup::new();
+    let client = setup.client(Topology::CLIENT_V4[0]);
+    assert!(setup.reaches_soon(&client));
+    setup.daemon.cli_ok(&["block", "add", "10.77.0.0/24"]);
+    setup
+        .daemon
+        .cli_ok(&["block", "add", "10.77.0.0/25", "--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.0/25").is_none());
+    assert!(
+        !setup.reaches(&client),
+        "the /24 still blocks after the nested /25 expired"
+    );
+    setup.daemon.cli_ok(&["block", "rm", "10.77.0.0/24"]);
+    assert!(setup.reaches_soon(&client));
+}
+
 #[test]
 fn allowlisted_addresses_are_never_dropped() {
     let setup = Setup::new();
+    for client in Topology::CLIENT_V4 {
+        assert!(setup.reaches_soon(&setup.client(client)));
+    }
     setup
         .daemon
         .cli_ok(&["allow", "add", "10.77.0.2", "--reason", "monitoring"]);
@@ -375,6 +399,7 @@ fn blocks_survive_a_clean_restart() {
     let blocked = setup.client(Topology::CLIENT_V4[0]);
     let blocked_v6 = setup.client(Topology::CLIENT_V6[0]);
     assert!(setup.reaches_soon(&blocked));
+    assert!(setup.reaches_soon(&blocked_v6));
     setup
         .daemon
         .cli_ok(&["block", "add", "10.77.0.2", "fd00:77::2"]);

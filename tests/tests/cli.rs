@@ -14,7 +14,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, DaemonPaths, cli_with},
+    daemon::{Daemon, DaemonPaths, cli_with, run_until_exit},
     netns::NetNs,
     require_root,
 };
@@ -78,6 +78,16 @@ fn bad_usage_is_exit_2_without_a_daemon() {
         2,
         "turbo",
     );
+}
+
+#[test]
+fn an_unknown_interface_is_bad_input() {
+    require_root();
+    let paths = DaemonPaths::new();
+    let ns = NetNs::new("noif");
+    let (code, log) = run_until_exit(&ns, "nosuch0", &paths);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("interface nosuch0 does not exist"), "{log}");
 }
 
 #[test]
@@ -177,5 +187,22 @@ fn operation_failures_are_exit_1_and_garbage_on_the_socket_is_refused() {
             break;
         }
     }
+    let mut line = String::new();
+    BufReader::new(big).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["reply"]["error"]["kind"], "bad_request", "{line}");
+    assert!(line.contains("larger than"), "{line}");
     daemon.cli_ok(&["status"]);
+
+    // A second daemon on the same pin directory is refused and harms nothing.
+    let second = DaemonPaths::sharing_pins_of(&daemon.paths);
+    let (code, log) = run_until_exit(&ns, "cli0", &second);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("another apimon daemon is using it"), "{log}");
+    assert!(
+        !second.socket.exists(),
+        "the refused daemon left its socket behind"
+    );
+    daemon.cli_ok(&["status"]);
+    assert!(daemon.cli_ok(&["block", "ls"]).contains("192.0.2.1/32"));
 }

@@ -268,70 +268,136 @@ fn icmp_udp_and_non_ip_frames() {
     assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
 
-/// Every cut inside the headers is counted as malformed and passed, never dropped,
-/// even for a blocked source.
+/// Where the source address is trusted: the end of the fixed IP header.
+fn source_known_at(frame: &Frame) -> usize {
+    let ip_fixed = if frame.src.is_ipv4() { 20 } else { 40 };
+    14 + 4 * frame.vlans.len() + ip_fixed
+}
+
+/// Every cut inside the headers is counted as malformed and passed, except that a
+/// blocked source is dropped as soon as its address could be read: a broken later
+/// header is no way around the blocklist.
 #[test]
 fn truncation_at_every_header_is_malformed_and_passed() {
     let mut dp = TestDatapath::load();
     block(&mut dp, "198.51.100.7");
     block(&mut dp, "2001:db8::7");
-    let frames = [
+    let blocked = [
         Frame::v4([198, 51, 100, 7])
             .with_vlans(&[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2)])
             .with_ipv4_options(8),
         Frame::v4([198, 51, 100, 7]).with_l4(L4::Udp { dport: 53 }),
         Frame::v4([198, 51, 100, 7]).with_l4(L4::Icmp),
-        Frame::v6("2001:db8::7").with_ext(&[Ext::HopByHop, Ext::Fragment { offset: 0 }]),
+        Frame::v6("2001:db8::7").with_ext(&[Ext::HopByHop, Ext::Ah, Ext::Fragment { offset: 0 }]),
         Frame::v6("2001:db8::7")
             .with_l4(L4::Icmp)
             .with_vlans(&[(ETH_P_8021Q, 5)]),
     ];
-    let mut expected_malformed = 0;
-    for frame in &frames {
-        let bytes = frame.build();
-        // BPF_PROG_TEST_RUN needs at least an Ethernet header; the program sees every
-        // shorter packet the same way, through the same bounds check.
-        let vlan_len = 4 * frame.vlans.len();
-        for cut in (14 + vlan_len)..frame.headers_len() {
-            assert_eq!(dp.run(&bytes[..cut]), XDP_PASS, "cut at {cut} of {frame:?}");
-            expected_malformed += 1;
+    let (mut malformed, mut dropped) = (0, 0);
+    for frame in &blocked {
+        let unblocked = Frame {
+            src: match frame.src {
+                IpAddr::V4(_) => "198.51.100.8".parse().unwrap(),
+                IpAddr::V6(_) => "2001:db8::8".parse().unwrap(),
+            },
+            ..frame.clone()
+        };
+        // BPF_PROG_TEST_RUN needs at least an Ethernet header.
+        for cut in 14..frame.headers_len() {
+            assert_eq!(
+                dp.run(&unblocked.build()[..cut]),
+                XDP_PASS,
+                "cut at {cut} of {unblocked:?}"
+            );
+            malformed += 1;
+            let verdict = dp.run(&frame.build()[..cut]);
+            if cut >= source_known_at(frame) {
+                assert_eq!(verdict, XDP_DROP, "cut at {cut} of blocked {frame:?}");
+                dropped += 1;
+            } else {
+                assert_eq!(verdict, XDP_PASS, "cut at {cut} of blocked {frame:?}");
+                malformed += 1;
+            }
             assert_eq!(
                 dp.counter(Action::Malformed).packets,
-                expected_malformed,
+                malformed,
                 "cut at {cut} of {frame:?}"
             );
         }
-        assert_eq!(dp.run(&bytes), XDP_DROP, "whole frame {frame:?}");
+        assert_eq!(dp.run(&frame.build()), XDP_DROP, "whole frame {frame:?}");
+        assert_eq!(
+            dp.run(&unblocked.build()),
+            XDP_PASS,
+            "whole frame {unblocked:?}"
+        );
+        dropped += 1;
     }
-    assert_eq!(
-        dp.counter(Action::DropBlocklist).packets,
-        frames.len() as u64
-    );
+    assert_eq!(dp.counter(Action::DropBlocklist).packets, dropped);
+    assert_eq!(dp.counter(Action::Pass).packets, blocked.len() as u64);
 }
 
 #[test]
-fn inconsistent_headers_are_malformed() {
-    let dp = TestDatapath::load();
-    let mut bad_ihl = Frame::v4([198, 51, 100, 7]).build();
-    bad_ihl[14] = 0x44; // IHL 4 words < 20 bytes
-    let mut bad_version = Frame::v4([198, 51, 100, 7]).build();
-    bad_version[14] = 0x65;
-    let mut bad_total = Frame::v4([198, 51, 100, 7]).build();
-    bad_total[16..18].copy_from_slice(&10u16.to_be_bytes());
-    let mut bad_doff = Frame::v4([198, 51, 100, 7]).build();
-    bad_doff[14 + 20 + 12] = 4 << 4;
+fn inconsistent_headers_are_malformed_but_still_judged() {
+    let mut dp = TestDatapath::load();
+    block(&mut dp, "198.51.100.7");
+    let with = |mutate: fn(&mut Vec<u8>), src: [u8; 4]| {
+        let mut frame = Frame::v4(src).build();
+        mutate(&mut frame);
+        frame
+    };
+    let bad_ihl: fn(&mut Vec<u8>) = |f| f[14] = 0x44; // IHL 4 words < 20 bytes
+    let bad_total: fn(&mut Vec<u8>) = |f| f[16..18].copy_from_slice(&10u16.to_be_bytes());
+    let bad_doff: fn(&mut Vec<u8>) = |f| f[14 + 20 + 12] = 4 << 4;
+    let bad_version: fn(&mut Vec<u8>) = |f| f[14] = 0x65;
+    for mutate in [bad_ihl, bad_total, bad_doff] {
+        assert_eq!(dp.run(&with(mutate, [198, 51, 100, 8])), XDP_PASS);
+        assert_eq!(
+            dp.run(&with(mutate, [198, 51, 100, 7])),
+            XDP_DROP,
+            "the source was readable"
+        );
+    }
+    // A wrong version: nothing in the header can be trusted, not even the source.
+    assert_eq!(dp.run(&with(bad_version, [198, 51, 100, 7])), XDP_PASS);
     let mut bad_v6_version = Frame::v6("2001:db8::7").build();
     bad_v6_version[14] = 0x40;
-    for frame in [
-        &bad_ihl,
-        &bad_version,
-        &bad_total,
-        &bad_doff,
-        &bad_v6_version,
-    ] {
-        assert_eq!(dp.run(frame), XDP_PASS);
-    }
+    assert_eq!(dp.run(&bad_v6_version), XDP_PASS);
     assert_eq!(dp.counter(Action::Malformed).packets, 5);
+    assert_eq!(dp.counter(Action::DropBlocklist).packets, 3);
+}
+
+#[test]
+fn ipv4_mapped_ipv6_sources_are_judged_as_ipv4() {
+    let mut dp = TestDatapath::load();
+    block(&mut dp, "198.51.100.7");
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_DROP);
+    assert_eq!(dp.run(&Frame::v6("::ffff:198.51.100.7").build()), XDP_DROP);
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_DROP);
+    // An unblocked mapped source passes, counted under its IPv4 address.
+    assert_eq!(dp.run(&Frame::v6("::ffff:198.51.100.9").build()), XDP_PASS);
+    assert_eq!(source_stats(&dp, "198.51.100.9").packets, 1);
+    assert_eq!(source_stats(&dp, "198.51.100.7").drops, 3);
+}
+
+#[test]
+fn long_ipv6_header_chains_are_legal() {
+    let mut dp = TestDatapath::load();
+    block(&mut dp, "2001:db8::7");
+    // More extension headers than we walk, and one longer than we inspect: both are
+    // legal, passed or dropped by source, never malformed.
+    let many = [Ext::DestOpts; 8];
+    let long = [Ext::HopByHop, Ext::LongDestOpts { units: 70 }];
+    for chain in [&many[..], &long[..]] {
+        assert_eq!(
+            dp.run(&Frame::v6("2001:db8::8").with_ext(chain).build()),
+            XDP_PASS
+        );
+        assert_eq!(
+            dp.run(&Frame::v6("2001:db8::7").with_ext(chain).build()),
+            XDP_DROP
+        );
+    }
+    assert_eq!(dp.counter(Action::Malformed).packets, 0);
 }
 
 /// Sources that passed are not looked up again until a list changes; every change
@@ -360,9 +426,10 @@ fn cached_pass_verdicts_end_with_any_list_change() {
         .unwrap();
     assert_eq!(dp.run(&frame), XDP_PASS);
 
-    // An unrelated change still invalidates (the epoch is global), and the host hash
-    // is consulted again.
+    // An unrelated change invalidates too (the epoch is global): still a pass.
+    block(&mut dp, "203.0.113.1");
     assert_eq!(dp.run(&frame), XDP_PASS);
+    // And the host hash is consulted again after the next change.
     block(&mut dp, "198.51.100.7");
     assert_eq!(dp.run(&frame), XDP_DROP);
     let stats = source_stats(&dp, "198.51.100.7");
@@ -384,4 +451,32 @@ fn allowlisted_sources_count_a_hit_per_packet() {
         assert_eq!(dp.run(&frame), XDP_PASS);
     }
     assert_eq!(hits(&dp, ListKind::Allow, "198.51.100.0/24"), 4);
+}
+
+/// A trie lookup is a longest-prefix match; the daemon's view of "is this prefix
+/// stored" must still be exact, or nested prefixes confuse counts and hits.
+#[test]
+fn nested_prefixes_are_distinct_entries() {
+    let mut dp = TestDatapath::load();
+    block(&mut dp, "198.51.100.0/24");
+    assert!(
+        dp.maps
+            .get(ListKind::Block, &net("198.51.100.0/25"))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_DROP);
+    block(&mut dp, "198.51.100.0/25");
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_DROP);
+    assert_eq!(hits(&dp, ListKind::Block, "198.51.100.0/24"), 1);
+    assert_eq!(hits(&dp, ListKind::Block, "198.51.100.0/25"), 1);
+    // Removing the inner prefix leaves the outer one in force.
+    dp.maps
+        .remove(ListKind::Block, &net("198.51.100.0/25"))
+        .unwrap();
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_DROP);
+    dp.maps
+        .remove(ListKind::Block, &net("198.51.100.0/24"))
+        .unwrap();
+    assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_PASS);
 }

@@ -166,6 +166,11 @@ impl Enforcer {
         self.remove_present(ListKind::Block, &expired)
     }
 
+    /// See `Datapath::settle`.
+    pub fn settle(&mut self) -> Result<(), EnforceError> {
+        Ok(self.datapath.settle()?)
+    }
+
     fn remove_present(
         &mut self,
         kind: ListKind,
