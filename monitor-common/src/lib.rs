@@ -5,6 +5,7 @@
 //! kernel and the daemon can never disagree on a layout.
 #![no_std]
 
+pub mod capture;
 pub mod datapath;
 pub mod maps;
 

@@ -21,6 +21,24 @@ pub const ACTION_COUNTERS: &str = "ACTION_COUNTERS";
 /// One-slot array: `DatapathState`, which list maps are non-empty.
 pub const DATAPATH_STATE: &str = "DATAPATH_STATE";
 
+/// Ring buffer of `Sample`s (HTTP payload), kernel to daemon.
+pub const SAMPLES: &str = "SAMPLES";
+/// Per-CPU count of samples the kernel could not reserve ring space for (index 0).
+pub const SAMPLES_LOST: &str = "SAMPLES_LOST";
+/// Per-CPU count of samples written (index 0).
+pub const SAMPLES_CAPTURED: &str = "SAMPLES_CAPTURED";
+/// One-slot array: `CaptureConfig`.
+pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
+/// Bitmap of monitored server ports: `PORT_BITMAP_WORDS` u32 words.
+pub const CAPTURE_PORTS: &str = "CAPTURE_PORTS";
+/// Per-connection capture budget (LRU): `FlowKey` -> `FlowBudget`.
+pub const CAPTURE_FLOWS: &str = "CAPTURE_FLOWS";
+
+/// Default ring size; a power-of-two multiple of the page size.
+pub const DEFAULT_SAMPLES_RING_BYTES: u32 = 16 << 20;
+/// Connections whose capture budget the kernel tracks.
+pub const DEFAULT_CAPTURE_FLOWS: u32 = 1 << 16;
+
 /// Every map the daemon pins, so that the CLI, a restarted daemon and the
 /// kernel programs share one state.
 pub const PINNED: [&str; 9] = [

@@ -10,3 +10,16 @@ unsafe impl aya::Pod for ListEntry {}
 unsafe impl aya::Pod for IpStats {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DatapathState {}
+
+use crate::capture::{CaptureConfig, FlowBudget, FlowKey, Sample, SampleHeader};
+
+// SAFETY: as above.
+unsafe impl aya::Pod for SampleHeader {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Sample {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CaptureConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowBudget {}

@@ -12,27 +12,32 @@
     reason = "core_intrinsics for atomic adds on the bpf target"
 )]
 
+mod capture;
 mod packet;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{
         Array, HashMap, LruHashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
+    capture::{DIRECTION_REQUEST, DIRECTION_RESPONSE},
     datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry},
     maps::{DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY},
 };
 
-use crate::packet::{Packet, Parsed, Source};
+use crate::{
+    capture::Segment,
+    packet::{Packet, Parsed, Source},
+};
 
 // Map statics are named exactly as the constants in `monitor_common::maps`.
 #[map]
@@ -67,6 +72,39 @@ pub fn apimon_ingress(ctx: XdpContext) -> u32 {
     try_apimon_ingress(&ctx)
 }
 
+/// Egress: captures responses leaving the monitored server ports. Never drops.
+#[classifier]
+pub fn apimon_egress(ctx: TcContext) -> i32 {
+    try_apimon_egress(&ctx);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn try_apimon_egress(ctx: &TcContext) {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    if let Parsed::Ip {
+        source,
+        destination,
+        well_formed: true,
+        tcp: Some(tcp),
+    } = packet::parse(&pkt)
+    {
+        capture::capture(
+            ctx,
+            &Segment {
+                direction: DIRECTION_RESPONSE,
+                client: destination,
+                server: source.stats_key(),
+                client_port: tcp.dest_port,
+                server_port: tcp.source_port,
+                tcp: &tcp,
+                // SAFETY: helper without preconditions.
+                now: unsafe { bpf_ktime_get_coarse_ns() },
+            },
+        );
+    }
+}
+
 /// The benchmark's baseline: an XDP program that does nothing but pass.
 #[xdp]
 pub fn apimon_baseline(_ctx: XdpContext) -> u32 {
@@ -80,11 +118,34 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
     let action = match packet::parse(&pkt) {
         Parsed::Ip {
             source,
+            destination,
             well_formed,
-        } => match judge_and_record(ctx, &source, bytes) {
-            Action::Pass if !well_formed => Action::Malformed,
-            action => action,
-        },
+            tcp,
+        } => {
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            match judge_and_record(ctx, &source, bytes, now) {
+                Action::Pass if !well_formed => Action::Malformed,
+                Action::Pass => {
+                    if let Some(tcp) = &tcp {
+                        capture::capture(
+                            ctx,
+                            &Segment {
+                                direction: DIRECTION_REQUEST,
+                                client: source.stats_key(),
+                                server: destination,
+                                client_port: tcp.source_port,
+                                server_port: tcp.dest_port,
+                                tcp,
+                                now,
+                            },
+                        );
+                    }
+                    Action::Pass
+                }
+                action => action,
+            }
+        }
         Parsed::NotIp => Action::Pass,
         Parsed::Malformed => Action::Malformed,
     };
@@ -99,9 +160,7 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
 /// Judges a packet from `source` and counts it in the source's statistics. A source
 /// that passed the lists since they last changed passes again without looking them up.
 #[inline(always)]
-fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64) -> Action {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64, now: u64) -> Action {
     let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
     let key = source.stats_key();
     if let Some(stats) = IP_STATS.get_ptr_mut(key) {

@@ -3,7 +3,10 @@
 
 use core::mem::size_of;
 
-use monitor_common::datapath::{IpKey, ipv4_mapped};
+use monitor_common::{
+    capture::{TCP_FIN, TCP_RST, TCP_SYN},
+    datapath::{IpKey, ipv4_mapped},
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -118,6 +121,20 @@ impl Source {
     }
 }
 
+/// A TCP segment's header fields the capture needs (host order).
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub source_port: u16,
+    pub dest_port: u16,
+    pub seq: u32,
+    /// `TCP_FIN | TCP_SYN | TCP_RST` bits.
+    pub flags: u8,
+    /// Offset of the payload from the start of the frame.
+    pub payload_offset: usize,
+    /// Payload length according to the IP header.
+    pub payload_len: usize,
+}
+
 /// What the datapath needs of a parsed frame.
 pub enum Parsed {
     /// Not IP (ARP, LLDP, a third VLAN tag, ...): passed, not judged.
@@ -127,18 +144,53 @@ pub enum Parsed {
     /// An IP packet, judged by its source whatever follows: a broken header after the
     /// source address must not be a way around the blocklist. `well_formed` is false
     /// when a later header is truncated or inconsistent.
-    Ip { source: Source, well_formed: bool },
+    Ip {
+        source: Source,
+        /// Destination, IPv4-mapped for IPv4.
+        destination: IpKey,
+        well_formed: bool,
+        /// The TCP header of a well-formed TCP packet that carries one.
+        tcp: Option<Tcp>,
+    },
 }
 
 impl Parsed {
-    /// An IP packet whose later headers ended with `end`.
+    /// An IP packet whose later headers ended with `end`; its IP payload ends at `ip_end`.
     #[inline(always)]
-    fn ip(source: Source, end: Result<(), Stop>) -> Self {
+    fn ip(
+        source: Source,
+        destination: IpKey,
+        end: Result<Option<TcpHeader>, Stop>,
+        ip_end: usize,
+    ) -> Self {
+        let tcp = match end {
+            Ok(Some(header)) => Some(Tcp {
+                source_port: header.source_port,
+                dest_port: header.dest_port,
+                seq: header.seq,
+                flags: header.flags,
+                payload_offset: header.payload_offset,
+                payload_len: ip_end.saturating_sub(header.payload_offset),
+            }),
+            _ => None,
+        };
         Parsed::Ip {
             source,
-            well_formed: end != Err(Stop::Malformed),
+            destination,
+            well_formed: !matches!(end, Err(Stop::Malformed)),
+            tcp,
         }
     }
+}
+
+/// The TCP header fields, before the payload length is known.
+#[derive(Clone, Copy)]
+struct TcpHeader {
+    source_port: u16,
+    dest_port: u16,
+    seq: u32,
+    flags: u8,
+    payload_offset: usize,
 }
 
 /// Parses Ethernet (up to two VLAN tags), IPv4 or IPv6 and the transport header.
@@ -176,19 +228,21 @@ fn parse_ipv4(pkt: &Packet, offset: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let source = Source::V4(ip.src_addr);
+    let destination = ipv4_mapped(ip.dst_addr);
     let header_len = usize::from(ip.ihl());
+    let ip_end = offset + usize::from(ip.tot_len());
     if header_len < Ipv4Hdr::LEN || usize::from(ip.tot_len()) < header_len {
-        return Parsed::ip(source, Err(Stop::Malformed));
+        return Parsed::ip(source, destination, Err(Stop::Malformed), ip_end);
     }
     let end = pkt.require(offset, header_len).and_then(|()| {
         // Only the first fragment carries the transport header.
         if ip.frag_offset() == 0 {
-            check_transport(pkt, offset + header_len, ip.proto)
+            transport(pkt, offset + header_len, ip.proto)
         } else {
-            Ok(())
+            Ok(None)
         }
     });
-    Parsed::ip(source, end)
+    Parsed::ip(source, destination, end, ip_end)
 }
 
 #[inline(always)]
@@ -200,16 +254,20 @@ fn parse_ipv6(pkt: &Packet, offset: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let source = Source::from_ipv6(ip.src_addr);
-    Parsed::ip(
-        source,
-        walk_ipv6_headers(pkt, offset + Ipv6Hdr::LEN, ip.next_hdr),
-    )
+    let destination = Source::from_ipv6(ip.dst_addr).stats_key();
+    let ip_end = offset + Ipv6Hdr::LEN + usize::from(ip.payload_len());
+    let end = walk_ipv6_headers(pkt, offset + Ipv6Hdr::LEN, ip.next_hdr);
+    Parsed::ip(source, destination, end, ip_end)
 }
 
 /// Walks the extension headers to the transport header. Chains longer than we walk
 /// are legal: the walk just stops there.
 #[inline(always)]
-fn walk_ipv6_headers(pkt: &Packet, mut offset: usize, mut next: u8) -> Result<(), Stop> {
+fn walk_ipv6_headers(
+    pkt: &Packet,
+    mut offset: usize,
+    mut next: u8,
+) -> Result<Option<TcpHeader>, Stop> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         // Every extension header starts with next-header and a length byte.
         let ext_len = match next {
@@ -228,21 +286,22 @@ fn walk_ipv6_headers(pkt: &Packet, mut offset: usize, mut next: u8) -> Result<()
                 next = hdr[0];
                 let fragment_offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
                 if fragment_offset != 0 {
-                    return Ok(());
+                    return Ok(None);
                 }
                 8
             }
-            transport => return check_transport(pkt, offset, transport),
+            proto => return transport(pkt, offset, proto),
         };
         pkt.require(offset, ext_len)?;
         offset += ext_len;
     }
-    Ok(())
+    Ok(None)
 }
 
-/// Verifies that the transport header is complete; other protocols pass unchecked.
+/// Verifies that the transport header is complete (other protocols pass unchecked)
+/// and returns TCP's fields.
 #[inline(always)]
-fn check_transport(pkt: &Packet, offset: usize, proto: u8) -> Result<(), Stop> {
+fn transport(pkt: &Packet, offset: usize, proto: u8) -> Result<Option<TcpHeader>, Stop> {
     match proto {
         IPPROTO_TCP => {
             let tcp: TcpHdr = pkt.read(offset)?;
@@ -250,10 +309,20 @@ fn check_transport(pkt: &Packet, offset: usize, proto: u8) -> Result<(), Stop> {
             if header_len < TcpHdr::LEN {
                 return Err(Stop::Malformed);
             }
-            pkt.require(offset, header_len)
+            pkt.require(offset, header_len)?;
+            let flags = (tcp.fin() as u8 * TCP_FIN)
+                | (tcp.syn() as u8 * TCP_SYN)
+                | (tcp.rst() as u8 * TCP_RST);
+            Ok(Some(TcpHeader {
+                source_port: u16::from_be_bytes(tcp.source),
+                dest_port: u16::from_be_bytes(tcp.dest),
+                seq: u32::from_be_bytes(tcp.seq),
+                flags,
+                payload_offset: offset + header_len,
+            }))
         }
-        IPPROTO_UDP => pkt.read::<UdpHdr>(offset).map(|_| ()),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => pkt.require(offset, ICMP_HDR_LEN),
-        _ => Ok(()),
+        IPPROTO_UDP => pkt.read::<UdpHdr>(offset).map(|_| None),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => pkt.require(offset, ICMP_HDR_LEN).map(|()| None),
+        _ => Ok(None),
     }
 }

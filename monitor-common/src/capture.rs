@@ -1,0 +1,101 @@
+//! HTTP payload samples streamed from the kernel to the daemon through a ring buffer.
+
+/// Bytes of TCP payload one sample carries: an Ethernet MTU's segment fits one sample,
+/// larger (GSO) egress skbs are cut into pieces of this size. A power of two, so the
+/// kernel can bound copy lengths with a mask the verifier follows.
+pub const SAMPLE_DATA_LEN: usize = 2048;
+
+/// Segment carried a request (client to server, seen on ingress).
+pub const DIRECTION_REQUEST: u8 = 0;
+/// Segment carried a response (server to client, seen on egress).
+pub const DIRECTION_RESPONSE: u8 = 1;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Fixed part of a sample. Addresses are IPv6 or IPv4-mapped; ports and the sequence
+/// number are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleHeader {
+    /// CLOCK_MONOTONIC ns when the program saw the segment.
+    pub timestamp_ns: u64,
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub ifindex: u32,
+    /// TCP sequence number of the first byte of `data`.
+    pub seq: u32,
+    /// TCP payload bytes of the whole segment this sample was cut from.
+    pub segment_len: u32,
+    /// Bytes of `data` that are valid.
+    pub data_len: u16,
+    /// `DIRECTION_*`.
+    pub direction: u8,
+    /// `TCP_*` bits of the segment.
+    pub tcp_flags: u8,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SampleHeader>() == 64);
+
+/// One ring buffer record: fixed size, as the ring buffer wants constant reservations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub header: SampleHeader,
+    pub data: [u8; SAMPLE_DATA_LEN],
+}
+const _: () = assert!(core::mem::size_of::<Sample>() == 64 + SAMPLE_DATA_LEN);
+const _: () = assert!(core::mem::size_of::<Sample>().is_multiple_of(8));
+
+/// Capture settings the daemon writes into the one-slot `CAPTURE_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Payload bytes captured per message, counted from each request (or response)
+    /// start; 0 disables capture.
+    pub max_bytes_per_message: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
+
+/// Key of the kernel's per-connection capture budget, the same for both directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
+
+/// Bytes still to capture of the current request and response of a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBudget {
+    pub request_left: u32,
+    pub response_left: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowBudget>() == 8);
+
+/// Words in the `CAPTURE_PORTS` bitmap: one bit per TCP port.
+pub const PORT_BITMAP_WORDS: u32 = 65536 / 32;
+
+/// True when a payload starting with these bytes starts an HTTP/1.x request: the
+/// kernel resets the request's capture budget there.
+#[inline(always)]
+pub const fn starts_request(head: [u8; 4]) -> bool {
+    matches!(
+        &head,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+    )
+}
+
+/// True when a payload starting with these bytes starts an HTTP/1.x response.
+#[inline(always)]
+pub const fn starts_response(head: [u8; 4]) -> bool {
+    matches!(&head, b"HTTP")
+}

@@ -1,0 +1,251 @@
+//! HTTP payload capture: segments to and from the monitored server ports go to the
+//! daemon through the `SAMPLES` ring buffer, bounded per message by a budget the
+//! kernel keeps per connection.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::xdp_md,
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use monitor_common::{
+    capture::{
+        CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
+        Sample, SampleHeader, TCP_FIN, TCP_RST, starts_request, starts_response,
+    },
+    datapath::IpKey,
+    maps::{DEFAULT_CAPTURE_FLOWS, DEFAULT_SAMPLES_RING_BYTES},
+};
+
+use crate::packet::Tcp;
+
+#[map]
+static SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
+#[map]
+static SAMPLES_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SAMPLES_CAPTURED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CAPTURE_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+#[map]
+static CAPTURE_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+#[map]
+static CAPTURE_FLOWS: LruHashMap<FlowKey, FlowBudget> =
+    LruHashMap::with_max_entries(DEFAULT_CAPTURE_FLOWS, 0);
+
+/// Samples one segment can yield (16 KiB): the default message budget of a GSO skb on
+/// egress. Bytes beyond reach the daemon as a gap, like an exhausted budget. Each
+/// iteration multiplies the verifier's work, so this stays small.
+const MAX_SAMPLES_PER_SEGMENT: usize = 8;
+
+/// Where payload bytes are copied from: XDP and TC have different helpers.
+pub trait Payload {
+    /// Copies `len` (1..=SAMPLE_DATA_LEN) bytes at `offset` from the frame start.
+    fn copy(&self, offset: usize, dst: *mut u8, len: u32) -> bool;
+    fn ifindex(&self) -> u32;
+}
+
+impl Payload for XdpContext {
+    #[inline(always)]
+    fn copy(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        let Some(len) = checked_copy_len(len) else {
+            return false;
+        };
+        // SAFETY: `dst` has room for `len` bytes (checked by the caller and the verifier).
+        unsafe {
+            bpf_xdp_load_bytes(
+                self.as_ptr().cast::<xdp_md>(),
+                offset as u32,
+                dst.cast(),
+                len,
+            ) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+}
+
+impl Payload for TcContext {
+    #[inline(always)]
+    fn copy(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        let Some(len) = checked_copy_len(len) else {
+            return false;
+        };
+        // SAFETY: as above.
+        unsafe {
+            bpf_skb_load_bytes(self.as_ptr().cast_const(), offset as u32, dst.cast(), len) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the context is a valid __sk_buff.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+}
+
+/// A segment between `client` and `server` (addresses IPv4-mapped for IPv4).
+pub struct Segment<'a> {
+    pub direction: u8,
+    pub client: IpKey,
+    pub server: IpKey,
+    pub client_port: u16,
+    pub server_port: u16,
+    pub tcp: &'a Tcp,
+    pub now: u64,
+}
+
+/// The load helpers take a size the verifier must see as 1..=SAMPLE_DATA_LEN. LLVM
+/// folds range checks into a test on a copy of the register, which the verifier cannot
+/// follow; `((len - 1) & (SAMPLE_DATA_LEN - 1)) + 1` bounds the very register passed,
+/// and is the identity on the valid range.
+#[inline(always)]
+fn checked_copy_len(len: u32) -> Option<u32> {
+    if len == 0 || len > SAMPLE_DATA_LEN as u32 {
+        return None;
+    }
+    Some(((len - 1) & (SAMPLE_DATA_LEN as u32 - 1)) + 1)
+}
+
+#[inline(always)]
+fn port_monitored(port: u16) -> bool {
+    CAPTURE_PORTS
+        .get(u32::from(port) >> 5)
+        .is_some_and(|word| word & (1 << (port & 31)) != 0)
+}
+
+#[inline(always)]
+fn bump(counter: &PerCpuArray<u64>) {
+    if let Some(value) = counter.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Captures what the budget allows of one segment. Never affects the packet's fate.
+#[inline(always)]
+pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
+    if !port_monitored(segment.server_port) {
+        return;
+    }
+    let Some(config) = CAPTURE_CONFIG.get(0) else {
+        return;
+    };
+    if config.max_bytes_per_message == 0 {
+        return;
+    }
+    let tcp = segment.tcp;
+    let key = FlowKey {
+        client_addr: segment.client,
+        server_addr: segment.server,
+        client_port: segment.client_port,
+        server_port: segment.server_port,
+    };
+    if tcp.payload_len == 0 {
+        // Connection ends are worth telling the daemon, for connections it follows.
+        if tcp.flags & (TCP_FIN | TCP_RST) != 0 && CAPTURE_FLOWS.get_ptr(key).is_some() {
+            emit(ctx, segment, 0, 0, 0);
+        }
+        return;
+    }
+    let mut head = [0u8; 4];
+    let starts = tcp.payload_len >= 4
+        && ctx.copy(tcp.payload_offset, head.as_mut_ptr(), 4)
+        && if segment.direction == DIRECTION_REQUEST {
+            starts_request(head)
+        } else {
+            starts_response(head)
+        };
+    let budget_ptr = match CAPTURE_FLOWS.get_ptr_mut(key) {
+        Some(budget) => budget,
+        None if starts => {
+            let fresh = FlowBudget::default();
+            if CAPTURE_FLOWS.insert(key, fresh, 0).is_err() {
+                return;
+            }
+            match CAPTURE_FLOWS.get_ptr_mut(key) {
+                Some(budget) => budget,
+                None => return,
+            }
+        }
+        // Mid-message on a connection we never saw a message start on.
+        None => return,
+    };
+    // SAFETY: `budget_ptr` points at a map value; two CPUs racing on one connection
+    // only mis-size one message's budget.
+    let left = unsafe {
+        let left = if segment.direction == DIRECTION_REQUEST {
+            &mut (*budget_ptr).request_left
+        } else {
+            &mut (*budget_ptr).response_left
+        };
+        if starts {
+            *left = config.max_bytes_per_message;
+        }
+        let take = (tcp.payload_len as u32).min(*left);
+        *left -= take;
+        take as usize
+    };
+    let mut done = 0;
+    for _ in 0..MAX_SAMPLES_PER_SEGMENT {
+        if done >= left {
+            break;
+        }
+        let len = (left - done).min(SAMPLE_DATA_LEN);
+        if !emit(ctx, segment, done, len, tcp.payload_len) {
+            break;
+        }
+        done += len;
+    }
+}
+
+/// Writes one sample: `len` payload bytes starting `skip` bytes into the segment.
+/// False when the ring was full (counted) or the bytes were not there.
+#[inline(always)]
+fn emit<P: Payload>(
+    ctx: &P,
+    segment: &Segment<'_>,
+    skip: usize,
+    len: usize,
+    segment_len: usize,
+) -> bool {
+    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+        bump(&SAMPLES_LOST);
+        return false;
+    };
+    let sample = entry.as_mut_ptr();
+    let tcp = segment.tcp;
+    // SAFETY: `sample` points at a reserved, writable ring record of `Sample`'s size.
+    unsafe {
+        (*sample).header = SampleHeader {
+            timestamp_ns: segment.now,
+            client_addr: segment.client,
+            server_addr: segment.server,
+            client_port: segment.client_port,
+            server_port: segment.server_port,
+            ifindex: ctx.ifindex(),
+            seq: tcp.seq.wrapping_add(skip as u32),
+            segment_len: segment_len as u32,
+            data_len: len as u16,
+            direction: segment.direction,
+            tcp_flags: tcp.flags,
+            _pad: 0,
+        };
+    }
+    if len > 0 {
+        // SAFETY: as above; `data` has SAMPLE_DATA_LEN bytes.
+        let data = unsafe { (*sample).data.as_mut_ptr() };
+        if !ctx.copy(tcp.payload_offset + skip, data, len as u32) {
+            entry.discard(0);
+            return false;
+        }
+    }
+    entry.submit(0);
+    bump(&SAMPLES_CAPTURED);
+    true
+}
