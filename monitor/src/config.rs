@@ -39,6 +39,47 @@ pub enum ConfigError {
 pub struct Config {
     pub daemon: DaemonConfig,
     pub datapath: DatapathConfig,
+    pub capture: CaptureSettings,
+}
+
+/// Server ports whose HTTP traffic is captured by default.
+pub const DEFAULT_CAPTURE_PORTS: [u16; 6] = [80, 3000, 5000, 8000, 8080, 9000];
+/// Payload bytes captured per request (and per response), from its start.
+pub const DEFAULT_MAX_BYTES_PER_REQUEST: u32 = 16 * 1024;
+/// Size of the kernel-to-daemon sample ring.
+pub const DEFAULT_RING_BYTES: u32 = monitor_common::maps::DEFAULT_SAMPLES_RING_BYTES;
+/// Connections the daemon reassembles at once; the least recently active go first.
+pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// Bytes the daemon buffers across all connections awaiting reassembly.
+pub const DEFAULT_MAX_FLOW_MEMORY: usize = 256 << 20;
+/// A connection with no traffic for this long is forgotten.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureSettings {
+    /// Server ports to capture (requests to them, responses from them); empty: off.
+    pub ports: Vec<u16>,
+    pub max_bytes_per_request: u32,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    pub max_flows: usize,
+    pub max_flow_memory: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub flow_idle_timeout: std::time::Duration,
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        Self {
+            ports: DEFAULT_CAPTURE_PORTS.to_vec(),
+            max_bytes_per_request: DEFAULT_MAX_BYTES_PER_REQUEST,
+            ring_bytes: DEFAULT_RING_BYTES,
+            max_flows: DEFAULT_MAX_FLOWS,
+            max_flow_memory: DEFAULT_MAX_FLOW_MEMORY,
+            flow_idle_timeout: DEFAULT_FLOW_IDLE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -222,6 +263,21 @@ impl Config {
         if self.daemon.sweep_interval.is_zero() {
             return Err(invalid("daemon.sweep_interval must be positive".into()));
         }
+        let c = &self.capture;
+        if !c.ring_bytes.is_power_of_two() || c.ring_bytes < 4096 {
+            return Err(invalid(format!(
+                "capture.ring_bytes must be a power of two of at least 4096, not {}",
+                c.ring_bytes
+            )));
+        }
+        if c.ports.contains(&0) {
+            return Err(invalid("capture.ports cannot contain 0".into()));
+        }
+        if c.max_flows == 0 || c.max_flow_memory == 0 || c.flow_idle_timeout.is_zero() {
+            return Err(invalid(
+                "capture.max_flows, max_flow_memory and flow_idle_timeout must be positive".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -260,6 +316,13 @@ mod tests {
             ip_stats_capacity = 1000
             blocklist_capacity = 2000
             allowlist_capacity = 300
+            [capture]
+            ports = [8443, 80]
+            max_bytes_per_request = 4096
+            ring_bytes = 1048576
+            max_flows = 10
+            max_flow_memory = 1000000
+            flow_idle_timeout = "30s"
             "#,
         )
         .unwrap();
@@ -271,6 +334,12 @@ mod tests {
             std::time::Duration::from_secs(2)
         );
         assert_eq!(config.datapath.blocklist_capacity, 2000);
+        assert_eq!(config.capture.ports, [8443, 80]);
+        assert_eq!(config.capture.max_bytes_per_request, 4096);
+        assert_eq!(
+            config.capture.flow_idle_timeout,
+            std::time::Duration::from_secs(30)
+        );
     }
 
     #[test]
@@ -291,6 +360,12 @@ mod tests {
             err.contains("ip_stats_capacity must be at least 1"),
             "{err}"
         );
+
+        let err = parse("[capture]\nring_bytes = 5000\n").unwrap_err();
+        assert!(err.contains("power of two"), "{err}");
+
+        let err = parse("[capture]\nports = [80, 70000]\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
 
         let err = parse("[daemon\n").unwrap_err();
         assert!(err.contains("invalid config"), "{err}");

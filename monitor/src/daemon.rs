@@ -105,6 +105,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let mut ebpf = loader::load(&LoadOptions {
         pin_dir: Some(&daemon.bpffs_dir),
         capacities: &config.datapath,
+        ring_bytes: config.capture.ring_bytes,
     })?;
     start_kernel_log(&mut ebpf);
     let datapath = Datapath::new(&mut ebpf)?;

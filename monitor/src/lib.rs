@@ -1,5 +1,6 @@
 //! apimon: eBPF API traffic monitor and enforcer. `main.rs` only wires these modules.
 
+pub mod capture;
 pub mod cidr;
 pub mod cli;
 pub mod clock;
@@ -7,5 +8,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod enforce;
+pub mod http;
 pub mod loader;
 pub mod maps;

@@ -13,8 +13,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapInfo,
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
@@ -28,6 +29,7 @@ use crate::config::{DatapathConfig, XdpModeSetting};
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 pub const INGRESS_PROGRAM: &str = "apimon_ingress";
+pub const EGRESS_PROGRAM: &str = "apimon_egress";
 /// An XDP program that only passes: the benchmark's baseline.
 pub const BASELINE_PROGRAM: &str = "apimon_baseline";
 
@@ -115,6 +117,8 @@ fn is_bpffs(path: &Path) -> bool {
 pub struct LoadOptions<'a> {
     pub pin_dir: Option<&'a Path>,
     pub capacities: &'a DatapathConfig,
+    /// Size of the sample ring buffer (a power of two of at least a page).
+    pub ring_bytes: u32,
 }
 
 /// Loads the object with map sizes from the config, reusing maps already pinned under
@@ -138,13 +142,26 @@ pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
         .map_max_entries(maps::BLOCK_V4_NETS, capacities.blocklist_capacity)
         .map_max_entries(maps::BLOCK_V6_NETS, capacities.blocklist_capacity)
         .map_max_entries(maps::ALLOW_V4, capacities.allowlist_capacity)
-        .map_max_entries(maps::ALLOW_V6, capacities.allowlist_capacity);
+        .map_max_entries(maps::ALLOW_V6, capacities.allowlist_capacity)
+        .map_max_entries(maps::SAMPLES, options.ring_bytes);
     for (name, path) in &pin_paths {
         warn_on_capacity_change(name, path, capacities);
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     load_program(&mut ebpf, INGRESS_PROGRAM)?;
+    let egress: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .ok_or(LoaderError::MissingProgram(EGRESS_PROGRAM))?
+        .try_into()
+        .map_err(|source| LoaderError::Program {
+            name: EGRESS_PROGRAM,
+            source,
+        })?;
+    egress.load().map_err(|source| LoaderError::Program {
+        name: EGRESS_PROGRAM,
+        source,
+    })?;
     Ok(ebpf)
 }
 
@@ -190,6 +207,8 @@ pub fn load_program<'a>(
 pub enum AttachedMode {
     Native,
     Skb,
+    /// The egress capture program, attached through TCX.
+    TcEgress,
 }
 
 impl AttachedMode {
@@ -197,13 +216,14 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Skb => "skb",
+            AttachedMode::TcEgress => "tc-egress",
         }
     }
 
     const fn xdp_mode(self) -> XdpMode {
         match self {
             AttachedMode::Native => XdpMode::Driver,
-            AttachedMode::Skb => XdpMode::Skb,
+            AttachedMode::Skb | AttachedMode::TcEgress => XdpMode::Skb,
         }
     }
 
@@ -342,6 +362,64 @@ pub fn attach(
         }
     }
     Err(attach_error(failures.join("; ")))
+}
+
+/// Attaches the egress capture program to `iface` through a pinned TCX link (adopting
+/// one an earlier daemon left, as for XDP).
+pub fn attach_egress(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pin_dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let attach_error = |reason: String| LoaderError::Attach {
+        iface: iface.to_owned(),
+        reason: format!("tc egress: {reason}"),
+    };
+    let ifindex = if_index(iface).ok_or_else(|| attach_error("no such interface".into()))?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM)
+        .ok_or(LoaderError::MissingProgram(EGRESS_PROGRAM))?
+        .try_into()
+        .map_err(|e: ProgramError| attach_error(e.to_string()))?;
+    let pin = pin_dir.join("links").join(format!("tc-{iface}-egress"));
+    let attachment = |link, adopted| Attachment {
+        iface: iface.to_owned(),
+        ifindex,
+        mode: AttachedMode::TcEgress,
+        adopted,
+        link: Some(link),
+        pin: Some(pin.clone()),
+    };
+    if pin.exists() {
+        let adopted = (|| {
+            let pinned = PinnedLink::from_pin(&pin).map_err(|e| error_chain(&e))?;
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| error_chain(&e))?;
+            let id = program.attach_to_link(link).map_err(|e| error_chain(&e))?;
+            let link = program.take_link(id).map_err(|e| error_chain(&e))?;
+            FdLink::try_from(link).map_err(|e| error_chain(&e))
+        })();
+        match adopted {
+            Ok(link) => return Ok(attachment(link, true)),
+            Err(reason) => {
+                warn!(iface, pin = %pin.display(), %reason, "Pinned TC link is stale; attaching afresh");
+                let _ = fs::remove_file(&pin);
+            }
+        }
+    }
+    let id = program
+        .attach(iface, TcAttachType::Egress)
+        .map_err(|e| attach_error(error_chain(&e)))?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| attach_error(error_chain(&e)))?;
+    let link = FdLink::try_from(link)
+        .map_err(|e| attach_error(format!("TCX link needed (Linux 6.6+): {}", error_chain(&e))))?;
+    let pinned = link
+        .pin(&pin)
+        .map_err(|e| attach_error(format!("pinning at {}: {}", pin.display(), error_chain(&e))))?;
+    info!(iface, "Attached TC egress capture");
+    Ok(attachment(FdLink::from(pinned), false))
 }
 
 fn replace_pinned(program: &mut Xdp, pin: &Path) -> Result<FdLink, String> {

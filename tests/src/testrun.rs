@@ -35,6 +35,7 @@ impl TestDatapath {
         let mut ebpf = loader::load(&LoadOptions {
             pin_dir: None,
             capacities,
+            ring_bytes: 1 << 20,
         })
         .unwrap_or_else(|e| panic!("loading the datapath: {}", loader::error_chain(&e)));
         loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM)

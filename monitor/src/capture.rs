@@ -1,0 +1,294 @@
+//! The daemon's side of payload capture: configuring what the kernel captures,
+//! draining the sample ring buffer and decoding samples into segments.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+};
+use monitor_common::{
+    capture::{
+        CaptureConfig, DIRECTION_REQUEST, DIRECTION_RESPONSE, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
+        Sample, SampleHeader,
+    },
+    maps,
+};
+use thiserror::Error;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tracing::warn;
+
+use crate::{cidr, config::CaptureSettings, maps::MapsError};
+
+/// Which way a segment went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client to server (captured on ingress).
+    Request,
+    /// Server to client (captured on egress).
+    Response,
+}
+
+impl Direction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
+/// One decoded sample: (part of) a TCP segment's payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// CLOCK_MONOTONIC ns.
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// Sequence number of `data[0]`.
+    pub seq: u32,
+    /// Payload bytes of the whole segment the sample came from.
+    pub segment_len: u32,
+    /// `monitor_common::capture::TCP_*` bits.
+    pub flags: u8,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("sample of {0} bytes, expected {expected}", expected = size_of::<Sample>())]
+    Size(usize),
+    #[error("sample claims {0} data bytes, at most {SAMPLE_DATA_LEN} fit")]
+    DataLen(usize),
+    #[error("unknown direction {0}")]
+    Direction(u8),
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(record: &[u8]) -> Result<Segment, DecodeError> {
+    if record.len() < size_of::<Sample>() {
+        return Err(DecodeError::Size(record.len()));
+    }
+    // SAFETY: `record` holds at least a `SampleHeader`, which is plain old data;
+    // the read is unaligned-safe.
+    let header: SampleHeader = unsafe { record.as_ptr().cast::<SampleHeader>().read_unaligned() };
+    let data_len = usize::from(header.data_len);
+    if data_len > SAMPLE_DATA_LEN {
+        return Err(DecodeError::DataLen(data_len));
+    }
+    let direction = match header.direction {
+        DIRECTION_REQUEST => Direction::Request,
+        DIRECTION_RESPONSE => Direction::Response,
+        other => return Err(DecodeError::Direction(other)),
+    };
+    let start = size_of::<SampleHeader>();
+    let addr = |bytes: [u8; 16]| cidr::canonical_addr(IpAddr::V6(Ipv6Addr::from(bytes)));
+    Ok(Segment {
+        timestamp_ns: header.timestamp_ns,
+        ifindex: header.ifindex,
+        direction,
+        client: SocketAddr::new(addr(header.client_addr), header.client_port),
+        server: SocketAddr::new(addr(header.server_addr), header.server_port),
+        seq: header.seq,
+        segment_len: header.segment_len,
+        flags: header.tcp_flags,
+        data: record[start..start + data_len].to_vec(),
+    })
+}
+
+/// The capture's control and counter maps.
+pub struct CaptureMaps {
+    config: Array<MapData, CaptureConfig>,
+    ports: Array<MapData, u32>,
+    captured: PerCpuArray<MapData, u64>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+/// Counts of samples since the programs were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleTotals {
+    pub captured: u64,
+    pub lost: u64,
+}
+
+impl CaptureMaps {
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            config: take(ebpf, maps::CAPTURE_CONFIG)?,
+            ports: take(ebpf, maps::CAPTURE_PORTS)?,
+            captured: take(ebpf, maps::SAMPLES_CAPTURED)?,
+            lost: take(ebpf, maps::SAMPLES_LOST)?,
+        })
+    }
+
+    /// Tells the kernel which server ports to capture and how much per message.
+    pub fn configure(&mut self, settings: &CaptureSettings) -> Result<(), MapsError> {
+        let mut bitmap = vec![0u32; PORT_BITMAP_WORDS as usize];
+        for port in &settings.ports {
+            bitmap[usize::from(*port >> 5)] |= 1 << (port & 31);
+        }
+        let map_error = |name, source| MapsError::Map { name, source };
+        for (index, word) in bitmap.iter().enumerate() {
+            self.ports
+                .set(index as u32, word, 0)
+                .map_err(|e| map_error(maps::CAPTURE_PORTS, e))?;
+        }
+        let max = if settings.ports.is_empty() {
+            0
+        } else {
+            settings.max_bytes_per_request
+        };
+        self.config
+            .set(
+                0,
+                CaptureConfig {
+                    max_bytes_per_message: max,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(|e| map_error(maps::CAPTURE_CONFIG, e))
+    }
+
+    pub fn totals(&self) -> Result<SampleTotals, MapsError> {
+        let sum = |map: &PerCpuArray<MapData, u64>, name| {
+            map.get(&0, 0)
+                .map(|values| values.iter().sum::<u64>())
+                .map_err(|source| MapsError::Map { name, source })
+        };
+        Ok(SampleTotals {
+            captured: sum(&self.captured, maps::SAMPLES_CAPTURED)?,
+            lost: sum(&self.lost, maps::SAMPLES_LOST)?,
+        })
+    }
+}
+
+pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, MapsError> {
+    take(ebpf, maps::SAMPLES)
+}
+
+/// Records drained per wake-up at most, so one busy ring cannot starve the runtime.
+const BATCH: usize = 1024;
+
+/// Drains the ring buffer whenever it is readable and sends decoded segments on in
+/// batches. Ends when the receiver is gone.
+pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>) {
+    let fd = ring.as_raw_fd();
+    // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it exists.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(error) => {
+            warn!(%error, fd, "Sample ring buffer cannot be polled; no HTTP capture");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
+                return;
+            }
+        };
+        loop {
+            let mut batch = Vec::new();
+            let ring = guard.get_inner_mut();
+            while batch.len() < BATCH {
+                let Some(record) = ring.next() else {
+                    break;
+                };
+                match decode(&record) {
+                    Ok(segment) => batch.push(segment),
+                    Err(error) => warn!(%error, "Dropped an undecodable sample"),
+                }
+            }
+            let full = batch.len() == BATCH;
+            if !batch.is_empty() && tx.send(batch).await.is_err() {
+                return;
+            }
+            if !full {
+                break;
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use monitor_common::capture::TCP_FIN;
+
+    use super::*;
+
+    fn record(header: SampleHeader, data: &[u8]) -> Vec<u8> {
+        let mut sample = Sample {
+            header,
+            data: [0; SAMPLE_DATA_LEN],
+        };
+        sample.data[..data.len()].copy_from_slice(data);
+        // SAFETY: Sample is repr(C) plain old data.
+        unsafe { std::slice::from_raw_parts((&raw const sample).cast::<u8>(), size_of::<Sample>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn samples_decode_to_segments() {
+        let mut client = [0u8; 16];
+        client[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 2]);
+        let header = SampleHeader {
+            timestamp_ns: 42,
+            client_addr: client,
+            server_addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            client_port: 40000,
+            server_port: 8080,
+            ifindex: 3,
+            seq: 1000,
+            segment_len: 14,
+            data_len: 14,
+            direction: DIRECTION_REQUEST,
+            tcp_flags: TCP_FIN,
+            _pad: 0,
+        };
+        let segment = decode(&record(header, b"GET / HTTP/1.1")).unwrap();
+        assert_eq!(segment.client, "10.0.0.2:40000".parse().unwrap());
+        assert_eq!(segment.server, "[2001:db8::1]:8080".parse().unwrap());
+        assert_eq!(segment.data, b"GET / HTTP/1.1");
+        assert_eq!(
+            (segment.seq, segment.flags, segment.direction),
+            (1000, TCP_FIN, Direction::Request)
+        );
+    }
+
+    #[test]
+    fn bad_records_are_errors() {
+        assert_eq!(decode(&[0; 10]), Err(DecodeError::Size(10)));
+        let header = SampleHeader {
+            data_len: 5000,
+            ..SampleHeader::default()
+        };
+        assert_eq!(
+            decode(&record(header, b"")),
+            Err(DecodeError::DataLen(5000))
+        );
+        let header = SampleHeader {
+            direction: 9,
+            ..SampleHeader::default()
+        };
+        assert_eq!(decode(&record(header, b"")), Err(DecodeError::Direction(9)));
+    }
+}

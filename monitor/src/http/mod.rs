@@ -1,0 +1,461 @@
+//! From captured segments to HTTP exchanges: a bounded flow table, reassembly per
+//! direction, incremental parsing, and request/response pairing per connection.
+
+pub mod parse;
+pub mod reassembly;
+pub mod route;
+
+use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize, time::Duration};
+
+use lru::LruCache;
+use monitor_common::capture::{TCP_FIN, TCP_RST};
+
+use self::{
+    parse::{
+        Item, MessageParser, OtherProtocol, ParseErrorKind, RequestHead, Side, starts_message,
+    },
+    reassembly::{Delivery, Reassembler},
+};
+use crate::capture::{Direction, Segment};
+
+/// One request with its response, as observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub request: RequestHead,
+    pub request_body_bytes: u64,
+    /// None when the connection ended before a response.
+    pub status: Option<u16>,
+    pub response_body_bytes: u64,
+    /// From the request's first byte to the response's first byte.
+    pub latency: Option<Duration>,
+}
+
+/// What the pipeline reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Exchange(Exchange),
+    ParseError(ParseErrorKind),
+    OtherProtocol(OtherProtocol),
+}
+
+/// Limits of the flow table.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_flows: usize,
+    /// Bytes buffered (early segments, partial heads) across all flows.
+    pub max_memory: usize,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowId {
+    client: SocketAddr,
+    server: SocketAddr,
+}
+
+#[derive(Debug)]
+struct Pending {
+    head: RequestHead,
+    started_ns: u64,
+    body_bytes: u64,
+    response: Option<(u16, u64)>,
+}
+
+#[derive(Debug)]
+struct Half {
+    reassembler: Reassembler,
+    parser: MessageParser,
+}
+
+impl Half {
+    fn new(side: Side) -> Self {
+        Self {
+            reassembler: Reassembler::default(),
+            parser: MessageParser::new(side),
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.reassembler.pending_bytes() + self.parser.buffered()
+    }
+}
+
+#[derive(Debug)]
+struct Flow {
+    request: Half,
+    response: Half,
+    /// Requests awaiting (the end of) their response, oldest first.
+    pending: VecDeque<Pending>,
+    last_seen_ns: u64,
+}
+
+/// Per-direction byte budget for early segments of one flow.
+const MAX_PENDING_BYTES_PER_HALF: usize = 256 * 1024;
+
+pub struct Pipeline {
+    flows: LruCache<FlowId, Flow>,
+    limits: Limits,
+    memory: usize,
+}
+
+impl Pipeline {
+    pub fn new(limits: Limits) -> Self {
+        let capacity = NonZeroUsize::new(limits.max_flows).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            flows: LruCache::new(capacity),
+            limits,
+            memory: 0,
+        }
+    }
+
+    pub fn active_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Takes one segment; completed exchanges and problems go to `events`.
+    pub fn ingest(&mut self, segment: &Segment, events: &mut Vec<Event>) {
+        let id = FlowId {
+            client: segment.client,
+            server: segment.server,
+        };
+        if !self.flows.contains(&id) {
+            // Follow a connection only from a message start (the kernel does the same).
+            let side = match segment.direction {
+                Direction::Request => Side::Request,
+                Direction::Response => return,
+            };
+            if !starts_message(side, &segment.data) && !looks_foreign(&segment.data) {
+                return;
+            }
+            let flow = Flow {
+                request: Half::new(Side::Request),
+                response: Half::new(Side::Response),
+                pending: VecDeque::new(),
+                last_seen_ns: segment.timestamp_ns,
+            };
+            if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
+                self.memory = self
+                    .memory
+                    .saturating_sub(evicted.request.buffered() + evicted.response.buffered());
+                flush(evicted_id, evicted, events);
+            }
+        }
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let before = flow.request.buffered() + flow.response.buffered();
+        flow.last_seen_ns = flow.last_seen_ns.max(segment.timestamp_ns);
+        let mut items = Vec::new();
+        let half = match segment.direction {
+            Direction::Request => &mut flow.request,
+            Direction::Response => &mut flow.response,
+        };
+        let mut deliveries = Vec::new();
+        half.reassembler
+            .push(segment.seq, &segment.data, &mut deliveries);
+        // Missing bytes: skip them at once if the parser can live with that (body the
+        // kernel did not capture, or a new message waiting), else wait, boundedly.
+        while let Some(missing) = half.reassembler.gap_ahead() {
+            let next_starts = half
+                .reassembler
+                .first_pending()
+                .is_some_and(|data| starts_message(side_of(segment.direction), data));
+            if half.parser.absorbs_gap(missing)
+                || next_starts
+                || half.reassembler.over_limit(MAX_PENDING_BYTES_PER_HALF)
+            {
+                half.reassembler.skip_gap(&mut deliveries);
+            } else {
+                break;
+            }
+        }
+        for delivery in deliveries {
+            match delivery {
+                Delivery::Data(data) => half.parser.feed(&data, segment.timestamp_ns, &mut items),
+                Delivery::Gap(missing) => half.parser.gap(missing, &mut items),
+            }
+        }
+        let closing = segment.flags & (TCP_FIN | TCP_RST) != 0;
+        if closing {
+            half.parser.close(&mut items);
+        }
+        let after = flow.request.buffered() + flow.response.buffered();
+        self.memory = (self.memory + after).saturating_sub(before);
+        pair(id, flow, segment.direction, items, events);
+        if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
+            self.end_flow(&id, events);
+        }
+        self.enforce_limits(segment.timestamp_ns, events);
+    }
+
+    fn end_flow(&mut self, id: &FlowId, events: &mut Vec<Event>) {
+        if let Some(flow) = self.flows.pop(id) {
+            self.memory = self
+                .memory
+                .saturating_sub(flow.request.buffered() + flow.response.buffered());
+            flush(*id, flow, events);
+        }
+    }
+
+    /// Drops idle flows, then the least recently active while over the memory bound.
+    pub fn enforce_limits(&mut self, now_ns: u64, events: &mut Vec<Event>) {
+        let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        while let Some((id, flow)) = self.flows.peek_lru() {
+            let idle = now_ns.saturating_sub(flow.last_seen_ns) > idle_ns;
+            if !idle && self.memory <= self.limits.max_memory {
+                break;
+            }
+            let id = *id;
+            self.end_flow(&id, events);
+        }
+    }
+}
+
+fn side_of(direction: Direction) -> Side {
+    match direction {
+        Direction::Request => Side::Request,
+        Direction::Response => Side::Response,
+    }
+}
+
+/// A first payload that is clearly another protocol: followed only to be named.
+fn looks_foreign(data: &[u8]) -> bool {
+    data.len() >= 3 && ((data[0] == 0x16 && data[1] == 0x03) || data.starts_with(b"PRI * HTTP/2"))
+        || data
+            .iter()
+            .take(16)
+            .any(|b| !b.is_ascii_graphic() && *b != b' ' && *b != b'\r' && *b != b'\n')
+}
+
+/// Pairs parsed items with the connection's pending requests.
+fn pair(
+    id: FlowId,
+    flow: &mut Flow,
+    direction: Direction,
+    items: Vec<Item>,
+    events: &mut Vec<Event>,
+) {
+    for item in items {
+        match item {
+            Item::Request { head, started_ns } => {
+                flow.response
+                    .parser
+                    .expect_response(head.method.eq_ignore_ascii_case("HEAD"));
+                flow.pending.push_back(Pending {
+                    head,
+                    started_ns,
+                    body_bytes: 0,
+                    response: None,
+                });
+            }
+            Item::Response { head, started_ns } => {
+                if (100..200).contains(&head.status) && head.status != 101 {
+                    continue;
+                }
+                if let Some(pending) = flow.pending.iter_mut().find(|p| p.response.is_none()) {
+                    pending.response = Some((head.status, started_ns));
+                }
+            }
+            Item::End { body_bytes } => match direction {
+                Direction::Request => {
+                    if let Some(pending) = flow.pending.back_mut() {
+                        pending.body_bytes = body_bytes;
+                    }
+                }
+                Direction::Response => {
+                    // The oldest answered request is complete.
+                    if flow.pending.front().is_some_and(|p| p.response.is_some())
+                        && let Some(done) = flow.pending.pop_front()
+                    {
+                        events.push(Event::Exchange(exchange(id, done, body_bytes)));
+                    }
+                }
+            },
+            Item::Error(kind) => events.push(Event::ParseError(kind)),
+            Item::NotHttp(protocol) => events.push(Event::OtherProtocol(protocol)),
+        }
+    }
+}
+
+fn exchange(id: FlowId, pending: Pending, response_body_bytes: u64) -> Exchange {
+    let (status, latency) = match pending.response {
+        Some((status, started_ns)) => (
+            Some(status),
+            Some(Duration::from_nanos(
+                started_ns.saturating_sub(pending.started_ns),
+            )),
+        ),
+        None => (None, None),
+    };
+    Exchange {
+        client: id.client,
+        server: id.server,
+        request: pending.head,
+        request_body_bytes: pending.body_bytes,
+        status,
+        response_body_bytes,
+        latency,
+    }
+}
+
+/// A connection is gone: report what it still held.
+fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>) {
+    let mut items = Vec::new();
+    flow.response.parser.close(&mut items);
+    pair(id, &mut flow, Direction::Response, items, events);
+    for pending in flow.pending.drain(..) {
+        events.push(Event::Exchange(exchange(id, pending, 0)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = "10.0.0.2:40000";
+    const SERVER: &str = "10.0.0.1:8080";
+
+    fn segment(direction: Direction, seq: u32, data: &[u8], t: u64, flags: u8) -> Segment {
+        Segment {
+            timestamp_ns: t,
+            ifindex: 1,
+            direction,
+            client: CLIENT.parse().unwrap(),
+            server: SERVER.parse().unwrap(),
+            seq,
+            segment_len: data.len() as u32,
+            flags,
+            data: data.to_vec(),
+        }
+    }
+
+    fn pipeline() -> Pipeline {
+        Pipeline::new(Limits {
+            max_flows: 16,
+            max_memory: 1 << 20,
+            idle_timeout: Duration::from_secs(60),
+        })
+    }
+
+    fn exchanges(events: &[Event]) -> Vec<&Exchange> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Exchange(x) => Some(x),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn requests_pair_with_responses_in_order() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        let req = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b?q=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi";
+        p.ingest(&segment(Direction::Request, 1, req, 1_000, 0), &mut events);
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Response, 900, resp, 5_000, 0),
+            &mut events,
+        );
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 2);
+        assert_eq!(
+            (
+                done[0].request.target.as_str(),
+                done[0].status,
+                done[0].response_body_bytes
+            ),
+            ("/a", Some(200), 3)
+        );
+        assert_eq!(
+            (
+                done[1].request.target.as_str(),
+                done[1].status,
+                done[1].request_body_bytes
+            ),
+            ("/b?q=1", Some(404), 2)
+        );
+        assert_eq!(done[0].latency, Some(Duration::from_nanos(4_000)));
+        assert_eq!(p.active_flows(), 1);
+    }
+
+    #[test]
+    fn reordered_segments_and_a_close_framed_response() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        p.ingest(
+            &segment(Direction::Request, 10, b"GET /x HT", 1, 0),
+            &mut events,
+        );
+        p.ingest(&segment(Direction::Request, 27, b"\r\n", 2, 0), &mut events);
+        p.ingest(
+            &segment(Direction::Request, 19, b"TP/1.0\r\n", 3, 0),
+            &mut events,
+        );
+        p.ingest(
+            &segment(
+                Direction::Response,
+                50,
+                b"HTTP/1.0 200 OK\r\n\r\nbody",
+                4,
+                0,
+            ),
+            &mut events,
+        );
+        assert!(
+            exchanges(&events).is_empty(),
+            "the body ends with the connection"
+        );
+        p.ingest(
+            &segment(Direction::Response, 73, b"more", 5, TCP_FIN),
+            &mut events,
+        );
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].response_body_bytes, 8);
+        assert_eq!(p.active_flows(), 0);
+    }
+
+    #[test]
+    fn flows_start_only_at_a_request_and_are_bounded() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        p.ingest(
+            &segment(Direction::Request, 1, b"middle of a body", 1, 0),
+            &mut events,
+        );
+        p.ingest(
+            &segment(Direction::Response, 1, b"HTTP/1.1 200 OK\r\n\r\n", 1, 0),
+            &mut events,
+        );
+        assert_eq!(p.active_flows(), 0);
+        for port in 0..40u16 {
+            let mut s = segment(Direction::Request, 1, b"GET / HTTP/1.1\r\n\r\n", 2, 0);
+            s.client.set_port(1000 + port);
+            p.ingest(&s, &mut events);
+        }
+        assert_eq!(p.active_flows(), 16);
+        // Evicted flows report their unanswered requests.
+        assert_eq!(exchanges(&events).len(), 24);
+        p.enforce_limits(2 + 61_000_000_000, &mut events);
+        assert_eq!(p.active_flows(), 0);
+    }
+
+    #[test]
+    fn other_protocols_are_reported_once() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        p.ingest(
+            &segment(Direction::Request, 1, &[0x16, 0x03, 0x01, 0x00, 0x10], 1, 0),
+            &mut events,
+        );
+        p.ingest(
+            &segment(Direction::Request, 6, &[0x01; 16], 2, 0),
+            &mut events,
+        );
+        assert_eq!(events, [Event::OtherProtocol(OtherProtocol::Tls)]);
+    }
+}

@@ -1,0 +1,739 @@
+//! Incremental HTTP/1.x parsing of one direction of a connection with httparse:
+//! heads over any number of segments, Content-Length and chunked bodies, keep-alive
+//! and pipelining, bodies the kernel did not capture, resynchronisation after gaps.
+
+/// Head bytes we wait for before calling a message broken.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Request,
+    Response,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// Path and query as sent (origin form), or the absolute URI.
+    pub target: String,
+    pub host: Option<String>,
+    pub version: u8,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    pub expect_continue: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub version: u8,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+}
+
+/// Why bytes could not be parsed (a metric label: a small fixed set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParseErrorKind {
+    InvalidHead,
+    HeadTooLarge,
+    InvalidContentLength,
+    InvalidChunk,
+    /// Bytes were lost mid-message; the stream waits for the next message start.
+    Gap,
+}
+
+impl ParseErrorKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            ParseErrorKind::InvalidHead => "invalid_head",
+            ParseErrorKind::HeadTooLarge => "head_too_large",
+            ParseErrorKind::InvalidContentLength => "invalid_content_length",
+            ParseErrorKind::InvalidChunk => "invalid_chunk",
+            ParseErrorKind::Gap => "gap",
+        }
+    }
+}
+
+/// What a monitored port carries when it is not HTTP/1.x.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OtherProtocol {
+    Tls,
+    Http2,
+    Binary,
+    Text,
+}
+
+impl OtherProtocol {
+    pub const fn name(self) -> &'static str {
+        match self {
+            OtherProtocol::Tls => "tls",
+            OtherProtocol::Http2 => "http2",
+            OtherProtocol::Binary => "binary",
+            OtherProtocol::Text => "text",
+        }
+    }
+
+    fn sniff(bytes: &[u8]) -> Self {
+        if bytes.len() >= 3 && bytes[0] == 0x16 && bytes[1] == 0x03 {
+            OtherProtocol::Tls
+        } else if bytes.starts_with(b"PRI * HTTP/2") {
+            OtherProtocol::Http2
+        } else if bytes
+            .iter()
+            .take(64)
+            .any(|b| *b < 0x09 || (*b > 0x0d && *b < 0x20) || *b == 0x7f)
+        {
+            OtherProtocol::Binary
+        } else {
+            OtherProtocol::Text
+        }
+    }
+}
+
+/// What parsing produced, in stream order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    Request {
+        head: RequestHead,
+        started_ns: u64,
+    },
+    Response {
+        head: ResponseHead,
+        started_ns: u64,
+    },
+    /// The current message ended; its body had this many bytes (captured or not).
+    End {
+        body_bytes: u64,
+    },
+    Error(ParseErrorKind),
+    /// The stream is not HTTP/1.x; nothing more is parsed on it.
+    NotHttp(OtherProtocol),
+}
+
+#[derive(Debug)]
+enum ChunkState {
+    /// Reading a chunk-size line.
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines until an empty one.
+    Trailers,
+}
+
+#[derive(Debug)]
+enum State {
+    Head,
+    Body {
+        remaining: u64,
+        seen: u64,
+    },
+    Chunked {
+        state: ChunkState,
+        seen: u64,
+    },
+    /// A response framed by the connection's end.
+    UntilClose {
+        seen: u64,
+    },
+    /// Lost our place: waiting for a segment that starts a message.
+    Resync,
+    NotHttp,
+}
+
+#[derive(Debug)]
+pub struct MessageParser {
+    side: Side,
+    state: State,
+    buf: Vec<u8>,
+    head_started_ns: u64,
+    messages: u64,
+    /// For responses: whether each pending request was a HEAD (no response body).
+    head_requests: std::collections::VecDeque<bool>,
+}
+
+/// True when `bytes` begin an HTTP/1.x message of this side.
+pub fn starts_message(side: Side, bytes: &[u8]) -> bool {
+    match side {
+        Side::Request => {
+            bytes.len() >= 4
+                && monitor_common::capture::starts_request([bytes[0], bytes[1], bytes[2], bytes[3]])
+        }
+        Side::Response => bytes.starts_with(b"HTTP/"),
+    }
+}
+
+fn header_value<'h>(
+    headers: &'h [httparse::Header<'_>],
+    name: &str,
+) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// Content-Length and chunked framing from headers; duplicate, conflicting or
+/// unparsable lengths are errors.
+fn framing(headers: &[httparse::Header<'_>]) -> Result<(Option<u64>, bool), ParseErrorKind> {
+    let chunked = header_value(headers, "transfer-encoding")
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .any(|v| {
+            v.split(',')
+                .next_back()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
+    let mut length = None;
+    for value in header_value(headers, "content-length") {
+        let parsed = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(ParseErrorKind::InvalidContentLength)?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(ParseErrorKind::InvalidContentLength);
+        }
+        length = Some(parsed);
+    }
+    Ok((length, chunked))
+}
+
+impl MessageParser {
+    pub fn new(side: Side) -> Self {
+        Self {
+            side,
+            state: State::Head,
+            buf: Vec::new(),
+            head_started_ns: 0,
+            messages: 0,
+            head_requests: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Bytes buffered (for the flow table's memory bound).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// For a response parser: the next request awaiting a response was (not) a HEAD.
+    pub fn expect_response(&mut self, to_head: bool) {
+        self.head_requests.push_back(to_head);
+    }
+
+    /// Whether a gap of `missing` bytes falls inside the current body, which the
+    /// kernel may simply not have captured.
+    pub fn absorbs_gap(&self, missing: u64) -> bool {
+        match self.state {
+            State::Body { remaining, .. } => missing <= remaining,
+            State::UntilClose { .. } | State::Resync | State::NotHttp => true,
+            _ => false,
+        }
+    }
+
+    /// Bytes went missing before what comes next.
+    pub fn gap(&mut self, missing: u64, out: &mut Vec<Item>) {
+        match &mut self.state {
+            State::Body { remaining, seen } if missing <= *remaining => {
+                *remaining -= missing;
+                *seen += missing;
+                if *remaining == 0 {
+                    let body_bytes = *seen;
+                    self.finish(body_bytes, out);
+                }
+            }
+            State::UntilClose { seen } => *seen += missing,
+            State::Resync | State::NotHttp => {}
+            _ => {
+                out.push(Item::Error(ParseErrorKind::Gap));
+                self.buf.clear();
+                self.state = State::Resync;
+            }
+        }
+    }
+
+    /// The connection ended.
+    pub fn close(&mut self, out: &mut Vec<Item>) {
+        if let State::UntilClose { seen } = self.state {
+            self.finish(seen, out);
+        }
+    }
+
+    fn finish(&mut self, body_bytes: u64, out: &mut Vec<Item>) {
+        out.push(Item::End { body_bytes });
+        self.state = State::Head;
+    }
+
+    /// Feeds in-order bytes that arrived at `now_ns`.
+    pub fn feed(&mut self, mut data: &[u8], now_ns: u64, out: &mut Vec<Item>) {
+        if let State::Resync = self.state {
+            if !starts_message(self.side, data) {
+                return;
+            }
+            self.state = State::Head;
+        }
+        while !data.is_empty() {
+            match &mut self.state {
+                State::NotHttp | State::Resync => return,
+                State::Head => {
+                    if self.buf.is_empty() {
+                        self.head_started_ns = now_ns;
+                    }
+                    let searched_from = self.buf.len().saturating_sub(3);
+                    self.buf.extend_from_slice(data);
+                    let Some(end) =
+                        find_head_end(&self.buf[searched_from..]).map(|e| e + searched_from)
+                    else {
+                        if self.buf.len() > MAX_HEAD_BYTES {
+                            self.fail(ParseErrorKind::HeadTooLarge, out);
+                        } else if self.messages == 0 && self.looks_foreign() {
+                            self.not_http(out);
+                        }
+                        return;
+                    };
+                    let rest = self.buf.split_off(end);
+                    let head = std::mem::take(&mut self.buf);
+                    self.parse_head(&head, out);
+                    if matches!(self.state, State::Head) && !rest.is_empty() {
+                        // Another message right behind (pipelining): parse it too.
+                        self.feed(&rest, now_ns, out);
+                    } else if !rest.is_empty() {
+                        self.feed(&rest, now_ns, out);
+                    }
+                    return;
+                }
+                State::Body { remaining, seen } => {
+                    let take = (*remaining).min(data.len() as u64) as usize;
+                    *remaining -= take as u64;
+                    *seen += take as u64;
+                    data = &data[take..];
+                    if *remaining == 0 {
+                        let body_bytes = *seen;
+                        self.finish(body_bytes, out);
+                    }
+                }
+                State::UntilClose { seen } => {
+                    *seen += data.len() as u64;
+                    return;
+                }
+                State::Chunked { .. } => {
+                    data = self.feed_chunked(data, out);
+                }
+            }
+        }
+    }
+
+    /// A head still incomplete: is this the start of something that is not HTTP/1.x?
+    fn looks_foreign(&self) -> bool {
+        let probe = &self.buf[..self.buf.len().min(16)];
+        if probe.len() >= 4 && !starts_message(self.side, probe) {
+            return true;
+        }
+        false
+    }
+
+    fn not_http(&mut self, out: &mut Vec<Item>) {
+        out.push(Item::NotHttp(OtherProtocol::sniff(&self.buf)));
+        self.buf.clear();
+        self.state = State::NotHttp;
+    }
+
+    fn fail(&mut self, kind: ParseErrorKind, out: &mut Vec<Item>) {
+        out.push(Item::Error(kind));
+        self.buf.clear();
+        self.state = State::Resync;
+    }
+
+    /// A head httparse refused: on a fresh stream that means another protocol.
+    fn invalid_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
+        if self.messages == 0 {
+            out.push(Item::NotHttp(OtherProtocol::sniff(head)));
+            self.buf.clear();
+            self.state = State::NotHttp;
+        } else {
+            self.fail(ParseErrorKind::InvalidHead, out);
+        }
+    }
+
+    fn parse_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match self.side {
+            Side::Request => {
+                let mut request = httparse::Request::new(&mut headers);
+                match request.parse(head) {
+                    Ok(httparse::Status::Complete(_)) => {}
+                    _ => return self.invalid_head(head, out),
+                }
+                let (content_length, chunked) = match framing(request.headers) {
+                    Ok(framing) => framing,
+                    Err(kind) => return self.fail(kind, out),
+                };
+                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+                let head = RequestHead {
+                    method: request.method.unwrap_or_default().to_owned(),
+                    target: request.path.unwrap_or_default().to_owned(),
+                    host: header_value(request.headers, "host").next().map(text),
+                    version: request.version.unwrap_or(1),
+                    content_length,
+                    chunked,
+                    expect_continue: header_value(request.headers, "expect")
+                        .any(|v| v.eq_ignore_ascii_case(b"100-continue")),
+                };
+                self.messages += 1;
+                out.push(Item::Request {
+                    head,
+                    started_ns: self.head_started_ns,
+                });
+                self.state = if chunked {
+                    State::Chunked {
+                        state: ChunkState::Size,
+                        seen: 0,
+                    }
+                } else {
+                    match content_length {
+                        Some(n) if n > 0 => State::Body {
+                            remaining: n,
+                            seen: 0,
+                        },
+                        _ => {
+                            out.push(Item::End { body_bytes: 0 });
+                            State::Head
+                        }
+                    }
+                };
+            }
+            Side::Response => {
+                let mut response = httparse::Response::new(&mut headers);
+                match response.parse(head) {
+                    Ok(httparse::Status::Complete(_)) => {}
+                    _ => return self.invalid_head(head, out),
+                }
+                let (content_length, chunked) = match framing(response.headers) {
+                    Ok(framing) => framing,
+                    Err(kind) => return self.fail(kind, out),
+                };
+                let status = response.code.unwrap_or(0);
+                let head = ResponseHead {
+                    status,
+                    version: response.version.unwrap_or(1),
+                    content_length,
+                    chunked,
+                };
+                self.messages += 1;
+                out.push(Item::Response {
+                    head,
+                    started_ns: self.head_started_ns,
+                });
+                // Interim responses (100 Continue, ...) have no body and answer nothing yet.
+                if (100..200).contains(&status) && status != 101 {
+                    out.push(Item::End { body_bytes: 0 });
+                    self.state = State::Head;
+                    return;
+                }
+                let to_head = self.head_requests.pop_front().unwrap_or(false);
+                self.state = if to_head || status == 204 || status == 304 || status == 101 {
+                    out.push(Item::End { body_bytes: 0 });
+                    if status == 101 {
+                        State::NotHttp
+                    } else {
+                        State::Head
+                    }
+                } else if chunked {
+                    State::Chunked {
+                        state: ChunkState::Size,
+                        seen: 0,
+                    }
+                } else {
+                    match content_length {
+                        Some(0) => {
+                            out.push(Item::End { body_bytes: 0 });
+                            State::Head
+                        }
+                        Some(n) => State::Body {
+                            remaining: n,
+                            seen: 0,
+                        },
+                        None => State::UntilClose { seen: 0 },
+                    }
+                };
+            }
+        }
+    }
+
+    /// Chunked body bytes; returns what follows the body.
+    fn feed_chunked<'d>(&mut self, mut data: &'d [u8], out: &mut Vec<Item>) -> &'d [u8] {
+        loop {
+            let State::Chunked { state, seen } = &mut self.state else {
+                return data;
+            };
+            match state {
+                ChunkState::Data(left) => {
+                    let take = (*left).min(data.len() as u64) as usize;
+                    *left -= take as u64;
+                    *seen += take as u64;
+                    data = &data[take..];
+                    if *left == 0 {
+                        *state = ChunkState::DataEnd;
+                    }
+                }
+                ChunkState::Size | ChunkState::DataEnd | ChunkState::Trailers => {
+                    // Line-oriented states: gather a line in `buf`.
+                    let Some(newline) = data.iter().position(|b| *b == b'\n') else {
+                        self.buf.extend_from_slice(data);
+                        if self.buf.len() > 4096 {
+                            self.fail(ParseErrorKind::InvalidChunk, out);
+                        }
+                        return &[];
+                    };
+                    self.buf.extend_from_slice(&data[..=newline]);
+                    data = &data[newline + 1..];
+                    let line = std::mem::take(&mut self.buf);
+                    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    let State::Chunked { state, seen } = &mut self.state else {
+                        return data;
+                    };
+                    match state {
+                        ChunkState::Size => {
+                            let size = line.split(|b| *b == b';').next().unwrap_or_default();
+                            let size = std::str::from_utf8(size)
+                                .ok()
+                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok());
+                            match size {
+                                Some(0) => *state = ChunkState::Trailers,
+                                Some(n) => *state = ChunkState::Data(n),
+                                None => {
+                                    self.fail(ParseErrorKind::InvalidChunk, out);
+                                    return &[];
+                                }
+                            }
+                        }
+                        ChunkState::DataEnd => {
+                            if !line.is_empty() {
+                                self.fail(ParseErrorKind::InvalidChunk, out);
+                                return &[];
+                            }
+                            *state = ChunkState::Size;
+                        }
+                        ChunkState::Trailers => {
+                            if line.is_empty() {
+                                let body_bytes = *seen;
+                                self.finish(body_bytes, out);
+                                return data;
+                            }
+                        }
+                        ChunkState::Data(_) => {}
+                    }
+                }
+            }
+            if data.is_empty() {
+                return data;
+            }
+        }
+    }
+}
+
+fn find_head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
+        let mut parser = MessageParser::new(side);
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            parser.feed(chunk, i as u64, &mut out);
+        }
+        parser.close(&mut out);
+        out
+    }
+
+    fn request_targets(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Request { head, .. } => Some(format!("{} {}", head.method, head.target)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_alive_and_pipelined_requests() {
+        let items = parse_all(
+            Side::Request,
+            &[b"GET /a?x=1 HTTP/1.1\r\nHost: api\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\n\r\n"],
+        );
+        assert_eq!(request_targets(&items), ["GET /a?x=1", "POST /b", "GET /c"]);
+        assert_eq!(
+            items
+                .iter()
+                .filter(|i| matches!(i, Item::End { .. }))
+                .count(),
+            3
+        );
+        assert!(items.contains(&Item::End { body_bytes: 3 }));
+        let Item::Request { head, .. } = &items[0] else {
+            panic!()
+        };
+        assert_eq!(head.host.as_deref(), Some("api"));
+    }
+
+    #[test]
+    fn a_head_over_many_segments_and_a_body_over_many() {
+        let head = b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n";
+        let mut chunks: Vec<&[u8]> = head.chunks(5).collect();
+        chunks.extend([&b"{\"a\":"[..], &b"12345}"[..]]);
+        let items = parse_all(Side::Request, &chunks);
+        assert_eq!(request_targets(&items), ["POST /items"]);
+        assert!(items.contains(&Item::End { body_bytes: 11 }));
+        let Item::Request { started_ns, .. } = &items[0] else {
+            panic!()
+        };
+        assert_eq!(
+            *started_ns, 0,
+            "a message starts when its first byte arrives"
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_with_extensions_and_trailers() {
+        let items = parse_all(
+            Side::Request,
+            &[
+                b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhel",
+                b"lo\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
+            ],
+        );
+        assert_eq!(request_targets(&items), ["POST /up", "GET /next"]);
+        assert!(items.contains(&Item::End { body_bytes: 11 }));
+    }
+
+    #[test]
+    fn responses_interim_head_and_close_framing() {
+        let mut parser = MessageParser::new(Side::Response);
+        let mut out = Vec::new();
+        parser.expect_response(false);
+        parser.expect_response(true);
+        parser.expect_response(false);
+        parser.feed(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+            1,
+            &mut out,
+        );
+        parser.feed(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+            2,
+            &mut out,
+        );
+        parser.feed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", 3, &mut out);
+        parser.close(&mut out);
+        let statuses: Vec<u16> = out
+            .iter()
+            .filter_map(|i| match i {
+                Item::Response { head, .. } => Some(head.status),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(statuses, [100, 201, 200, 200]);
+        let ends: Vec<u64> = out
+            .iter()
+            .filter_map(|i| match i {
+                Item::End { body_bytes } => Some(*body_bytes),
+                _ => None,
+            })
+            .collect();
+        // 100: none; 201: 2; HEAD's 200: none though it says 99; close-framed: 13.
+        assert_eq!(ends, [0, 2, 0, 13]);
+    }
+
+    #[test]
+    fn uncaptured_body_bytes_are_a_gap_the_body_absorbs() {
+        let mut parser = MessageParser::new(Side::Response);
+        let mut out = Vec::new();
+        parser.expect_response(false);
+        parser.feed(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n",
+            1,
+            &mut out,
+        );
+        parser.feed(&[b'x'; 16000], 1, &mut out);
+        assert!(parser.absorbs_gap(4_984_000));
+        parser.gap(4_984_000, &mut out);
+        assert_eq!(
+            out.last(),
+            Some(&Item::End {
+                body_bytes: 5_000_000
+            })
+        );
+    }
+
+    #[test]
+    fn a_gap_in_a_head_resyncs_at_the_next_request() {
+        let mut parser = MessageParser::new(Side::Request);
+        let mut out = Vec::new();
+        parser.feed(b"GET /first HTTP/1.1\r\n\r\nGET /sec", 1, &mut out);
+        assert!(!parser.absorbs_gap(10));
+        parser.gap(10, &mut out);
+        parser.feed(b"ond-half-lost HTTP/1.1\r\n\r\n", 2, &mut out);
+        parser.feed(b"GET /third HTTP/1.1\r\n\r\n", 3, &mut out);
+        assert_eq!(request_targets(&out), ["GET /first", "GET /third"]);
+        assert!(out.contains(&Item::Error(ParseErrorKind::Gap)));
+    }
+
+    #[test]
+    fn other_protocols_are_recognised_not_parsed() {
+        let tls = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+        assert_eq!(
+            parse_all(Side::Request, &[&tls]),
+            [Item::NotHttp(OtherProtocol::Tls)]
+        );
+        assert_eq!(
+            parse_all(Side::Request, &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
+            [Item::NotHttp(OtherProtocol::Http2)]
+        );
+        assert_eq!(
+            parse_all(Side::Request, &[&[0, 1, 2, 3, 4, 5]]),
+            [Item::NotHttp(OtherProtocol::Binary)]
+        );
+        assert_eq!(
+            parse_all(Side::Request, &[b"hello there\r\n"]),
+            [Item::NotHttp(OtherProtocol::Text)]
+        );
+    }
+
+    #[test]
+    fn garbage_after_valid_requests_is_an_error_then_resync() {
+        let items = parse_all(
+            Side::Request,
+            &[
+                b"GET /ok HTTP/1.1\r\n\r\nGET \x01\x02 nonsense\r\n\r\n",
+                b"GET /again HTTP/1.1\r\n\r\n",
+            ],
+        );
+        assert_eq!(request_targets(&items), ["GET /ok", "GET /again"]);
+        assert!(items.contains(&Item::Error(ParseErrorKind::InvalidHead)));
+    }
+
+    #[test]
+    fn conflicting_lengths_are_refused() {
+        let items = parse_all(
+            Side::Request,
+            &[b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc"],
+        );
+        assert!(items.contains(&Item::Error(ParseErrorKind::InvalidContentLength)));
+    }
+
+    #[test]
+    fn oversize_heads_are_refused() {
+        let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
+        let items = parse_all(Side::Request, &[b"GET / HTTP/1.1\r\n\r\n", &big]);
+        assert!(items.contains(&Item::Error(ParseErrorKind::HeadTooLarge)));
+    }
+}

@@ -1,0 +1,121 @@
+//! Route templates: bounded metric labels from raw paths. Numeric, UUID, hex and long
+//! opaque segments become `{id}`; configured templates win over the heuristic.
+
+/// Segments longer than this that mix letters and digits are taken for opaque ids.
+const OPAQUE_MIN_LEN: usize = 20;
+/// Paths deeper than this are cut, to bound the label space further.
+const MAX_SEGMENTS: usize = 8;
+
+fn is_uuid(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+fn is_id(segment: &str) -> bool {
+    if segment.is_empty() {
+        return false;
+    }
+    let digits = segment.bytes().filter(u8::is_ascii_digit).count();
+    let all_digits = digits == segment.len();
+    let hex = segment.len() >= 8 && digits > 0 && segment.bytes().all(|b| b.is_ascii_hexdigit());
+    let opaque = segment.len() >= OPAQUE_MIN_LEN
+        && digits > 0
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
+    all_digits || is_uuid(segment) || hex || opaque
+}
+
+/// Operator-configured templates (`/users/{id}/posts`), tried before the heuristic.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    templates: Vec<Vec<String>>,
+}
+
+impl Routes {
+    pub fn new(templates: &[String]) -> Self {
+        Self {
+            templates: templates
+                .iter()
+                .map(|t| {
+                    t.trim_start_matches('/')
+                        .split('/')
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// The template for a request target (path and query).
+    pub fn template(&self, target: &str) -> String {
+        let path = target.split(['?', '#']).next().unwrap_or("/");
+        let path = match path.find("://") {
+            // absolute-form: drop scheme and authority
+            Some(scheme_end) => {
+                let rest = &path[scheme_end + 3..];
+                rest.find('/').map_or("/", |slash| &rest[slash..])
+            }
+            None => path,
+        };
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        for template in &self.templates {
+            if template.len() == segments.len()
+                && template
+                    .iter()
+                    .zip(&segments)
+                    .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
+            {
+                return format!("/{}", template.join("/"));
+            }
+        }
+        let mut out = String::with_capacity(path.len());
+        for (index, segment) in segments.iter().enumerate() {
+            if index == MAX_SEGMENTS {
+                out.push_str("/...");
+                break;
+            }
+            out.push('/');
+            out.push_str(if is_id(segment) { "{id}" } else { segment });
+        }
+        if out.is_empty() { "/".to_owned() } else { out }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_become_placeholders() {
+        let routes = Routes::default();
+        for (target, template) in [
+            ("/", "/"),
+            ("/users/42", "/users/{id}"),
+            ("/users/42/orders/7?page=2", "/users/{id}/orders/{id}"),
+            ("/items/123e4567-e89b-12d3-a456-426614174000", "/items/{id}"),
+            ("/blobs/deadbeef01", "/blobs/{id}"),
+            ("/t/aGVsbG8gd29ybGQgdGhpcyBpcyAx", "/t/{id}"),
+            ("/search", "/search"),
+            ("/api/v1/users", "/api/v1/users"),
+            ("/a/b/c/d/e/f/g/h/i/j", "/a/b/c/d/e/f/g/h/..."),
+            ("http://example.com/x/9", "/x/{id}"),
+        ] {
+            assert_eq!(routes.template(target), template, "{target}");
+        }
+    }
+
+    #[test]
+    fn configured_templates_win() {
+        let routes = Routes::new(&["/users/{name}/profile".to_owned()]);
+        assert_eq!(
+            routes.template("/users/alice/profile"),
+            "/users/{name}/profile"
+        );
+        assert_eq!(routes.template("/users/alice/other"), "/users/alice/other");
+    }
+}
