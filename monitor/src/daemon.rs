@@ -14,19 +14,22 @@ use monitor_common::datapath::Action;
 use serde_json::Value;
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
+    capture::{self, CaptureMaps, Segment},
     cidr,
     clock::{self, Clocks},
-    config::Config,
+    config::{Config, MetricsAddr},
     control::{
         self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts,
         StatsView, StatusView, TopKey, TopRow,
     },
     enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
+    http::{Limits, Pipeline, route::Routes},
     loader::{self, Attachment, LoadOptions, LoaderError},
     maps::{Datapath, ListKind, MapsError, Traffic},
+    metrics::{self, Metrics},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -54,12 +57,15 @@ pub enum DaemonError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// What the control handler needs; shared with the sweeper.
 struct Shared {
     enforcer: Mutex<Enforcer>,
     traffic: Traffic,
+    capture: CaptureMaps,
     started: Instant,
     started_wall: SystemTime,
     /// Name, XDP mode and the ifindex attached to.
@@ -110,6 +116,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     start_kernel_log(&mut ebpf);
     let datapath = Datapath::new(&mut ebpf)?;
     let traffic = Traffic::new(&mut ebpf)?;
+    let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
+    capture_maps.configure(&config.capture)?;
+    let ring = capture::take_ring(&mut ebpf)?;
     // Lists go into the maps before anything is attached: no window for blocked traffic.
     let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
 
@@ -126,16 +135,56 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             }
         }
     }
+    let xdp_interfaces = attachments
+        .iter()
+        .map(|a| (a.iface.clone(), a.mode.name(), a.ifindex))
+        .collect();
+    if !config.capture.ports.is_empty() {
+        // Responses are observed on egress; without it requests are still seen.
+        for iface in &interfaces {
+            match loader::attach_egress(&mut ebpf, iface, &daemon.bpffs_dir) {
+                Ok(attachment) => attachments.push(attachment),
+                Err(e) => warn!(iface, error = %e, "No response capture on this interface"),
+            }
+        }
+    }
+    let metrics = Arc::new(Metrics::new(Routes::default())?);
     let shared = Arc::new(Shared {
         enforcer: Mutex::new(enforcer),
         traffic,
+        capture: capture_maps,
         started: Instant::now(),
         started_wall: SystemTime::now(),
-        interfaces: attachments
-            .iter()
-            .map(|a| (a.iface.clone(), a.mode.name(), a.ifindex))
-            .collect(),
+        interfaces: xdp_interfaces,
     });
+    let (segments_tx, segments_rx) = tokio::sync::mpsc::channel(SEGMENT_BATCHES_QUEUED);
+    let reader_task = tokio::spawn(capture::read_samples(ring, segments_tx));
+    let pipeline_task = tokio::spawn(run_pipeline(
+        segments_rx,
+        Pipeline::new(Limits {
+            max_flows: config.capture.max_flows,
+            max_memory: config.capture.max_flow_memory,
+            idle_timeout: config.capture.flow_idle_timeout,
+        }),
+        metrics.clone(),
+    ));
+    let metrics_task = match daemon.metrics_addr {
+        MetricsAddr::Off => None,
+        MetricsAddr::Listen(addr) => {
+            let scrape_state = shared.clone();
+            let scrape_metrics = metrics.clone();
+            let before_scrape: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                if let Ok(totals) = scrape_state.capture.totals() {
+                    scrape_metrics.set_samples_lost(totals.lost);
+                }
+            });
+            Some(tokio::spawn(async move {
+                if let Err(e) = metrics::serve(addr, metrics.clone(), before_scrape).await {
+                    error!(error = %e, "Metrics listener failed");
+                }
+            }))
+        }
+    };
 
     let handler_state = shared.clone();
     let control_task = tokio::spawn(control::serve(
@@ -154,6 +203,11 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let result = wait_for_shutdown().await;
     control_task.abort();
     sweeper_task.abort();
+    reader_task.abort();
+    pipeline_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     for attachment in attachments {
         let iface = attachment.iface.clone();
         match attachment.detach() {
@@ -163,6 +217,41 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     }
     info!("Daemon stopped");
     result
+}
+
+/// Batches of segments queued between the ring reader and the pipeline.
+const SEGMENT_BATCHES_QUEUED: usize = 64;
+
+/// Feeds captured segments through reassembly and parsing into the metrics.
+async fn run_pipeline(
+    mut segments: tokio::sync::mpsc::Receiver<Vec<Segment>>,
+    mut pipeline: Pipeline,
+    metrics: Arc<Metrics>,
+) {
+    let mut events = Vec::new();
+    while let Some(batch) = segments.recv().await {
+        let mut latest = 0;
+        for segment in &batch {
+            metrics.sample(segment.direction);
+            latest = latest.max(segment.timestamp_ns);
+            pipeline.ingest(segment, &mut events);
+        }
+        pipeline.enforce_limits(latest, &mut events);
+        for event in events.drain(..) {
+            if let crate::http::Event::Exchange(exchange) = &event {
+                debug!(
+                    client = %exchange.client,
+                    server = %exchange.server,
+                    method = %exchange.request.method,
+                    target = %exchange.request.target,
+                    status = ?exchange.status,
+                    "HTTP exchange"
+                );
+            }
+            metrics.record(&event);
+        }
+        metrics.set_active_flows(pipeline.active_flows());
+    }
 }
 
 /// On a failed start: a link adopted from an earlier daemon stays pinned (and keeps
@@ -440,10 +529,17 @@ fn stats(shared: &Shared) -> Result<Value, ControlError> {
         packets.insert(action.name().to_owned(), counter.packets);
         bytes.insert(action.name().to_owned(), counter.bytes);
     }
+    let samples = shared
+        .capture
+        .totals()
+        .map_err(|e| ControlError::failed(e.to_string()))?;
     to_value(&StatsView {
         packets,
         bytes,
-        samples: SampleCounts::default(),
+        samples: SampleCounts {
+            captured: samples.captured,
+            lost: samples.lost,
+        },
         blocklist_entries: shared.enforcer().len(ListKind::Block) as u64,
     })
 }

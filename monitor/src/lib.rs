@@ -11,3 +11,4 @@ pub mod enforce;
 pub mod http;
 pub mod loader;
 pub mod maps;
+pub mod metrics;

@@ -1,0 +1,282 @@
+//! Prometheus metrics (contract names, OpenTelemetry HTTP label names) and the
+//! `/metrics` listener. Label values come from small known sets: methods are
+//! normalised, routes are templates, addresses are never labels.
+
+use std::net::SocketAddr;
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::{
+    capture::Direction,
+    http::{Event, Exchange, route::Routes},
+};
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("registering metrics: {0}")]
+    Register(#[from] prometheus::Error),
+    #[error("metrics listener on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Request duration buckets (seconds): OpenTelemetry's defaults for HTTP servers.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// OpenTelemetry's rule: known methods as they are, anything else `_OTHER`.
+pub fn method_label(method: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(method))
+        .copied()
+        .unwrap_or("_OTHER")
+}
+
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    samples: IntCounterVec,
+    samples_lost: IntCounter,
+    parse_errors: IntCounterVec,
+    active_flows: IntGauge,
+    routes: Routes,
+}
+
+impl Metrics {
+    pub fn new(routes: Routes) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let labels = [
+            "http_request_method",
+            "http_route",
+            "http_response_status_code",
+        ];
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "apimon_http_requests_total",
+                "HTTP requests observed, by method, route template and status",
+            ),
+            &labels,
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_server_request_duration_seconds",
+                "Time from a request's first byte to its response's first byte, as seen on the wire",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &labels,
+        )?;
+        let samples = IntCounterVec::new(
+            Opts::new(
+                "apimon_samples_total",
+                "Payload samples received from the kernel",
+            ),
+            &["direction"],
+        )?;
+        let samples_lost = IntCounter::new(
+            "apimon_samples_lost_total",
+            "Payload samples the kernel dropped because the ring buffer was full",
+        )?;
+        let parse_errors = IntCounterVec::new(
+            Opts::new(
+                "apimon_parse_errors_total",
+                "Traffic on monitored ports that could not be parsed, by kind",
+            ),
+            &["kind"],
+        )?;
+        let active_flows =
+            IntGauge::new("apimon_http_active_flows", "Connections being reassembled")?;
+        let build_info =
+            IntGaugeVec::new(Opts::new("apimon_build_info", "apimon build"), &["version"])?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for collector in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_duration.clone()),
+            Box::new(samples.clone()),
+            Box::new(samples_lost.clone()),
+            Box::new(parse_errors.clone()),
+            Box::new(active_flows.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector)?;
+        }
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            http_duration,
+            samples,
+            samples_lost,
+            parse_errors,
+            active_flows,
+            routes,
+        })
+    }
+
+    pub fn sample(&self, direction: Direction) {
+        self.samples.with_label_values(&[direction.name()]).inc();
+    }
+
+    /// Kernel-side loss is a kernel counter; bring ours up to it.
+    pub fn set_samples_lost(&self, total: u64) {
+        let current = self.samples_lost.get();
+        if total > current {
+            self.samples_lost.inc_by(total - current);
+        }
+    }
+
+    pub fn set_active_flows(&self, flows: usize) {
+        self.active_flows
+            .set(i64::try_from(flows).unwrap_or(i64::MAX));
+    }
+
+    pub fn record(&self, event: &Event) {
+        match event {
+            Event::Exchange(exchange) => self.exchange(exchange),
+            Event::ParseError(kind) => self.parse_errors.with_label_values(&[kind.name()]).inc(),
+            Event::OtherProtocol(protocol) => self
+                .parse_errors
+                .with_label_values(&[&format!("not_http_{}", protocol.name())])
+                .inc(),
+        }
+    }
+
+    fn exchange(&self, exchange: &Exchange) {
+        let status = exchange.status.map_or_else(String::new, |s| s.to_string());
+        let route = self.routes.template(&exchange.request.target);
+        let labels = [
+            method_label(&exchange.request.method),
+            route.as_str(),
+            status.as_str(),
+        ];
+        self.http_requests.with_label_values(&labels).inc();
+        if let Some(latency) = exchange.latency {
+            self.http_duration
+                .with_label_values(&labels)
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!(%error, "Encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Serves `/metrics` until the task is dropped; `before_scrape` refreshes kernel-side
+/// values first.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: std::sync::Arc<Metrics>,
+    before_scrape: std::sync::Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Listen { addr, source })?;
+    info!(%addr, "Serving metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            let before_scrape = before_scrape.clone();
+            async move {
+                before_scrape();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| MetricsError::Listen { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::http::parse::RequestHead;
+
+    #[test]
+    fn methods_are_a_closed_set() {
+        assert_eq!(method_label("get"), "GET");
+        assert_eq!(method_label("PATCH"), "PATCH");
+        assert_eq!(method_label("BREW"), "_OTHER");
+    }
+
+    #[test]
+    fn exchanges_are_counted_by_template() {
+        let metrics = Metrics::new(Routes::default()).unwrap();
+        let exchange = |target: &str, status| {
+            Event::Exchange(Exchange {
+                client: "10.0.0.2:1".parse().unwrap(),
+                server: "10.0.0.1:80".parse().unwrap(),
+                request: RequestHead {
+                    method: "GET".into(),
+                    target: target.into(),
+                    host: None,
+                    version: 1,
+                    content_length: None,
+                    chunked: false,
+                    expect_continue: false,
+                },
+                request_body_bytes: 0,
+                status,
+                response_body_bytes: 0,
+                latency: Some(Duration::from_millis(3)),
+            })
+        };
+        metrics.record(&exchange("/users/1", Some(200)));
+        metrics.record(&exchange("/users/2?x=y", Some(200)));
+        metrics.record(&exchange("/users/3", None));
+        metrics.sample(Direction::Request);
+        metrics.set_samples_lost(5);
+        metrics.set_samples_lost(3);
+        let text = metrics.render();
+        assert!(text.contains(
+            r#"apimon_http_requests_total{http_request_method="GET",http_response_status_code="200",http_route="/users/{id}"} 2"#
+        ), "{text}");
+        assert!(
+            text.contains(r#"http_response_status_code="",http_route="/users/{id}"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("apimon_samples_lost_total 5"), "{text}");
+        assert!(
+            text.contains(r#"apimon_samples_total{direction="request"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("http_server_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains(r#"apimon_build_info{version=""#), "{text}");
+        assert!(!text.contains("10.0.0.2"), "addresses are never labels");
+    }
+}
