@@ -13,7 +13,7 @@ use aya_ebpf::{
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
-        Sample, SampleHeader, TCP_FIN, TCP_RST, starts_request, starts_response,
+        Sample, SampleHeader, TCP_FIN, TCP_RST, TCP_SYN, starts_request, starts_response,
     },
     datapath::IpKey,
     maps::{DEFAULT_CAPTURE_FLOWS, DEFAULT_SAMPLES_RING_BYTES},
@@ -34,6 +34,9 @@ static CAPTURE_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0)
 #[map]
 static CAPTURE_FLOWS: LruHashMap<FlowKey, FlowBudget> =
     LruHashMap::with_max_entries(DEFAULT_CAPTURE_FLOWS, 0);
+
+/// Bytes of a new connection captured before any message start is seen.
+const FIRST_BYTES: u32 = 64;
 
 /// Samples one segment can yield (16 KiB): the default message budget of a GSO skb on
 /// egress. Bytes beyond reach the daemon as a gap, like an exhausted budget. Each
@@ -147,8 +150,16 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
         server_port: segment.server_port,
     };
     if tcp.payload_len == 0 {
-        // Connection ends are worth telling the daemon, for connections it follows.
-        if tcp.flags & (TCP_FIN | TCP_RST) != 0 && CAPTURE_FLOWS.get_ptr(key).is_some() {
+        if tcp.flags & TCP_SYN != 0 && segment.direction == DIRECTION_REQUEST {
+            // A new connection: its first bytes are captured whatever they are, so the
+            // daemon can tell TLS, HTTP/2 or garbage on a monitored port.
+            let sniff = FlowBudget {
+                request_left: FIRST_BYTES,
+                response_left: FIRST_BYTES,
+            };
+            let _ = CAPTURE_FLOWS.insert(key, sniff, 0);
+        } else if tcp.flags & (TCP_FIN | TCP_RST) != 0 && CAPTURE_FLOWS.get_ptr(key).is_some() {
+            // Connection ends are worth telling the daemon, for connections it follows.
             emit(ctx, segment, 0, 0, 0);
         }
         return;

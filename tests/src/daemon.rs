@@ -40,6 +40,9 @@ pub fn apimon_bin() -> PathBuf {
     bin
 }
 
+/// Where `start_with_metrics` serves metrics (inside the daemon's namespace).
+pub const METRICS_ADDR: &str = "127.0.0.1:9750";
+
 /// One daemon's private paths: socket, state dir, pin dir, log. Removed on drop.
 pub struct DaemonPaths {
     pub dir: tempfile::TempDir,
@@ -47,6 +50,8 @@ pub struct DaemonPaths {
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub log: PathBuf,
+    /// `off` unless a test wants to scrape.
+    pub metrics_addr: String,
     owns_pins: bool,
 }
 
@@ -63,6 +68,7 @@ impl DaemonPaths {
             state_dir: dir.path().join("state"),
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/apimon-test-{}", unique_tag())),
             log: dir.path().join("daemon.log"),
+            metrics_addr: "off".into(),
             owns_pins: true,
             dir,
         }
@@ -80,7 +86,7 @@ impl DaemonPaths {
             "--audit-log".into(),
             self.dir.path().join("audit.jsonl").display().to_string(),
             "--metrics-addr".into(),
-            "off".into(),
+            self.metrics_addr.clone(),
             "--config".into(),
             self.dir.path().join("apimon.toml").display().to_string(),
         ]
@@ -122,7 +128,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(ns: &NetNs, iface: &str) -> Self {
-        let paths = DaemonPaths::new();
+        Self::start_with(ns, iface, DaemonPaths::new())
+    }
+
+    /// Starts with metrics served at `METRICS_ADDR` inside the namespace.
+    pub fn start_with_metrics(ns: &NetNs, iface: &str) -> Self {
+        let mut paths = DaemonPaths::new();
+        paths.metrics_addr = METRICS_ADDR.into();
+        Self::start_with(ns, iface, paths)
+    }
+
+    pub fn start_with(ns: &NetNs, iface: &str, paths: DaemonPaths) -> Self {
         let mut daemon = Self {
             paths,
             ns_path: ns.path(),
@@ -314,4 +330,42 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+impl Daemon {
+    /// Scrapes `/metrics` from inside the daemon's namespace.
+    pub fn scrape(&self) -> String {
+        let ns_path = self.ns_path.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let file = std::fs::File::open(ns_path).expect("opening netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut stream =
+                std::net::TcpStream::connect(METRICS_ADDR).expect("connecting to /metrics");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: apimon\r\nConnection: close\r\n\r\n")
+                .expect("requesting /metrics");
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .expect("reading /metrics");
+            let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            body.to_owned()
+        })
+        .join()
+        .expect("scrape thread")
+    }
+}
+
+/// The value of the sample whose name and labels are exactly `series` (as printed,
+/// labels sorted), or None.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

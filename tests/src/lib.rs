@@ -12,6 +12,7 @@
 pub mod daemon;
 pub mod frames;
 pub mod netns;
+pub mod nginx;
 pub mod probe;
 pub mod testrun;
 

@@ -159,7 +159,43 @@ fn elevated(bin: &Path, args: &[String]) -> Result<()> {
     run(&mut command)
 }
 
+/// Programs the integration tests drive, with the Debian package that brings each.
+const TEST_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("curl", "curl")];
+
+/// Installs what the integration tests run (real servers and clients) when missing.
+fn ensure_test_packages() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(program, _)| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|dir| Path::new(dir).join(program).exists())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing test dependencies: {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut command = if is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut command)
+    };
+    apt(&["update", "-qq"]).context("apt-get update (needed for the test dependencies)")?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install).with_context(|| format!("installing {}", missing.join(" ")))
+}
+
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    ensure_test_packages()?;
     build(root, false)?;
     let tools = toolchain::ensure()?;
     let mut command = cargo(root, &tools);

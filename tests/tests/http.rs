@@ -1,0 +1,213 @@
+//! The HTTP observation pipeline end to end: nginx in one namespace, curl and a raw
+//! socket client in the other, the real daemon in between. What an operator scrapes
+//! from /metrics must match, exactly, the requests that were sent.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly, with their location"
+)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use apimon_tests::{
+    daemon::{Daemon, metric},
+    netns::{NetNs, Topology},
+    nginx::{BIG_BYTES, Nginx, body_file, curl},
+    require_root,
+};
+
+const BASE: &str = "http://10.77.0.1:8080";
+
+/// Sends raw bytes from the client namespace and reads until the server closes.
+fn raw_exchange(ns: &NetNs, bytes: &'static [u8]) -> Vec<u8> {
+    ns.run(move || {
+        let addr: SocketAddr = "10.77.0.1:8080".parse().unwrap();
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(bytes).expect("write");
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        reply
+    })
+}
+
+fn requests(text: &str, method: &str, route: &str, status: &str) -> f64 {
+    let series = format!(
+        "apimon_http_requests_total{{http_request_method=\"{method}\",http_response_status_code=\"{status}\",http_route=\"{route}\"}}"
+    );
+    metric(text, &series).unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_match_the_requests_sent_exactly() {
+    require_root();
+    let topo = Topology::new();
+    let nginx = Nginx::start(&topo.server, &["10.77.0.1:8080", "[fd00:77::1]:8080"]);
+    let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if);
+    let bodies = nginx.dir.path();
+
+    // Keep-alive: three requests on one connection.
+    curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            &format!("{BASE}/a?x=1"),
+            &format!("{BASE}/b"),
+            &format!("{BASE}/users/42"),
+        ],
+    );
+    // A chunked POST, and a JSON body larger than the capture budget, over many segments.
+    let small = body_file(bodies, "small.json", 3000);
+    let large = body_file(bodies, "large.json", 40_000);
+    curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", small.display()),
+            &format!("{BASE}/echo"),
+        ],
+    );
+    curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", large.display()),
+            &format!("{BASE}/echo"),
+        ],
+    );
+    // 100-continue.
+    curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &format!("@{}", small.display()),
+            &format!("{BASE}/echo"),
+        ],
+    );
+    // A request head larger than one segment.
+    let big_header = format!("X-Big: {}", "h".repeat(4000));
+    curl(
+        &topo.client,
+        &["-o", "/dev/null", "-H", &big_header, &format!("{BASE}/b")],
+    );
+    // A response of several MB.
+    let size = curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            &format!("{BASE}/big"),
+        ],
+    );
+    assert_eq!(size.trim(), BIG_BYTES.to_string());
+    // IPv6.
+    curl(
+        &topo.client,
+        &["-g", "-o", "/dev/null", "http://[fd00:77::1]:8080/a"],
+    );
+    // Pipelining from a raw socket.
+    let reply = raw_exchange(
+        &topo.client,
+        b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\nGET /a HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reply)
+            .matches("HTTP/1.1 200")
+            .count(),
+        3
+    );
+    // Not HTTP on a monitored port (a TLS ClientHello's first bytes).
+    raw_exchange(
+        &topo.client,
+        &[
+            0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03,
+        ],
+    );
+    // A client that sends garbage after a good request.
+    raw_exchange(
+        &topo.client,
+        b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n\x01\x02\x03 garbage\r\n\r\n",
+    );
+
+    let expected = [
+        ("GET", "/a", "200", 5.0),
+        ("GET", "/b", "200", 3.0),
+        ("GET", "/users/{id}", "200", 1.0),
+        ("GET", "/big", "200", 1.0),
+        ("POST", "/echo", "200", 3.0),
+    ];
+    let start = Instant::now();
+    let text = loop {
+        let text = daemon.scrape();
+        let all_there = expected
+            .iter()
+            .all(|(method, route, status, count)| requests(&text, method, route, status) >= *count);
+        if all_there || start.elapsed() > Duration::from_secs(10) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for (method, route, status, count) in expected {
+        assert_eq!(
+            requests(&text, method, route, status),
+            count,
+            "{method} {route} {status}\n{text}"
+        );
+    }
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("apimon_http_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, 13.0, "no request counted twice or invented\n{text}");
+    assert_eq!(
+        metric(&text, "apimon_samples_lost_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "apimon_parse_errors_total{kind=\"not_http_tls\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "apimon_parse_errors_total{kind=\"invalid_head\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(metric(&text, "apimon_samples_total{direction=\"request\"}").unwrap_or(0.0) > 0.0);
+    assert!(metric(&text, "apimon_samples_total{direction=\"response\"}").unwrap_or(0.0) > 0.0);
+    let stats = daemon.cli_json(&["stats"]);
+    assert!(
+        stats["samples"]["captured"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(stats["samples"]["lost"], 0);
+}
