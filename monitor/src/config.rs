@@ -67,6 +67,9 @@ pub struct CaptureSettings {
     pub max_flow_memory: usize,
     #[serde(with = "humantime_serde_compat")]
     pub flow_idle_timeout: std::time::Duration,
+    /// Route templates (`/users/{id}/profile`) for metric labels, tried before the
+    /// built-in heuristic.
+    pub routes: Vec<String>,
 }
 
 impl Default for CaptureSettings {
@@ -78,6 +81,7 @@ impl Default for CaptureSettings {
             max_flows: DEFAULT_MAX_FLOWS,
             max_flow_memory: DEFAULT_MAX_FLOW_MEMORY,
             flow_idle_timeout: DEFAULT_FLOW_IDLE_TIMEOUT,
+            routes: Vec::new(),
         }
     }
 }
@@ -270,6 +274,11 @@ impl Config {
                 c.ring_bytes
             )));
         }
+        if let Some(bad) = c.routes.iter().find(|r| !r.starts_with('/')) {
+            return Err(invalid(format!(
+                "capture.routes: {bad:?} must start with /"
+            )));
+        }
         if c.ports.contains(&0) {
             return Err(invalid("capture.ports cannot contain 0".into()));
         }
@@ -323,6 +332,7 @@ mod tests {
             max_flows = 10
             max_flow_memory = 1000000
             flow_idle_timeout = "30s"
+            routes = ["/users/{name}/profile"]
             "#,
         )
         .unwrap();

@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::Ebpf;
@@ -148,7 +148,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             }
         }
     }
-    let metrics = Arc::new(Metrics::new(Routes::default())?);
+    let metrics = Arc::new(Metrics::new(Routes::new(&config.capture.routes))?);
     let shared = Arc::new(Shared {
         enforcer: Mutex::new(enforcer),
         traffic,
@@ -229,14 +229,23 @@ async fn run_pipeline(
     metrics: Arc<Metrics>,
 ) {
     let mut events = Vec::new();
-    while let Some(batch) = segments.recv().await {
-        let mut latest = 0;
-        for segment in &batch {
-            metrics.sample(segment.direction);
-            latest = latest.max(segment.timestamp_ns);
-            pipeline.ingest(segment, &mut events);
+    // Idle connections are dropped even when no traffic arrives to notice them.
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            batch = segments.recv() => {
+                let Some(batch) = batch else { return };
+                let mut latest = 0;
+                for segment in &batch {
+                    metrics.sample(segment.direction);
+                    latest = latest.max(segment.timestamp_ns);
+                    pipeline.ingest(segment, &mut events);
+                }
+                pipeline.enforce_limits(latest, &mut events);
+            }
+            _ = idle_check.tick() => pipeline.enforce_limits(clock::monotonic_ns(), &mut events),
         }
-        pipeline.enforce_limits(latest, &mut events);
         for event in events.drain(..) {
             if let crate::http::Event::Exchange(exchange) = &event {
                 debug!(

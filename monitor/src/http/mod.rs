@@ -152,34 +152,31 @@ impl Pipeline {
             Direction::Request => &mut flow.request,
             Direction::Response => &mut flow.response,
         };
-        let mut deliveries = Vec::new();
-        half.reassembler
-            .push(segment.seq, &segment.data, &mut deliveries);
+        let Half {
+            reassembler,
+            parser,
+        } = half;
+        let now = segment.timestamp_ns;
+        reassembler.push(segment.seq, &segment.data, &mut |d| {
+            feed(parser, d, now, &mut items)
+        });
         // Missing bytes: skip them at once if the parser can live with that (body the
         // kernel did not capture, or a new message waiting), else wait, boundedly.
-        while let Some(missing) = half.reassembler.gap_ahead() {
-            let next_starts = half
-                .reassembler
+        while let Some(missing) = reassembler.gap_ahead() {
+            let next_starts = reassembler
                 .first_pending()
                 .is_some_and(|data| starts_message(side_of(segment.direction), data));
-            if half.parser.absorbs_gap(missing)
+            if !(parser.absorbs_gap(missing)
                 || next_starts
-                || half.reassembler.over_limit(MAX_PENDING_BYTES_PER_HALF)
+                || reassembler.over_limit(MAX_PENDING_BYTES_PER_HALF))
             {
-                half.reassembler.skip_gap(&mut deliveries);
-            } else {
                 break;
             }
-        }
-        for delivery in deliveries {
-            match delivery {
-                Delivery::Data(data) => half.parser.feed(&data, segment.timestamp_ns, &mut items),
-                Delivery::Gap(missing) => half.parser.gap(missing, &mut items),
-            }
+            reassembler.skip_gap(&mut |d| feed(parser, d, now, &mut items));
         }
         let closing = segment.flags & (TCP_FIN | TCP_RST) != 0;
         if closing {
-            half.parser.close(&mut items);
+            parser.close(&mut items);
         }
         let after = flow.request.buffered() + flow.response.buffered();
         self.memory = (self.memory + after).saturating_sub(before);
@@ -210,6 +207,14 @@ impl Pipeline {
             let id = *id;
             self.end_flow(&id, events);
         }
+    }
+}
+
+/// Hands one delivery of the reassembler to the parser.
+fn feed(parser: &mut MessageParser, delivery: Delivery<'_>, now_ns: u64, items: &mut Vec<Item>) {
+    match delivery {
+        Delivery::Data(data) => parser.feed(data, now_ns, items),
+        Delivery::Gap(missing) => parser.gap(missing, items),
     }
 }
 

@@ -277,6 +277,12 @@ impl MessageParser {
                 State::Head => {
                     if self.buf.is_empty() {
                         self.head_started_ns = now_ns;
+                        // The common case: a whole head in one delivery, parsed in place.
+                        if let Some(end) = find_head_end(data) {
+                            self.parse_head(&data[..end], out);
+                            data = &data[end..];
+                            continue;
+                        }
                     }
                     let searched_from = self.buf.len().saturating_sub(3);
                     self.buf.extend_from_slice(data);
@@ -293,10 +299,8 @@ impl MessageParser {
                     let rest = self.buf.split_off(end);
                     let head = std::mem::take(&mut self.buf);
                     self.parse_head(&head, out);
-                    if matches!(self.state, State::Head) && !rest.is_empty() {
-                        // Another message right behind (pipelining): parse it too.
-                        self.feed(&rest, now_ns, out);
-                    } else if !rest.is_empty() {
+                    // What follows the head: a body, or the next message (pipelining).
+                    if !rest.is_empty() {
                         self.feed(&rest, now_ns, out);
                     }
                     return;

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
-/// What comes out of the reassembler, in stream order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    Data(Vec<u8>),
+/// What comes out of the reassembler, in stream order. In-order bytes are lent, not
+/// copied: most segments arrive in order and go straight to the parser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery<'a> {
+    Data(&'a [u8]),
     /// This many bytes are missing (never captured, or lost).
     Gap(u64),
 }
@@ -36,7 +37,7 @@ impl Reassembler {
     }
 
     /// Takes one segment; in-order bytes (and what they unblock) go to `out`.
-    pub fn push(&mut self, seq: u32, data: &[u8], out: &mut Vec<Delivery>) {
+    pub fn push(&mut self, seq: u32, data: &[u8], out: &mut impl FnMut(Delivery<'_>)) {
         if data.is_empty() {
             return;
         }
@@ -63,16 +64,16 @@ impl Reassembler {
         self.drain(out);
     }
 
-    fn deliver(&mut self, data: &[u8], out: &mut Vec<Delivery>) {
+    fn deliver(&mut self, data: &[u8], out: &mut impl FnMut(Delivery<'_>)) {
         if let Some((seq, offset)) = &mut self.next {
             *seq = seq.wrapping_add(data.len() as u32);
             *offset += data.len() as u64;
         }
-        out.push(Delivery::Data(data.to_vec()));
+        out(Delivery::Data(data));
     }
 
     /// Delivers early segments that are now in order (trimming overlaps).
-    fn drain(&mut self, out: &mut Vec<Delivery>) {
+    fn drain(&mut self, out: &mut impl FnMut(Delivery<'_>)) {
         while let Some((&offset, _)) = self.pending.first_key_value() {
             let Some((_, next_offset)) = self.next else {
                 return;
@@ -107,7 +108,7 @@ impl Reassembler {
 
     /// Gives up on the missing bytes before the earliest held segment: reports the gap
     /// and delivers what follows it.
-    pub fn skip_gap(&mut self, out: &mut Vec<Delivery>) {
+    pub fn skip_gap(&mut self, out: &mut impl FnMut(Delivery<'_>)) {
         let Some(missing) = self.gap_ahead() else {
             return;
         };
@@ -115,7 +116,7 @@ impl Reassembler {
             *seq = seq.wrapping_add(missing as u32);
             *offset += missing;
         }
-        out.push(Delivery::Gap(missing));
+        out(Delivery::Gap(missing));
         self.drain(out);
     }
 
@@ -129,60 +130,67 @@ impl Reassembler {
 mod tests {
     use super::*;
 
-    fn data(out: &[Delivery]) -> Vec<u8> {
-        out.iter()
-            .flat_map(|d| match d {
-                Delivery::Data(bytes) => bytes.clone(),
-                Delivery::Gap(n) => vec![b'?'; *n as usize],
-            })
-            .collect()
+    /// Collects deliveries as bytes, a gap as that many '?'.
+    #[derive(Default)]
+    struct Out(Vec<u8>, Vec<Delivery<'static>>);
+
+    impl Out {
+        fn sink(&mut self) -> impl FnMut(Delivery<'_>) + '_ {
+            |d| match d {
+                Delivery::Data(bytes) => self.0.extend_from_slice(bytes),
+                Delivery::Gap(n) => {
+                    self.0.extend(std::iter::repeat_n(b'?', n as usize));
+                    self.1.push(Delivery::Gap(n));
+                }
+            }
+        }
     }
 
     #[test]
     fn in_order_reordered_duplicated_and_overlapping() {
         let mut r = Reassembler::default();
-        let mut out = Vec::new();
-        r.push(1000, b"GET ", &mut out);
-        r.push(1007, b"HTTP", &mut out); // early
-        r.push(1000, b"GET ", &mut out); // duplicate
-        r.push(1002, b"T /x ", &mut out); // overlap: "T " seen, "/x " new, up to 1007
-        assert_eq!(data(&out), b"GET /x HTTP");
+        let mut out = Out::default();
+        r.push(1000, b"GET ", &mut out.sink());
+        r.push(1007, b"HTTP", &mut out.sink()); // early
+        r.push(1000, b"GET ", &mut out.sink()); // duplicate
+        r.push(1002, b"T /x ", &mut out.sink()); // overlap: "T " seen, "/x " new, up to 1007
+        assert_eq!(out.0, b"GET /x HTTP");
         assert_eq!(r.pending_bytes(), 0);
     }
 
     #[test]
     fn sequence_numbers_wrap() {
         let mut r = Reassembler::default();
-        let mut out = Vec::new();
-        r.push(u32::MAX - 1, b"ab", &mut out);
-        r.push(2, b"ef", &mut out);
-        r.push(0, b"cd", &mut out);
-        assert_eq!(data(&out), b"abcdef");
+        let mut out = Out::default();
+        r.push(u32::MAX - 1, b"ab", &mut out.sink());
+        r.push(2, b"ef", &mut out.sink());
+        r.push(0, b"cd", &mut out.sink());
+        assert_eq!(out.0, b"abcdef");
     }
 
     #[test]
     fn gaps_are_reported_when_skipped() {
         let mut r = Reassembler::default();
-        let mut out = Vec::new();
-        r.push(0, b"abc", &mut out);
-        r.push(10, b"xyz", &mut out);
+        let mut out = Out::default();
+        r.push(0, b"abc", &mut out.sink());
+        r.push(10, b"xyz", &mut out.sink());
         assert_eq!(r.gap_ahead(), Some(7));
         assert_eq!(r.first_pending(), Some(&b"xyz"[..]));
-        r.skip_gap(&mut out);
-        assert_eq!(out.last(), Some(&Delivery::Data(b"xyz".to_vec())));
-        assert_eq!(data(&out), b"abc???????xyz");
+        r.skip_gap(&mut out.sink());
+        assert_eq!(out.1, [Delivery::Gap(7)]);
+        assert_eq!(out.0, b"abc???????xyz");
         // A late arrival of the skipped bytes is ignored.
-        r.push(3, b"defghij", &mut out);
-        assert_eq!(data(&out), b"abc???????xyz");
+        r.push(3, b"defghij", &mut out.sink());
+        assert_eq!(out.0, b"abc???????xyz");
     }
 
     #[test]
     fn held_segments_are_bounded() {
         let mut r = Reassembler::default();
-        let mut out = Vec::new();
-        r.push(0, b"a", &mut out);
+        let mut out = Out::default();
+        r.push(0, b"a", &mut out.sink());
         for i in 0..=MAX_PENDING_SEGMENTS as u32 {
-            r.push(10 + i * 10, b"x", &mut out);
+            r.push(10 + i * 10, b"x", &mut out.sink());
         }
         assert!(r.over_limit(usize::MAX));
         assert!(!Reassembler::default().over_limit(0));
@@ -209,13 +217,13 @@ mod tests {
             }
             order.push(order[0]);
             let mut r = Reassembler::default();
-            let mut out = Vec::new();
+            let mut out = Out::default();
             // The first segment must come first: it anchors the stream.
-            r.push(segments[0].0, segments[0].1, &mut out);
+            r.push(segments[0].0, segments[0].1, &mut out.sink());
             for (seq, chunk) in order {
-                r.push(seq, chunk, &mut out);
+                r.push(seq, chunk, &mut out.sink());
             }
-            assert_eq!(data(&out), text);
+            assert_eq!(out.0, text);
         }
     }
 }

@@ -126,11 +126,21 @@ fn pin_to_last_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+mod pipeline;
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     let machine = machine();
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
+    eprintln!("bench: HTTP pipeline against plain httparse");
+    let http = pipeline::run()?;
+    eprintln!(
+        "bench: pipeline {:.0} exchanges/s, httparse {:.0}/s ({:.2}x)",
+        http.pipeline_rps,
+        http.httparse_rps,
+        http.pipeline_rps / http.httparse_rps
+    );
     let pass_v4 = Frame::v4([192, 0, 2, 99]).with_payload(64).build();
     let pass_v6 = Frame::v6("2001:db8::99").with_payload(64).build();
     let host_octets = (HOST_BASE + 1).to_be_bytes();
@@ -203,7 +213,9 @@ fn main() -> Result<()> {
         );
         rows.push(row);
     }
-    let report = report(&rows, args.repeat, &machine)?;
+    let mut report = report(&rows, args.repeat, &machine)?;
+    report.push('\n');
+    pipeline::report(&mut report, &http)?;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
