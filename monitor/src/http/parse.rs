@@ -5,6 +5,8 @@
 /// Head bytes we wait for before calling a message broken.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
+/// httparse initialises response header slots, so fewer: servers send far fewer headers.
+const MAX_RESPONSE_HEADERS: usize = 48;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -359,11 +361,14 @@ impl MessageParser {
     }
 
     fn parse_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match self.side {
             Side::Request => {
-                let mut request = httparse::Request::new(&mut headers);
-                match request.parse(head) {
+                // Uninitialised header slots: initialising a hundred of them per
+                // request would cost more than parsing the head.
+                let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+                    MAX_HEADERS];
+                let mut request = httparse::Request::new(&mut []);
+                match request.parse_with_uninit_headers(head, &mut headers) {
                     Ok(httparse::Status::Complete(_)) => {}
                     _ => return self.invalid_head(head, out),
                 }
@@ -406,6 +411,7 @@ impl MessageParser {
                 };
             }
             Side::Response => {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
                 let mut response = httparse::Response::new(&mut headers);
                 match response.parse(head) {
                     Ok(httparse::Status::Complete(_)) => {}
