@@ -160,7 +160,8 @@ fn elevated(bin: &Path, args: &[String]) -> Result<()> {
 }
 
 /// Programs the integration tests drive, with the Debian package that brings each.
-const TEST_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("curl", "curl")];
+const TEST_PACKAGES: [(&str, &str); 3] =
+    [("nginx", "nginx-light"), ("curl", "curl"), ("wrk", "wrk")];
 
 /// Installs what the integration tests run (real servers and clients) when missing.
 fn ensure_test_packages() -> Result<()> {
@@ -238,7 +239,10 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 fn bench(root: &Path, repeat: u32) -> Result<()> {
+    ensure_test_packages()?;
     let tools = toolchain::ensure()?;
+    // The end-to-end section runs the release daemon next to the bench binary.
+    run(cargo(root, &tools).args(["build", "--release", "-p", "monitor", "--bin", "apimon"]))?;
     run(cargo(root, &tools).args([
         "build",
         "--release",

@@ -126,11 +126,15 @@ fn pin_to_last_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+mod e2e;
 mod pipeline;
 
 fn main() -> Result<()> {
     let args = parse_args()?;
     let machine = machine();
+    // Before pinning: wrk, nginx and the daemon must spread over the CPUs as they would.
+    eprintln!("bench: end to end with wrk and nginx");
+    let end_to_end = e2e::run()?;
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
     eprintln!("bench: HTTP pipeline against plain httparse");
@@ -216,6 +220,7 @@ fn main() -> Result<()> {
     let mut report = report(&rows, args.repeat, &machine)?;
     report.push('\n');
     pipeline::report(&mut report, &http)?;
+    e2e::report(&mut report, &end_to_end)?;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
