@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::xdp_md,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md},
     helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -34,6 +34,9 @@ static CAPTURE_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0)
 #[map]
 static CAPTURE_FLOWS: LruHashMap<FlowKey, FlowBudget> =
     LruHashMap::with_max_entries(DEFAULT_CAPTURE_FLOWS, 0);
+
+/// Unread ring bytes past which a sample wakes the daemon (1/64 of the default ring).
+const WAKEUP_BYTES: u64 = 256 * 1024;
 
 /// Bytes of a new connection captured before any message start is seen.
 const FIRST_BYTES: u32 = 64;
@@ -256,7 +259,14 @@ fn emit<P: Payload>(
             return false;
         }
     }
-    entry.submit(0);
+    // Waking the daemon per sample would cost it a context switch per segment; it
+    // polls on a short timer instead, and is woken early only when the ring fills up.
+    let wakeup = if SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(wakeup));
     bump(&SAMPLES_CAPTURED);
     true
 }

@@ -180,8 +180,11 @@ pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, MapsError> {
     take(ebpf, maps::SAMPLES)
 }
 
-/// Records drained per wake-up at most, so one busy ring cannot starve the runtime.
+/// Records sent on per batch.
 const BATCH: usize = 1024;
+/// How often the ring is drained without a wake-up: bounds the delay to the metrics
+/// (and to decisions made on what was seen).
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Drains the ring buffer whenever it is readable and sends decoded segments on in
 /// batches. Ends when the receiver is gone.
@@ -197,35 +200,53 @@ pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>
             return;
         }
     };
+    // The kernel wakes us only when the ring fills up; otherwise we look every tick.
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(error) => {
-                warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
-                return;
-            }
-        };
-        loop {
-            let mut batch = Vec::new();
-            let ring = guard.get_inner_mut();
-            while batch.len() < BATCH {
-                let Some(record) = ring.next() else {
-                    break;
-                };
-                match decode(&record) {
-                    Ok(segment) => batch.push(segment),
-                    Err(error) => warn!(%error, "Dropped an undecodable sample"),
+        tokio::select! {
+            readable = ring.readable_mut() => match readable {
+                Ok(mut guard) => {
+                    if !drain(guard.get_inner_mut(), &tx).await {
+                        return;
+                    }
+                    guard.clear_ready();
+                }
+                Err(error) => {
+                    warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                if !drain(ring.get_mut(), &tx).await {
+                    return;
                 }
             }
-            let full = batch.len() == BATCH;
-            if !batch.is_empty() && tx.send(batch).await.is_err() {
-                return;
-            }
-            if !full {
+        }
+    }
+}
+
+/// Decodes everything in the ring and sends it on in batches; false when the
+/// receiver is gone.
+async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Segment>>) -> bool {
+    loop {
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            let Some(record) = ring.next() else {
                 break;
+            };
+            match decode(&record) {
+                Ok(segment) => batch.push(segment),
+                Err(error) => warn!(%error, "Dropped an undecodable sample"),
             }
         }
-        guard.clear_ready();
+        let full = batch.len() == BATCH;
+        if !batch.is_empty() && tx.send(batch).await.is_err() {
+            return false;
+        }
+        if !full {
+            return true;
+        }
     }
 }
 
