@@ -105,6 +105,8 @@ impl DatapathState {
     pub const PRESENT_BLOCK_V6_NETS: u32 = 1 << 3;
     pub const PRESENT_ALLOW_V4: u32 = 1 << 4;
     pub const PRESENT_ALLOW_V6: u32 = 1 << 5;
+    /// HTTP capture is configured (some server ports are monitored).
+    pub const CAPTURE_ENABLED: u32 = 1 << 31;
 
     #[inline(always)]
     pub const fn has(&self, bit: u32) -> bool {

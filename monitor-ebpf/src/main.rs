@@ -81,6 +81,12 @@ pub fn apimon_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_apimon_egress(ctx: &TcContext) {
+    let capture_enabled = DATAPATH_STATE
+        .get(0)
+        .is_some_and(|state| state.has(DatapathState::CAPTURE_ENABLED));
+    if !capture_enabled {
+        return;
+    }
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     if let Parsed::Ip {
         source,
@@ -124,10 +130,13 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
         } => {
             // SAFETY: helper without preconditions.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
-            match judge_and_record(ctx, &source, bytes, now) {
+            let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
+            match judge_and_record(ctx, &source, bytes, now, &state) {
                 Action::Pass if !well_formed => Action::Malformed,
                 Action::Pass => {
-                    if let Some(tcp) = &tcp {
+                    if let Some(tcp) = &tcp
+                        && state.has(DatapathState::CAPTURE_ENABLED)
+                    {
                         capture::capture(
                             ctx,
                             &Segment {
@@ -160,8 +169,13 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
 /// Judges a packet from `source` and counts it in the source's statistics. A source
 /// that passed the lists since they last changed passes again without looking them up.
 #[inline(always)]
-fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64, now: u64) -> Action {
-    let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
+fn judge_and_record(
+    ctx: &XdpContext,
+    source: &Source,
+    bytes: u64,
+    now: u64,
+    state: &DatapathState,
+) -> Action {
     let key = source.stats_key();
     if let Some(stats) = IP_STATS.get_ptr_mut(key) {
         // SAFETY: `stats` points at a map value.
@@ -169,13 +183,13 @@ fn judge_and_record(ctx: &XdpContext, source: &Source, bytes: u64, now: u64) -> 
         let verdict = if cached {
             Verdict::Unlisted
         } else {
-            verdict(source, now, &state)
+            verdict(source, now, state)
         };
         // SAFETY: as above.
         unsafe { add_to_source(stats, verdict, bytes, now, state.epoch) };
         return verdict.action();
     }
-    let verdict = verdict(source, now, &state);
+    let verdict = verdict(source, now, state);
     let drops = u64::from(verdict == Verdict::Blocked);
     let fresh = IpStats {
         packets: 1,

@@ -114,7 +114,8 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         ring_bytes: config.capture.ring_bytes,
     })?;
     start_kernel_log(&mut ebpf);
-    let datapath = Datapath::new(&mut ebpf)?;
+    let mut datapath = Datapath::new(&mut ebpf)?;
+    datapath.set_capture_enabled(!config.capture.ports.is_empty())?;
     let traffic = Traffic::new(&mut ebpf)?;
     let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
     capture_maps.configure(&config.capture)?;

@@ -116,6 +116,8 @@ pub struct Datapath {
     epoch: u32,
     /// A list changed since the last `settle`.
     unsettled: bool,
+    /// `DatapathState::CAPTURE_ENABLED`, published with the rest.
+    capture_enabled: bool,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -158,6 +160,7 @@ impl Datapath {
             keys: Default::default(),
             epoch: 0,
             unsettled: false,
+            capture_enabled: false,
         };
         // Continue from a pinned epoch, so verdicts cached under it are never reused.
         datapath.epoch = datapath
@@ -175,6 +178,13 @@ impl Datapath {
         }
         datapath.write_state()?;
         Ok(datapath)
+    }
+
+    /// Tells the kernel programs whether to look at HTTP capture at all (they skip its
+    /// port lookup on every TCP packet when it is off).
+    pub fn set_capture_enabled(&mut self, enabled: bool) -> Result<(), MapsError> {
+        self.capture_enabled = enabled;
+        self.write_state()
     }
 
     /// Turns the kernel's pass-verdict cache off (epoch 0) until the next list change,
@@ -208,10 +218,15 @@ impl Datapath {
     /// every pass verdict the kernel cached. Called after each change to a list map.
     fn write_state(&mut self) -> Result<(), MapsError> {
         self.unsettled = true;
+        let capture = if self.capture_enabled {
+            DatapathState::CAPTURE_ENABLED
+        } else {
+            0
+        };
         let present = ListMap::ALL
             .iter()
             .filter(|map| !self.keys[**map as usize].is_empty())
-            .fold(0, |bits, map| bits | map.present_bit());
+            .fold(capture, |bits, map| bits | map.present_bit());
         self.epoch = DatapathState::next_epoch(self.epoch);
         let epoch = self.epoch;
         self.state

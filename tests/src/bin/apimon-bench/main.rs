@@ -29,17 +29,21 @@ struct Args {
     repeat: u32,
     out: PathBuf,
     sizes: Vec<u32>,
+    /// Skip the end-to-end section (quick runs while tuning the datapath).
+    no_e2e: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut repeat = 1_000_000;
     let mut out = PathBuf::from("docs/benchmarks.md");
     let mut sizes = DEFAULT_SIZES.to_vec();
+    let mut no_e2e = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--repeat" => repeat = args.next().context("--repeat N")?.parse()?,
             "--out" => out = PathBuf::from(args.next().context("--out FILE")?),
+            "--no-e2e" => no_e2e = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -53,7 +57,12 @@ fn parse_args() -> Result<Args> {
             }
         }
     }
-    Ok(Args { repeat, out, sizes })
+    Ok(Args {
+        repeat,
+        out,
+        sizes,
+        no_e2e,
+    })
 }
 
 fn fastest(values: &[f64]) -> f64 {
@@ -134,7 +143,7 @@ fn main() -> Result<()> {
     let machine = machine();
     // Before pinning: wrk, nginx and the daemon must spread over the CPUs as they would.
     eprintln!("bench: end to end with wrk and nginx");
-    let end_to_end = e2e::run()?;
+    let end_to_end = if args.no_e2e { None } else { Some(e2e::run()?) };
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
     eprintln!("bench: HTTP pipeline against plain httparse");
@@ -220,7 +229,9 @@ fn main() -> Result<()> {
     let mut report = report(&rows, args.repeat, &machine)?;
     report.push('\n');
     pipeline::report(&mut report, &http)?;
-    e2e::report(&mut report, &end_to_end)?;
+    if let Some(end_to_end) = &end_to_end {
+        e2e::report(&mut report, end_to_end)?;
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
