@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
 };
 use monitor_common::{
     capture::{
@@ -21,7 +21,11 @@ use thiserror::Error;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::warn;
 
-use crate::{cidr, config::CaptureSettings, maps::MapsError};
+use crate::{
+    cidr,
+    config::CaptureSettings,
+    maps::{MapsError, take},
+};
 
 /// Which way a segment went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -107,14 +111,6 @@ pub struct CaptureMaps {
     ports: Array<MapData, u32>,
     captured: PerCpuArray<MapData, u64>,
     lost: PerCpuArray<MapData, u64>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
-    T::try_from(map).map_err(|source| MapsError::Map { name, source })
 }
 
 /// Counts of samples since the programs were loaded.

@@ -120,7 +120,8 @@ pub struct Datapath {
     capture_enabled: bool,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+/// Takes a map out of the loaded object as its typed handle.
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {

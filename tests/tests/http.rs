@@ -72,43 +72,25 @@ fn metrics_match_the_requests_sent_exactly() {
     // A chunked POST, and a JSON body larger than the capture budget, over many segments.
     let small = body_file(bodies, "small.json", 3000);
     let large = body_file(bodies, "large.json", 40_000);
-    curl(
-        &topo.client,
-        &[
-            "-o",
-            "/dev/null",
-            "-H",
-            "Transfer-Encoding: chunked",
-            "--data-binary",
-            &format!("@{}", small.display()),
-            &format!("{BASE}/echo"),
-        ],
-    );
-    curl(
-        &topo.client,
-        &[
-            "-o",
-            "/dev/null",
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            &format!("@{}", large.display()),
-            &format!("{BASE}/echo"),
-        ],
-    );
+    let post = |header: &str, body: &std::path::Path| {
+        let body = format!("@{}", body.display());
+        curl(
+            &topo.client,
+            &[
+                "-o",
+                "/dev/null",
+                "-H",
+                header,
+                "--data-binary",
+                &body,
+                &format!("{BASE}/echo"),
+            ],
+        );
+    };
+    post("Transfer-Encoding: chunked", &small);
+    post("Content-Type: application/json", &large);
     // 100-continue.
-    curl(
-        &topo.client,
-        &[
-            "-o",
-            "/dev/null",
-            "-H",
-            "Expect: 100-continue",
-            "--data-binary",
-            &format!("@{}", small.display()),
-            &format!("{BASE}/echo"),
-        ],
-    );
+    post("Expect: 100-continue", &small);
     // A request head larger than one segment.
     let big_header = format!("X-Big: {}", "h".repeat(4000));
     curl(
