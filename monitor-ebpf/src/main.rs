@@ -131,7 +131,9 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
             // SAFETY: helper without preconditions.
             let now = unsafe { bpf_ktime_get_coarse_ns() };
             let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
-            match judge_and_record(ctx, &source, bytes, now, &state) {
+            // The source as the maps key it (IPv4-mapped): statistics and capture.
+            let key = source.stats_key();
+            match judge_and_record(ctx, &source, key, bytes, now, &state) {
                 Action::Pass if !well_formed => Action::Malformed,
                 Action::Pass => {
                     if let Some(tcp) = &tcp
@@ -141,7 +143,7 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
                             ctx,
                             &Segment {
                                 direction: DIRECTION_REQUEST,
-                                client: source.stats_key(),
+                                client: key,
                                 server: destination,
                                 client_port: tcp.source_port,
                                 server_port: tcp.dest_port,
@@ -172,11 +174,11 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
 fn judge_and_record(
     ctx: &XdpContext,
     source: &Source,
+    key: IpKey,
     bytes: u64,
     now: u64,
     state: &DatapathState,
 ) -> Action {
-    let key = source.stats_key();
     if let Some(stats) = IP_STATS.get_ptr_mut(key) {
         // SAFETY: `stats` points at a map value.
         let cached = state.epoch != 0 && unsafe { (*stats).pass_epoch } == state.epoch;

@@ -10,8 +10,8 @@ use crate::{
     cidr, clock,
     config::{self, Config, MetricsAddr, XdpModeSetting},
     control::{
-        self, Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView,
-        TopKey, TopRow,
+        Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey,
+        TopRow,
     },
 };
 
@@ -378,6 +378,3 @@ fn top(config: &Config, args: TopArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
-
-/// Re-exported for tests and tools that speak the protocol directly.
-pub use control::PROTOCOL_VERSION;

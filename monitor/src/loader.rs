@@ -220,13 +220,6 @@ impl AttachedMode {
         }
     }
 
-    const fn xdp_mode(self) -> XdpMode {
-        match self {
-            AttachedMode::Native => XdpMode::Driver,
-            AttachedMode::Skb | AttachedMode::TcEgress => XdpMode::Skb,
-        }
-    }
-
     fn from_name(name: &str) -> Option<Self> {
         match name {
             "native" => Some(AttachedMode::Native),
@@ -341,14 +334,16 @@ pub fn attach(
         }
     }
 
-    let modes: &[AttachedMode] = match requested {
-        XdpModeSetting::Auto => &[AttachedMode::Native, AttachedMode::Skb],
-        XdpModeSetting::Native => &[AttachedMode::Native],
-        XdpModeSetting::Skb => &[AttachedMode::Skb],
+    const NATIVE: (AttachedMode, XdpMode) = (AttachedMode::Native, XdpMode::Driver);
+    const SKB: (AttachedMode, XdpMode) = (AttachedMode::Skb, XdpMode::Skb);
+    let modes: &[(AttachedMode, XdpMode)] = match requested {
+        XdpModeSetting::Auto => &[NATIVE, SKB],
+        XdpModeSetting::Native => &[NATIVE],
+        XdpModeSetting::Skb => &[SKB],
     };
     let mut failures = Vec::new();
-    for &mode in modes {
-        match program.attach(iface, mode.xdp_mode()) {
+    for &(mode, xdp_mode) in modes {
+        match program.attach(iface, xdp_mode) {
             Ok(link_id) => {
                 if !failures.is_empty() {
                     warn!(iface, errors = %failures.join("; "), "XDP native attach failed; running in skb (generic) mode");

@@ -173,12 +173,6 @@ impl Daemon {
         panic!("apimon run did not become ready:\n{}", self.log());
     }
 
-    pub fn pid(&self) -> Option<Pid> {
-        self.child
-            .as_ref()
-            .map(|c| Pid::from_raw(i32::try_from(c.id()).expect("pid")))
-    }
-
     /// SIGTERM and wait: the clean shutdown path.
     pub fn stop(&mut self) {
         self.signal_and_wait(Signal::SIGTERM);

@@ -101,10 +101,6 @@ impl Enforcer {
         self.lists.get(kind).len()
     }
 
-    pub fn is_empty(&self, kind: ListKind) -> bool {
-        self.len(kind) == 0
-    }
-
     /// Adds (or renews) entries. Acknowledged only once in the kernel and on disk; on
     /// failure nothing changes.
     pub fn add(

@@ -126,7 +126,9 @@ impl Pipeline {
                 Direction::Request => Side::Request,
                 Direction::Response => return,
             };
-            if !starts_message(side, &segment.data) && !looks_foreign(&segment.data) {
+            if !starts_message(side, &segment.data)
+                && OtherProtocol::recognise(&segment.data).is_none()
+            {
                 return;
             }
             let flow = Flow {
@@ -223,15 +225,6 @@ fn side_of(direction: Direction) -> Side {
         Direction::Request => Side::Request,
         Direction::Response => Side::Response,
     }
-}
-
-/// A first payload that is clearly another protocol: followed only to be named.
-fn looks_foreign(data: &[u8]) -> bool {
-    data.len() >= 3 && ((data[0] == 0x16 && data[1] == 0x03) || data.starts_with(b"PRI * HTTP/2"))
-        || data
-            .iter()
-            .take(16)
-            .any(|b| !b.is_ascii_graphic() && *b != b' ' && *b != b'\r' && *b != b'\n')
 }
 
 /// Pairs parsed items with the connection's pending requests.

@@ -76,20 +76,25 @@ impl OtherProtocol {
         }
     }
 
-    fn sniff(bytes: &[u8]) -> Self {
+    /// What these first bytes of a stream recognisably are, if anything but text.
+    pub fn recognise(bytes: &[u8]) -> Option<Self> {
         if bytes.len() >= 3 && bytes[0] == 0x16 && bytes[1] == 0x03 {
-            OtherProtocol::Tls
+            Some(OtherProtocol::Tls)
         } else if bytes.starts_with(b"PRI * HTTP/2") {
-            OtherProtocol::Http2
+            Some(OtherProtocol::Http2)
         } else if bytes
             .iter()
             .take(64)
             .any(|b| *b < 0x09 || (*b > 0x0d && *b < 0x20) || *b == 0x7f)
         {
-            OtherProtocol::Binary
+            Some(OtherProtocol::Binary)
         } else {
-            OtherProtocol::Text
+            None
         }
+    }
+
+    fn sniff(bytes: &[u8]) -> Self {
+        Self::recognise(bytes).unwrap_or(OtherProtocol::Text)
     }
 }
 
@@ -330,11 +335,7 @@ impl MessageParser {
 
     /// A head still incomplete: is this the start of something that is not HTTP/1.x?
     fn looks_foreign(&self) -> bool {
-        let probe = &self.buf[..self.buf.len().min(16)];
-        if probe.len() >= 4 && !starts_message(self.side, probe) {
-            return true;
-        }
-        false
+        self.buf.len() >= 4 && !starts_message(self.side, &self.buf)
     }
 
     fn not_http(&mut self, out: &mut Vec<Item>) {
