@@ -5,7 +5,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md},
-    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -103,7 +103,6 @@ pub struct Segment<'a> {
     pub client_port: u16,
     pub server_port: u16,
     pub tcp: &'a Tcp,
-    pub now: u64,
 }
 
 /// The load helpers take a size the verifier must see as 1..=SAMPLE_DATA_LEN. LLVM
@@ -216,6 +215,10 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
         }
         done += len;
     }
+    if done < tcp.payload_len && tcp.flags & (TCP_FIN | TCP_RST) != 0 {
+        // The daemon learns where an uncaptured stream ended (exact body sizes).
+        emit(ctx, segment, tcp.payload_len, 0, 0);
+    }
 }
 
 /// Writes one sample: `len` payload bytes starting `skip` bytes into the segment.
@@ -237,7 +240,10 @@ fn emit<P: Payload>(
     // SAFETY: `sample` points at a reserved, writable ring record of `Sample`'s size.
     unsafe {
         (*sample).header = SampleHeader {
-            timestamp_ns: segment.now,
+            // Precise time (not the coarse clock the datapath uses): request and
+            // response timestamps give the latency, often well under a jiffy.
+            // SAFETY: helper without preconditions.
+            timestamp_ns: bpf_ktime_get_ns(),
             client_addr: segment.client,
             server_addr: segment.server,
             client_port: segment.client_port,

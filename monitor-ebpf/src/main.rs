@@ -104,8 +104,6 @@ fn try_apimon_egress(ctx: &TcContext) {
                 client_port: tcp.dest_port,
                 server_port: tcp.source_port,
                 tcp: &tcp,
-                // SAFETY: helper without preconditions.
-                now: unsafe { bpf_ktime_get_coarse_ns() },
             },
         );
     }
@@ -148,7 +146,6 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
                                 client_port: tcp.source_port,
                                 server_port: tcp.dest_port,
                                 tcp,
-                                now,
                             },
                         );
                     }

@@ -13,6 +13,7 @@ use crate::{
         Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey,
         TopRow,
     },
+    events::Event,
 };
 
 const EXAMPLES: &str = "\
@@ -22,6 +23,7 @@ Examples:
   apimon block add 2001:db8:bad::/48      block an IPv6 prefix until removed
   apimon block ls --json
   apimon top --by drops --limit 10
+  apimon events --follow --http --json    every observed API call, live
   apimon status";
 
 #[derive(Debug, Parser)]
@@ -72,6 +74,21 @@ pub enum Command {
     Stats(JsonFlag),
     /// Top talkers by source address.
     Top(TopArgs),
+    /// Recent events from the running daemon; --follow keeps streaming them.
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep streaming new events until interrupted
+    #[arg(long, short)]
+    pub follow: bool,
+    /// One JSON object (Elastic Common Schema) per line
+    #[arg(long)]
+    pub json: bool,
+    /// Also stream one event per observed HTTP request (implies --follow)
+    #[arg(long)]
+    pub http: bool,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +293,7 @@ pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
         Command::Allow(AllowCommand::Ls(flag)) => return list(config, Request::AllowLs, flag.json),
         Command::Stats(flag) => return stats(config, flag.json),
         Command::Top(args) => return top(config, args),
+        Command::Events(args) => return events(config, args),
     };
     let changed: Vec<ListEntryView> = connect(config)?.call_as(request)?;
     for entry in &changed {
@@ -377,4 +395,82 @@ fn top(config: &Config, args: TopArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+fn events(config: &Config, args: EventsArgs) -> Result<(), Failure> {
+    let follow = args.follow || args.http;
+    let mut client = connect(config)?;
+    let history: Vec<Event> = client.call_as(Request::Events {
+        follow,
+        http: args.http,
+    })?;
+    let print = |event: &Event| -> Result<(), Failure> {
+        let line = if args.json {
+            serde_json::to_string(event).map_err(|e| Failure::Failed(e.to_string()))?
+        } else {
+            event_line(event)
+        };
+        println!("{line}");
+        Ok(())
+    };
+    for event in &history {
+        print(event)?;
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut client = client.without_timeout()?;
+    while let Some(event) = client.next_event()? {
+        print(&event)?;
+    }
+    Err(Failure::Unreachable(
+        "the daemon closed the event stream".into(),
+    ))
+}
+
+/// One human-readable line: time, action, then what the event is about.
+pub fn event_line(event: &Event) -> String {
+    let mut line = format!("{} {:<14}", event.timestamp, event.event.action);
+    if let (Some(source), Some(destination)) = (&event.source, &event.destination) {
+        let port = |p: Option<u16>| p.map_or_else(String::new, |p| format!(":{p}"));
+        line.push_str(&format!(
+            " {}{} -> {}{}",
+            source.ip,
+            port(source.port),
+            destination.ip,
+            port(destination.port)
+        ));
+    }
+    if let (Some(http), Some(url)) = (&event.http, &event.url) {
+        line.push_str(&format!(" {} ", http.request.method));
+        if let Some(domain) = &url.domain {
+            line.push_str(domain);
+        }
+        line.push_str(&url.path);
+        if let Some(query) = &url.query {
+            line.push('?');
+            line.push_str(query);
+        }
+        match &http.response {
+            Some(response) => line.push_str(&format!(" {}", response.status_code)),
+            None => line.push_str(" (no response)"),
+        }
+        if let Some(ns) = event.event.duration {
+            line.push_str(&format!(" {:.3}ms", ns as f64 / 1e6));
+        }
+    }
+    if let Some(rule) = &event.rule {
+        line.push_str(&format!(" rule={}", rule.id));
+    }
+    for (name, value) in &event.apimon {
+        match value {
+            serde_json::Value::String(text) => line.push_str(&format!(" {name}={text}")),
+            serde_json::Value::Null => {}
+            other => line.push_str(&format!(" {name}={other}")),
+        }
+    }
+    if let Some(message) = &event.message {
+        line.push_str(&format!(" \"{message}\""));
+    }
+    line
 }

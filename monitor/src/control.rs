@@ -19,6 +19,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use crate::events::{Bus, Event, Subscription};
+
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the daemon reads; longer ones are refused.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
@@ -63,6 +65,14 @@ pub enum Request {
     Top {
         by: TopKey,
         limit: usize,
+    },
+    /// Recent notable events; with `follow`, the reply is followed by one event per
+    /// line until the client hangs up. `http` adds one event per observed exchange.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        http: bool,
     },
 }
 
@@ -214,11 +224,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 }
 
 /// Serves connections until the task is dropped.
-pub async fn serve(listener: UnixListener, handler: Handler) {
+pub async fn serve(listener: UnixListener, handler: Handler, bus: Bus) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, handler.clone()));
+                tokio::spawn(serve_connection(stream, handler.clone(), bus.clone()));
             }
             Err(error) => {
                 warn!(%error, "Control socket accept failed");
@@ -228,7 +238,7 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
     }
 }
 
-async fn serve_connection(stream: UnixStream, handler: Handler) {
+async fn serve_connection(stream: UnixStream, handler: Handler, bus: Bus) {
     // Root only: checked on the peer's credentials, not just the file mode.
     let allowed_uid = nix::unistd::geteuid().as_raw();
     let peer_uid = stream.peer_cred().map(|cred| cred.uid()).ok();
@@ -272,6 +282,18 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
             return;
         }
         let reply = match parse_request(&line) {
+            Ok(Request::Events { follow, http }) => {
+                // Subscribe before taking the history: nothing falls in between.
+                let subscription = bus.subscribe(http);
+                let history = bus.history();
+                let history: Vec<&Event> = history.iter().map(|event| &**event).collect();
+                let history = serde_json::to_value(history).unwrap_or_default();
+                if write_reply(&mut write, Reply::Ok(history)).await.is_err() || !follow {
+                    continue;
+                }
+                stream_events(reader, write, subscription).await;
+                return;
+            }
             Ok(request) => {
                 debug!(?request, "Control request");
                 let handler = handler.clone();
@@ -287,6 +309,28 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
         };
         if write_reply(&mut write, reply).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Writes events as they come until the client hangs up (or sends anything).
+async fn stream_events(
+    mut reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut subscription: Subscription,
+) {
+    let mut byte = [0u8; 1];
+    loop {
+        tokio::select! {
+            _ = reader.read(&mut byte) => return,
+            event = subscription.next() => {
+                let Some(event) = event else { return };
+                let Ok(mut bytes) = serde_json::to_vec(&*event) else { continue };
+                bytes.push(b'\n');
+                if write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -392,6 +436,28 @@ impl Client {
             Reply::Ok(value) => Ok(value),
             Reply::Error(error) => Err(ClientError::Remote(error)),
         }
+    }
+
+    /// After an `events` call with `follow`: the next streamed event (blocks; None when
+    /// the daemon went away).
+    pub fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        let mut line = String::new();
+        match self.stream.read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(format!("malformed event: {e}"))),
+            Err(e) => Err(ClientError::Protocol(format!("reading events: {e}"))),
+        }
+    }
+
+    /// Following events waits as long as it takes.
+    pub fn without_timeout(self) -> Result<Self, ClientError> {
+        self.stream
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(self)
     }
 
     /// Calls and decodes the result into its view type.

@@ -14,7 +14,7 @@ use monitor_common::datapath::Action;
 use serde_json::Value;
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     capture::{self, CaptureMaps, Segment},
@@ -26,10 +26,12 @@ use crate::{
         StatsView, StatusView, TopKey, TopRow,
     },
     enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
-    http::{Limits, Pipeline, route::Routes},
+    events::{Bus, Event},
+    http::{self, Limits, Pipeline, route::Routes},
     loader::{self, Attachment, LoadOptions, LoaderError},
     maps::{Datapath, ListKind, MapsError, Traffic},
     metrics::{self, Metrics},
+    secrets::{Fingerprinter, SecretsError},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -59,6 +61,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
 }
 
 /// What the control handler needs; shared with the sweeper.
@@ -70,6 +74,7 @@ struct Shared {
     started_wall: SystemTime,
     /// Name, XDP mode and the ifindex attached to.
     interfaces: Vec<(String, &'static str, u32)>,
+    events: Bus,
 }
 
 impl Shared {
@@ -104,6 +109,8 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     // Claim the socket and the pin directory before touching any kernel state, so a
     // second daemon changes nothing that belongs to the first.
     let listener = control::bind(&daemon.socket)?;
+    let secrets = Fingerprinter::open(&daemon.state_dir)?;
+    let events = Bus::default();
     let _socket_file = RemoveOnDrop(daemon.socket.clone());
     loader::prepare_pin_dir(&daemon.bpffs_dir)?;
     let _pin_lock = loader::lock_pin_dir(&daemon.bpffs_dir)?;
@@ -149,7 +156,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             }
         }
     }
-    let metrics = Arc::new(Metrics::new(Routes::new(&config.capture.routes))?);
+    let metrics = Arc::new(Metrics::new()?);
     let shared = Arc::new(Shared {
         enforcer: Mutex::new(enforcer),
         traffic,
@@ -157,6 +164,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         started: Instant::now(),
         started_wall: SystemTime::now(),
         interfaces: xdp_interfaces,
+        events: events.clone(),
     });
     let (segments_tx, segments_rx) = tokio::sync::mpsc::channel(SEGMENT_BATCHES_QUEUED);
     let reader_task = tokio::spawn(capture::read_samples(ring, segments_tx));
@@ -167,7 +175,12 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             max_memory: config.capture.max_flow_memory,
             idle_timeout: config.capture.flow_idle_timeout,
         }),
-        metrics.clone(),
+        Observers {
+            routes: Routes::new(&config.capture.routes),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            secrets,
+        },
     ));
     let metrics_task = match daemon.metrics_addr {
         MetricsAddr::Off => None,
@@ -191,6 +204,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let control_task = tokio::spawn(control::serve(
         listener,
         Arc::new(move |request| handle(&handler_state, request)),
+        events.clone(),
     ));
     let sweeper_task = tokio::spawn(sweep_loop(shared.clone(), daemon.sweep_interval));
     info!(
@@ -199,6 +213,11 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         pins = %daemon.bpffs_dir.display(),
         version = VERSION,
         "Daemon started"
+    );
+    events.publish(
+        Event::new("event", "process", "daemon_started")
+            .with_field("version", VERSION)
+            .with_field("interfaces", interfaces.clone()),
     );
 
     let result = wait_for_shutdown().await;
@@ -217,18 +236,44 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         }
     }
     info!("Daemon stopped");
+    events.publish(Event::new("event", "process", "daemon_stopped"));
     result
 }
 
 /// Batches of segments queued between the ring reader and the pipeline.
 const SEGMENT_BATCHES_QUEUED: usize = 64;
 
-/// Feeds captured segments through reassembly and parsing into the metrics.
+/// Who learns about observed exchanges.
+struct Observers {
+    routes: Routes,
+    metrics: Arc<Metrics>,
+    events: Bus,
+    secrets: Fingerprinter,
+}
+
+impl Observers {
+    fn observe(&self, event: &http::Event, clocks: &Clocks) {
+        let http::Event::Exchange(exchange) = event else {
+            self.metrics.record(event, "");
+            return;
+        };
+        let route = self.routes.template(&exchange.request.target);
+        self.metrics.record(event, &route);
+        if self.events.wants_http() {
+            let at = clocks.to_wall(exchange.started_ns);
+            self.events
+                .publish_http(Event::http_exchange(exchange, &route, at, &self.secrets));
+        }
+    }
+}
+
+/// Feeds captured segments through reassembly and parsing to the observers.
 async fn run_pipeline(
     mut segments: tokio::sync::mpsc::Receiver<Vec<Segment>>,
     mut pipeline: Pipeline,
-    metrics: Arc<Metrics>,
+    observers: Observers,
 ) {
+    let metrics = &observers.metrics;
     let mut events = Vec::new();
     // Idle connections are dropped even when no traffic arrives to notice them.
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
@@ -247,18 +292,9 @@ async fn run_pipeline(
             }
             _ = idle_check.tick() => pipeline.enforce_limits(clock::monotonic_ns(), &mut events),
         }
+        let clocks = Clocks::now();
         for event in events.drain(..) {
-            if let crate::http::Event::Exchange(exchange) = &event {
-                debug!(
-                    client = %exchange.client,
-                    server = %exchange.server,
-                    method = %exchange.request.method,
-                    target = %exchange.request.target,
-                    status = ?exchange.status,
-                    "HTTP exchange"
-                );
-            }
-            metrics.record(&event);
+            observers.observe(&event, &clocks);
         }
         metrics.set_active_flows(pipeline.active_flows());
     }
@@ -347,9 +383,9 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let shared = shared.clone();
+        let upkeep = shared.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            let mut enforcer = shared.enforcer();
+            let mut enforcer = upkeep.enforcer();
             let expired = enforcer.sweep(SystemTime::now())?;
             enforcer.settle()?;
             Ok::<_, EnforceError>(expired)
@@ -359,6 +395,7 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
             Ok(Ok(expired)) => {
                 for entry in expired {
                     info!(event.action = "block_expired", cidr = %entry.cidr, origin = %entry.origin, "Block expired");
+                    shared.events.publish(list_event("block_expired", &entry));
                 }
             }
             Ok(Err(e)) => {
@@ -472,6 +509,8 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
         Request::AllowLs => list(shared, ListKind::Allow),
         Request::Stats => stats(shared),
         Request::Top { by, limit } => top(shared, by, limit),
+        // Streams are served by the control socket itself.
+        Request::Events { .. } => Err(ControlError::failed("events are served by the socket")),
     }
 }
 
@@ -497,6 +536,7 @@ fn add(
             .expires_at
             .map_or_else(|| "never".to_owned(), clock::rfc3339);
         info!(event.action = action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
+        shared.events.publish(list_event(action, entry));
     }
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
@@ -513,8 +553,24 @@ fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, Co
     };
     for entry in &removed {
         info!(event.action = action, cidr = %entry.cidr, "List entry removed");
+        shared.events.publish(list_event(action, entry));
     }
     to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
+}
+
+/// A blocklist or allowlist change, as an audit event.
+fn list_event(action: &str, entry: &enforce::Entry) -> Event {
+    Event::new("event", "configuration", action)
+        .with_field("cidr", entry.cidr.to_string())
+        .with_field("reason", entry.reason.clone())
+        .with_field("origin", entry.origin.clone())
+        .with_field(
+            "expires_at",
+            entry
+                .expires_at
+                .map(clock::rfc3339)
+                .map_or(Value::Null, Value::from),
+        )
 }
 
 fn list(shared: &Shared, kind: ListKind) -> Result<Value, ControlError> {

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::{
     capture::Direction,
-    http::{Event, Exchange, route::Routes},
+    http::{Event, Exchange},
 };
 
 #[derive(Debug, Error)]
@@ -53,11 +53,10 @@ pub struct Metrics {
     samples_lost: IntCounter,
     parse_errors: IntCounterVec,
     active_flows: IntGauge,
-    routes: Routes,
 }
 
 impl Metrics {
-    pub fn new(routes: Routes) -> Result<Self, MetricsError> {
+    pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let labels = [
             "http_request_method",
@@ -126,7 +125,6 @@ impl Metrics {
             samples_lost,
             parse_errors,
             active_flows,
-            routes,
         })
     }
 
@@ -147,9 +145,10 @@ impl Metrics {
             .set(i64::try_from(flows).unwrap_or(i64::MAX));
     }
 
-    pub fn record(&self, event: &Event) {
+    /// Counts what the pipeline reported; `route` is the exchange's template.
+    pub fn record(&self, event: &Event, route: &str) {
         match event {
-            Event::Exchange(exchange) => self.exchange(exchange),
+            Event::Exchange(exchange) => self.exchange(exchange, route),
             Event::ParseError(kind) => self.parse_errors.with_label_values(&[kind.name()]).inc(),
             Event::OtherProtocol(protocol) => self
                 .parse_errors
@@ -158,12 +157,11 @@ impl Metrics {
         }
     }
 
-    fn exchange(&self, exchange: &Exchange) {
+    fn exchange(&self, exchange: &Exchange, route: &str) {
         let status = exchange.status.map_or_else(String::new, |s| s.to_string());
-        let route = self.routes.template(&exchange.request.target);
         let labels = [
             method_label(&exchange.request.method),
-            route.as_str(),
+            route,
             status.as_str(),
         ];
         self.http_requests.with_label_values(&labels).inc();
@@ -233,7 +231,8 @@ mod tests {
 
     #[test]
     fn exchanges_are_counted_by_template() {
-        let metrics = Metrics::new(Routes::default()).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let routes = crate::http::route::Routes::default();
         let exchange = |target: &str, status| {
             Event::Exchange(Exchange {
                 client: "10.0.0.2:1".parse().unwrap(),
@@ -242,20 +241,26 @@ mod tests {
                     method: "GET".into(),
                     target: target.into(),
                     host: None,
+                    user_agent: None,
                     version: 1,
                     content_length: None,
                     chunked: false,
                     expect_continue: false,
                 },
+                started_ns: 0,
                 request_body_bytes: 0,
                 status,
                 response_body_bytes: 0,
                 latency: Some(Duration::from_millis(3)),
             })
         };
-        metrics.record(&exchange("/users/1", Some(200)));
-        metrics.record(&exchange("/users/2?x=y", Some(200)));
-        metrics.record(&exchange("/users/3", None));
+        for (target, status) in [
+            ("/users/1", Some(200)),
+            ("/users/2?x=y", Some(200)),
+            ("/users/3", None),
+        ] {
+            metrics.record(&exchange(target, status), &routes.template(target));
+        }
         metrics.sample(Direction::Request);
         metrics.set_samples_lost(5);
         metrics.set_samples_lost(3);

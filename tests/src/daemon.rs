@@ -4,6 +4,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -362,4 +363,92 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// `apimon events --follow --json` running in the background, as an operator would
+/// leave it in a terminal; every line it printed is kept.
+pub struct EventStream {
+    child: Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Daemon {
+    /// Follows events; `http` adds one event per observed exchange. Returns once the
+    /// subscription is in place, so nothing sent afterwards is missed.
+    pub fn follow_events(&self, http: bool) -> EventStream {
+        let mut args = vec!["events", "--follow", "--json"];
+        if http {
+            args.push("--http");
+        }
+        let mut child = Command::new(apimon_bin())
+            .args(&args)
+            .args(self.paths.flags())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning apimon events");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("events printed a non-JSON line {line:?}: {e}"));
+                collected.lock().unwrap().push(value);
+            }
+        });
+        // The subscription exists once the daemon counts it: wait for a marker event.
+        let stream = EventStream { child, lines };
+        let marker = "192.0.2.254/32";
+        self.cli_ok(&["block", "add", marker, "--reason", "subscription marker"]);
+        self.cli_ok(&["block", "rm", marker]);
+        stream.wait_for(Duration::from_secs(5), |events| {
+            events
+                .iter()
+                .any(|e| e["event"]["action"] == "block_removed" && e["apimon"]["cidr"] == marker)
+        });
+        stream
+    }
+}
+
+impl EventStream {
+    /// Everything printed so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds over the events printed so far (or the timeout ends);
+    /// returns them either way.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let events = self.events();
+            if done(&events) || start.elapsed() > timeout {
+                return events;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The observed HTTP requests, in order.
+    pub fn http_requests(&self) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"]["action"] == "http_request")
+            .collect()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -317,10 +317,26 @@ fn a_ttl_block_ends_by_itself() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Operators see the whole story in `apimon events`.
+    let lines = setup.daemon.cli_ok(&["events", "--json"]);
+    let actions: Vec<String> = lines
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("one JSON event per line"))
+        .filter(|event| event["apimon"]["cidr"] == "10.77.0.2/32")
+        .map(|event| {
+            event["event"]["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(actions, ["block_added", "block_expired"], "{lines}");
+    let human = setup.daemon.cli_ok(&["events"]);
     assert!(
-        setup.daemon.log().contains("block_expired"),
-        "{}",
-        setup.daemon.log()
+        human
+            .lines()
+            .any(|l| l.contains("block_expired") && l.contains("cidr=10.77.0.2/32")),
+        "{human}"
     );
 }
 

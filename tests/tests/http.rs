@@ -22,6 +22,46 @@ use apimon_tests::{
 };
 
 const BASE: &str = "http://10.77.0.1:8080";
+const HOST: &str = "10.77.0.1:8080";
+const SECRET: &str = "s3cr3t-key-0xDEADBEEF";
+
+/// What one observed request must look like, field by field.
+struct Expected {
+    method: &'static str,
+    path: &'static str,
+    query: Option<&'static str>,
+    host: &'static str,
+    status: u64,
+    request_body: u64,
+    response_body: u64,
+    curl: bool,
+}
+
+fn get(path: &'static str, host: &'static str, response_body: u64, curl: bool) -> Expected {
+    Expected {
+        method: "GET",
+        path,
+        query: None,
+        host,
+        status: 200,
+        request_body: 0,
+        response_body,
+        curl,
+    }
+}
+
+fn post(request_body: u64) -> Expected {
+    Expected {
+        method: "POST",
+        path: "/echo",
+        query: None,
+        host: HOST,
+        status: 200,
+        request_body,
+        response_body: 3,
+        curl: true,
+    }
+}
 
 /// Sends raw bytes from the client namespace and reads until the server closes.
 fn raw_exchange(ns: &NetNs, bytes: &'static [u8]) -> Vec<u8> {
@@ -52,6 +92,7 @@ fn metrics_match_the_requests_sent_exactly() {
     let topo = Topology::new();
     let nginx = Nginx::start(&topo.server, &["10.77.0.1:8080", "[fd00:77::1]:8080"]);
     let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if);
+    let stream = daemon.follow_events(true);
     let bodies = nginx.dir.path();
 
     // Keep-alive: three requests on one connection.
@@ -137,10 +178,19 @@ fn metrics_match_the_requests_sent_exactly() {
         &topo.client,
         b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n\x01\x02\x03 garbage\r\n\r\n",
     );
+    // A credential in the query string.
+    curl(
+        &topo.client,
+        &[
+            "-o",
+            "/dev/null",
+            &format!("{BASE}/b?api_key={SECRET}&page=2"),
+        ],
+    );
 
     let expected = [
         ("GET", "/a", "200", 5.0),
-        ("GET", "/b", "200", 3.0),
+        ("GET", "/b", "200", 4.0),
         ("GET", "/users/{id}", "200", 1.0),
         ("GET", "/big", "200", 1.0),
         ("POST", "/echo", "200", 3.0),
@@ -168,7 +218,7 @@ fn metrics_match_the_requests_sent_exactly() {
         .filter(|l| l.starts_with("apimon_http_requests_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(total, 13.0, "no request counted twice or invented\n{text}");
+    assert_eq!(total, 14.0, "no request counted twice or invented\n{text}");
     assert_eq!(
         metric(&text, "apimon_samples_lost_total"),
         Some(0.0),
@@ -192,4 +242,101 @@ fn metrics_match_the_requests_sent_exactly() {
         "{stats}"
     );
     assert_eq!(stats["samples"]["lost"], 0);
+    check_events(&stream);
+    assert!(
+        !daemon.log().contains(SECRET),
+        "the secret leaked into the log"
+    );
+}
+
+/// Every request the clients sent, in order, with each field as sent and answered.
+fn check_events(stream: &apimon_tests::daemon::EventStream) {
+    let expected = [
+        Expected {
+            query: Some("x=1"),
+            ..get("/a", HOST, 6, true)
+        },
+        get("/b", HOST, 7, true),
+        get("/users/42", HOST, 10, true),
+        post(3000),
+        post(40_000),
+        post(3000),
+        get("/b", HOST, 7, true),
+        get("/big", HOST, BIG_BYTES as u64, true),
+        get("/a", "[fd00:77::1]:8080", 6, true),
+        get("/a", "t", 6, false),
+        get("/b", "t", 7, false),
+        get("/a", "t", 6, false),
+        get("/a", "t", 6, false),
+        Expected {
+            query: Some("api_key="),
+            ..get("/b", HOST, 7, true)
+        },
+    ];
+    let events = stream.wait_for(Duration::from_secs(10), |events| {
+        events
+            .iter()
+            .filter(|e| e["event"]["action"] == "http_request")
+            .count()
+            >= expected.len()
+    });
+    let requests = stream.http_requests();
+    assert_eq!(
+        requests.len(),
+        expected.len(),
+        "one event per request\n{requests:#?}"
+    );
+    for (i, (event, want)) in requests.iter().zip(&expected).enumerate() {
+        let context = format!("request {i}: {event:#}");
+        assert_eq!(event["http"]["request"]["method"], want.method, "{context}");
+        assert_eq!(event["url"]["path"], want.path, "{context}");
+        match want.query {
+            Some(prefix) => assert!(
+                event["url"]["query"]
+                    .as_str()
+                    .is_some_and(|q| q.starts_with(prefix)),
+                "{context}"
+            ),
+            None => assert!(event["url"]["query"].is_null(), "{context}"),
+        }
+        assert_eq!(event["url"]["domain"], want.host, "{context}");
+        assert_eq!(
+            event["http"]["response"]["status_code"], want.status,
+            "{context}"
+        );
+        assert_eq!(
+            event["http"]["request"]["body"]["bytes"], want.request_body,
+            "{context}"
+        );
+        assert_eq!(
+            event["http"]["response"]["body"]["bytes"], want.response_body,
+            "{context}"
+        );
+        // The kernel picks one of the client namespace's addresses.
+        let source: std::net::IpAddr = event["source"]["ip"].as_str().unwrap().parse().unwrap();
+        let clients: Vec<std::net::IpAddr> = if want.host.starts_with('[') {
+            Topology::CLIENT_V6.map(Into::into).to_vec()
+        } else {
+            Topology::CLIENT_V4.map(Into::into).to_vec()
+        };
+        assert!(clients.contains(&source), "{context}");
+        assert_eq!(event["destination"]["port"], 8080, "{context}");
+        assert_eq!(
+            event["user_agent"]["original"]
+                .as_str()
+                .is_some_and(|ua| ua.starts_with("curl/")),
+            want.curl,
+            "{context}"
+        );
+        assert!(event["event"]["duration"].as_u64().is_some(), "{context}");
+    }
+    // The credential is fingerprinted, never shown.
+    let last = &requests[expected.len() - 1];
+    let query = last["url"]["query"].as_str().unwrap_or_default();
+    assert!(
+        query.starts_with("api_key=hmac:") && query.ends_with("&page=2"),
+        "{query}"
+    );
+    let all = serde_json::to_string(&events).unwrap();
+    assert!(!all.contains(SECRET), "the secret leaked into events");
 }

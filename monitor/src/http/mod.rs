@@ -24,6 +24,8 @@ pub struct Exchange {
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub request: RequestHead,
+    /// CLOCK_MONOTONIC ns of the request's first byte (kernel timestamp).
+    pub started_ns: u64,
     pub request_body_bytes: u64,
     /// None when the connection ended before a response.
     pub status: Option<u16>,
@@ -34,6 +36,10 @@ pub struct Exchange {
 
 /// What the pipeline reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "exchanges are nearly every event; boxing would allocate for each"
+)]
 pub enum Event {
     Exchange(Exchange),
     ParseError(ParseErrorKind),
@@ -59,8 +65,20 @@ struct FlowId {
 struct Pending {
     head: RequestHead,
     started_ns: u64,
-    body_bytes: u64,
+    /// Set once the request's body has ended.
+    body_bytes: Option<u64>,
+    /// Status and first-byte time of the response.
     response: Option<(u16, u64)>,
+    /// Set once the response's body has ended.
+    response_body_bytes: Option<u64>,
+}
+
+impl Pending {
+    /// Servers may answer before the request body is in (an early 413, or an
+    /// endpoint that ignores the body): an exchange ends when both sides have.
+    fn complete(&self) -> bool {
+        self.body_bytes.is_some() && self.response_body_bytes.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -178,6 +196,14 @@ impl Pipeline {
         }
         let closing = segment.flags & (TCP_FIN | TCP_RST) != 0;
         if closing {
+            // Bytes the kernel did not capture up to the close (the rest of a large
+            // body) still count, exactly, where the message can take them.
+            let end = segment.seq.wrapping_add(segment.data.len() as u32);
+            if let Some(missing) = reassembler.missing_until(end)
+                && parser.absorbs_gap(missing)
+            {
+                reassembler.skip(missing, &mut |d| feed(parser, d, now, &mut items));
+            }
             parser.close(&mut items);
         }
         let after = flow.request.buffered() + flow.response.buffered();
@@ -244,8 +270,9 @@ fn pair(
                 flow.pending.push_back(Pending {
                     head,
                     started_ns,
-                    body_bytes: 0,
+                    body_bytes: None,
                     response: None,
+                    response_body_bytes: None,
                 });
             }
             Item::Response { head, started_ns } => {
@@ -256,28 +283,36 @@ fn pair(
                     pending.response = Some((head.status, started_ns));
                 }
             }
-            Item::End { body_bytes } => match direction {
-                Direction::Request => {
-                    if let Some(pending) = flow.pending.back_mut() {
-                        pending.body_bytes = body_bytes;
+            Item::End { body_bytes } => {
+                match direction {
+                    Direction::Request => {
+                        if let Some(pending) = flow.pending.back_mut() {
+                            pending.body_bytes = Some(body_bytes);
+                        }
+                    }
+                    Direction::Response => {
+                        if let Some(pending) = flow
+                            .pending
+                            .iter_mut()
+                            .find(|p| p.response.is_some() && p.response_body_bytes.is_none())
+                        {
+                            pending.response_body_bytes = Some(body_bytes);
+                        }
                     }
                 }
-                Direction::Response => {
-                    // The oldest answered request is complete.
-                    if flow.pending.front().is_some_and(|p| p.response.is_some())
-                        && let Some(done) = flow.pending.pop_front()
-                    {
-                        events.push(Event::Exchange(exchange(id, done, body_bytes)));
+                while flow.pending.front().is_some_and(Pending::complete) {
+                    if let Some(done) = flow.pending.pop_front() {
+                        events.push(Event::Exchange(exchange(id, done)));
                     }
                 }
-            },
+            }
             Item::Error(kind) => events.push(Event::ParseError(kind)),
             Item::NotHttp(protocol) => events.push(Event::OtherProtocol(protocol)),
         }
     }
 }
 
-fn exchange(id: FlowId, pending: Pending, response_body_bytes: u64) -> Exchange {
+fn exchange(id: FlowId, pending: Pending) -> Exchange {
     let (status, latency) = match pending.response {
         Some((status, started_ns)) => (
             Some(status),
@@ -291,9 +326,10 @@ fn exchange(id: FlowId, pending: Pending, response_body_bytes: u64) -> Exchange 
         client: id.client,
         server: id.server,
         request: pending.head,
-        request_body_bytes: pending.body_bytes,
+        started_ns: pending.started_ns,
+        request_body_bytes: pending.body_bytes.unwrap_or(0),
         status,
-        response_body_bytes,
+        response_body_bytes: pending.response_body_bytes.unwrap_or(0),
         latency,
     }
 }
@@ -304,7 +340,7 @@ fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>) {
     flow.response.parser.close(&mut items);
     pair(id, &mut flow, Direction::Response, items, events);
     for pending in flow.pending.drain(..) {
-        events.push(Event::Exchange(exchange(id, pending, 0)));
+        events.push(Event::Exchange(exchange(id, pending)));
     }
 }
 
@@ -378,6 +414,60 @@ mod tests {
         );
         assert_eq!(done[0].latency, Some(Duration::from_nanos(4_000)));
         assert_eq!(p.active_flows(), 1);
+    }
+
+    #[test]
+    fn an_answer_before_the_request_body_ends_waits_for_the_body() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        let head = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234";
+        p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
+        let resp = b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Response, 500, resp, 2_000, 0),
+            &mut events,
+        );
+        assert!(
+            exchanges(&events).is_empty(),
+            "the request is still arriving"
+        );
+        let rest = b"56789GET /next HTTP/1.1\r\n\r\n";
+        let seq = 1 + head.len() as u32;
+        p.ingest(
+            &segment(Direction::Request, seq, rest, 3_000, 0),
+            &mut events,
+        );
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].status, done[0].request_body_bytes, done[0].latency),
+            (Some(413), 10, Some(Duration::from_nanos(1_000)))
+        );
+    }
+
+    #[test]
+    fn a_close_after_an_uncaptured_body_tail_gives_the_exact_size() {
+        let mut p = pipeline();
+        let mut events = Vec::new();
+        let head = b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\n\r\nfirst bytes";
+        p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Response, 7, resp, 2_000, 0),
+            &mut events,
+        );
+        let body_start = 1 + (head.len() - b"first bytes".len()) as u32;
+        let fin = segment(
+            Direction::Request,
+            body_start + 100_000,
+            b"",
+            3_000,
+            TCP_FIN,
+        );
+        p.ingest(&fin, &mut events);
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 1, "{events:?}");
+        assert_eq!(done[0].request_body_bytes, 100_000);
     }
 
     #[test]

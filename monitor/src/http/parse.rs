@@ -20,6 +20,7 @@ pub struct RequestHead {
     /// Path and query as sent (origin form), or the absolute URI.
     pub target: String,
     pub host: Option<String>,
+    pub user_agent: Option<String>,
     pub version: u8,
     pub content_length: Option<u64>,
     pub chunked: bool,
@@ -382,6 +383,7 @@ impl MessageParser {
                     method: request.method.unwrap_or_default().to_owned(),
                     target: request.path.unwrap_or_default().to_owned(),
                     host: header_value(request.headers, "host").next().map(text),
+                    user_agent: header_value(request.headers, "user-agent").next().map(text),
                     version: request.version.unwrap_or(1),
                     content_length,
                     chunked,

@@ -112,12 +112,27 @@ impl Reassembler {
         let Some(missing) = self.gap_ahead() else {
             return;
         };
+        self.skip(missing, out);
+        self.drain(out);
+    }
+
+    /// Bytes never seen between what was delivered and `end_seq`, the end of the
+    /// stream (a closing segment), when nothing is held.
+    pub fn missing_until(&self, end_seq: u32) -> Option<u64> {
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let (relative, _) = self.offset_of(end_seq)?;
+        u64::try_from(relative).ok().filter(|&missing| missing > 0)
+    }
+
+    /// Gives up on the next `missing` bytes.
+    pub fn skip(&mut self, missing: u64, out: &mut impl FnMut(Delivery<'_>)) {
         if let Some((seq, offset)) = &mut self.next {
             *seq = seq.wrapping_add(missing as u32);
             *offset += missing;
         }
         out(Delivery::Gap(missing));
-        self.drain(out);
     }
 
     /// True when the held segments exceed the bounds: time to give up waiting.
