@@ -257,7 +257,7 @@ impl Observers {
             self.metrics.record(event, "");
             return;
         };
-        let route = self.routes.template(&exchange.request.target);
+        let route = self.routes.template(&exchange.request.target());
         self.metrics.record(event, &route);
         if self.events.wants_http() {
             let at = clocks.to_wall(exchange.started_ns);

@@ -152,9 +152,10 @@ impl Event {
         secrets: &Fingerprinter,
     ) -> Self {
         let request = &exchange.request;
-        let (path, query) = match request.target.split_once('?') {
+        let target = request.target();
+        let (path, query) = match target.split_once('?') {
             Some((path, query)) => (path, Some(secrets.redact_query(query))),
-            None => (request.target.as_str(), None),
+            None => (target.as_ref(), None),
         };
         let mut event = Self::new("event", "web", "http_request");
         event.timestamp = clock::rfc3339_millis(at);
@@ -174,7 +175,7 @@ impl Event {
         event.http = Some(Http {
             version: format!("1.{}", request.version),
             request: HttpRequest {
-                method: request.method.clone(),
+                method: request.method().into_owned(),
                 body: Body {
                     bytes: exchange.request_body_bytes,
                 },
@@ -189,10 +190,10 @@ impl Event {
         event.url = Some(Url {
             path: path.into(),
             query,
-            domain: request.host.clone(),
+            domain: request.host().map(std::borrow::Cow::into_owned),
         });
-        event.user_agent = request.user_agent.as_ref().map(|original| UserAgent {
-            original: original.clone(),
+        event.user_agent = request.user_agent().map(|original| UserAgent {
+            original: original.into_owned(),
         });
         event.with_field("route", route)
     }
@@ -302,22 +303,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::http::parse::RequestHead;
+    use crate::http::parse::request_head;
 
     fn exchange(target: &str, status: Option<u16>) -> Exchange {
         Exchange {
             client: "10.0.0.2:40000".parse().unwrap(),
             server: "[::ffff:10.0.0.1]:8080".parse().unwrap(),
-            request: RequestHead {
-                method: "POST".into(),
-                target: target.into(),
-                host: Some("api.example".into()),
-                user_agent: Some("curl/8".into()),
-                version: 1,
-                content_length: Some(12),
-                chunked: false,
-                expect_continue: false,
-            },
+            request: request_head(&format!(
+                "POST {target} HTTP/1.1\r\nHost: api.example\r\nUser-Agent: curl/8\r\nContent-Length: 12\r\n\r\n"
+            )),
             started_ns: 0,
             request_body_bytes: 12,
             status,

@@ -160,7 +160,7 @@ impl Metrics {
     fn exchange(&self, exchange: &Exchange, route: &str) {
         let status = exchange.status.map_or_else(String::new, |s| s.to_string());
         let labels = [
-            method_label(&exchange.request.method),
+            method_label(&exchange.request.method()),
             route,
             status.as_str(),
         ];
@@ -220,7 +220,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::http::parse::RequestHead;
+    use crate::http::parse::request_head;
 
     #[test]
     fn methods_are_a_closed_set() {
@@ -237,16 +237,7 @@ mod tests {
             Event::Exchange(Exchange {
                 client: "10.0.0.2:1".parse().unwrap(),
                 server: "10.0.0.1:80".parse().unwrap(),
-                request: RequestHead {
-                    method: "GET".into(),
-                    target: target.into(),
-                    host: None,
-                    user_agent: None,
-                    version: 1,
-                    content_length: None,
-                    chunked: false,
-                    expect_continue: false,
-                },
+                request: request_head(&format!("GET {target} HTTP/1.1\r\n\r\n")),
                 started_ns: 0,
                 request_body_bytes: 0,
                 status,

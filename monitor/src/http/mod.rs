@@ -116,6 +116,8 @@ pub struct Pipeline {
     flows: LruCache<FlowId, Flow>,
     limits: Limits,
     memory: usize,
+    /// Scratch space for one segment's parsed items.
+    items: Vec<Item>,
 }
 
 impl Pipeline {
@@ -125,11 +127,38 @@ impl Pipeline {
             flows: LruCache::new(capacity),
             limits,
             memory: 0,
+            items: Vec::new(),
         }
     }
 
     pub fn active_flows(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Starts following a connection, from a message start only (the kernel does the
+    /// same). False when this segment does not start one.
+    fn open_flow(&mut self, id: FlowId, segment: &Segment, events: &mut Vec<Event>) -> bool {
+        let side = match segment.direction {
+            Direction::Request => Side::Request,
+            Direction::Response => return false,
+        };
+        if !starts_message(side, &segment.data) && OtherProtocol::recognise(&segment.data).is_none()
+        {
+            return false;
+        }
+        let flow = Flow {
+            request: Half::new(Side::Request),
+            response: Half::new(Side::Response),
+            pending: VecDeque::new(),
+            last_seen_ns: segment.timestamp_ns,
+        };
+        if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
+            self.memory = self
+                .memory
+                .saturating_sub(evicted.request.buffered() + evicted.response.buffered());
+            flush(evicted_id, evicted, events);
+        }
+        true
     }
 
     /// Takes one segment; completed exchanges and problems go to `events`.
@@ -138,36 +167,23 @@ impl Pipeline {
             client: segment.client,
             server: segment.server,
         };
-        if !self.flows.contains(&id) {
-            // Follow a connection only from a message start (the kernel does the same).
-            let side = match segment.direction {
-                Direction::Request => Side::Request,
-                Direction::Response => return,
-            };
-            if !starts_message(side, &segment.data)
-                && OtherProtocol::recognise(&segment.data).is_none()
-            {
-                return;
+        // One lookup for a known connection (nearly every segment).
+        let flow = match self.flows.get_mut(&id) {
+            Some(flow) => flow,
+            None => {
+                if !self.open_flow(id, segment, events) {
+                    return;
+                }
+                let Some(flow) = self.flows.get_mut(&id) else {
+                    return;
+                };
+                flow
             }
-            let flow = Flow {
-                request: Half::new(Side::Request),
-                response: Half::new(Side::Response),
-                pending: VecDeque::new(),
-                last_seen_ns: segment.timestamp_ns,
-            };
-            if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
-                self.memory = self
-                    .memory
-                    .saturating_sub(evicted.request.buffered() + evicted.response.buffered());
-                flush(evicted_id, evicted, events);
-            }
-        }
-        let Some(flow) = self.flows.get_mut(&id) else {
-            return;
         };
         let before = flow.request.buffered() + flow.response.buffered();
         flow.last_seen_ns = flow.last_seen_ns.max(segment.timestamp_ns);
-        let mut items = Vec::new();
+        // Reused across segments: one allocation less per segment.
+        let mut items = std::mem::take(&mut self.items);
         let half = match segment.direction {
             Direction::Request => &mut flow.request,
             Direction::Response => &mut flow.response,
@@ -208,7 +224,8 @@ impl Pipeline {
         }
         let after = flow.request.buffered() + flow.response.buffered();
         self.memory = (self.memory + after).saturating_sub(before);
-        pair(id, flow, segment.direction, items, events);
+        pair(id, flow, segment.direction, &mut items, events);
+        self.items = items;
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
         }
@@ -258,15 +275,15 @@ fn pair(
     id: FlowId,
     flow: &mut Flow,
     direction: Direction,
-    items: Vec<Item>,
+    items: &mut Vec<Item>,
     events: &mut Vec<Event>,
 ) {
-    for item in items {
+    for item in items.drain(..) {
         match item {
             Item::Request { head, started_ns } => {
                 flow.response
                     .parser
-                    .expect_response(head.method.eq_ignore_ascii_case("HEAD"));
+                    .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
                 flow.pending.push_back(Pending {
                     head,
                     started_ns,
@@ -338,7 +355,7 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
 fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>) {
     let mut items = Vec::new();
     flow.response.parser.close(&mut items);
-    pair(id, &mut flow, Direction::Response, items, events);
+    pair(id, &mut flow, Direction::Response, &mut items, events);
     for pending in flow.pending.drain(..) {
         events.push(Event::Exchange(exchange(id, pending)));
     }
@@ -398,7 +415,7 @@ mod tests {
         assert_eq!(done.len(), 2);
         assert_eq!(
             (
-                done[0].request.target.as_str(),
+                done[0].request.target().as_ref(),
                 done[0].status,
                 done[0].response_body_bytes
             ),
@@ -406,7 +423,7 @@ mod tests {
         );
         assert_eq!(
             (
-                done[1].request.target.as_str(),
+                done[1].request.target().as_ref(),
                 done[1].status,
                 done[1].request_body_bytes
             ),

@@ -14,17 +14,178 @@ pub enum Side {
     Response,
 }
 
+/// A request's head: the bytes as received, kept in one allocation, with the places of
+/// the fields apimon reads. Detections can re-read any header from `raw`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    pub method: String,
-    /// Path and query as sent (origin form), or the absolute URI.
-    pub target: String,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
+    raw: Box<[u8]>,
+    method: Span,
+    target: Span,
+    host: Option<Span>,
+    user_agent: Option<Span>,
     pub version: u8,
     pub content_length: Option<u64>,
     pub chunked: bool,
     pub expect_continue: bool,
+}
+
+/// Where a field sits in `RequestHead::raw`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    /// The place of `part`, a subslice of `whole`.
+    fn of(whole: &[u8], part: &[u8]) -> Self {
+        let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+        let start = start.min(whole.len());
+        let end = (start + part.len()).min(whole.len());
+        Self {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+}
+
+/// What one attempt at a request head gave.
+#[derive(Debug)]
+pub enum HeadParse<T> {
+    /// The head, and how many bytes it took.
+    Complete(T, usize),
+    Partial,
+    Invalid,
+    /// A well-formed head with framing that cannot be trusted.
+    BadFraming(ParseErrorKind),
+}
+
+impl RequestHead {
+    /// Parses a request head at the start of `bytes`.
+    pub fn parse(bytes: &[u8]) -> HeadParse<Self> {
+        // Uninitialised header slots: initialising a hundred of them per request would
+        // cost more than parsing the head.
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        let len = match request.parse_with_uninit_headers(bytes, &mut headers) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return HeadParse::Partial,
+            Err(_) => return HeadParse::Invalid,
+        };
+        let raw = &bytes[..len];
+        let fields = match HeaderFields::scan(request.headers) {
+            Ok(fields) => fields,
+            Err(kind) => return HeadParse::BadFraming(kind),
+        };
+        let span = |part: &[u8]| Span::of(raw, part);
+        let head = RequestHead {
+            method: span(request.method.unwrap_or_default().as_bytes()),
+            target: span(request.path.unwrap_or_default().as_bytes()),
+            host: fields.host.map(span),
+            user_agent: fields.user_agent.map(span),
+            version: request.version.unwrap_or(1),
+            content_length: fields.content_length,
+            chunked: fields.chunked,
+            expect_continue: fields.expect_continue,
+            raw: raw.into(),
+        };
+        HeadParse::Complete(head, len)
+    }
+
+    fn text(&self, span: Span) -> std::borrow::Cow<'_, str> {
+        let bytes = self
+            .raw
+            .get(span.start as usize..span.end as usize)
+            .unwrap_or_default();
+        String::from_utf8_lossy(bytes)
+    }
+
+    pub fn method(&self) -> std::borrow::Cow<'_, str> {
+        self.text(self.method)
+    }
+
+    /// Path and query as sent (origin form), or the absolute URI.
+    pub fn target(&self) -> std::borrow::Cow<'_, str> {
+        self.text(self.target)
+    }
+
+    pub fn host(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.host.map(|span| self.text(span))
+    }
+
+    pub fn user_agent(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.user_agent.map(|span| self.text(span))
+    }
+
+    /// The head as received.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+}
+
+/// A request head from text (tests build exchanges with it).
+#[cfg(test)]
+pub fn request_head(text: &str) -> RequestHead {
+    match RequestHead::parse(text.as_bytes()) {
+        HeadParse::Complete(head, _) => head,
+        other => panic!("not a complete head: {other:?}"),
+    }
+}
+
+/// The headers apimon reads, found in one pass.
+#[derive(Default)]
+struct HeaderFields<'h> {
+    host: Option<&'h [u8]>,
+    user_agent: Option<&'h [u8]>,
+    content_length: Option<u64>,
+    chunked: bool,
+    expect_continue: bool,
+}
+
+impl<'h> HeaderFields<'h> {
+    /// Duplicate, conflicting or unparsable Content-Length is an error (a smuggling
+    /// sign; guessing would desynchronise the stream).
+    fn scan(headers: &[httparse::Header<'h>]) -> Result<Self, ParseErrorKind> {
+        let mut fields = Self::default();
+        for header in headers {
+            let name = header.name.as_bytes();
+            // Dispatch on length first: most headers are none of these.
+            match name.len() {
+                4 if name.eq_ignore_ascii_case(b"host") => {
+                    fields.host.get_or_insert(header.value);
+                }
+                6 if name.eq_ignore_ascii_case(b"expect") => {
+                    fields.expect_continue |= header.value.eq_ignore_ascii_case(b"100-continue");
+                }
+                10 if name.eq_ignore_ascii_case(b"user-agent") => {
+                    fields.user_agent.get_or_insert(header.value);
+                }
+                14 if name.eq_ignore_ascii_case(b"content-length") => {
+                    let parsed = std::str::from_utf8(header.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .ok_or(ParseErrorKind::InvalidContentLength)?;
+                    if fields.content_length.is_some_and(|l| l != parsed) {
+                        return Err(ParseErrorKind::InvalidContentLength);
+                    }
+                    fields.content_length = Some(parsed);
+                }
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    // The last coding decides (`gzip, chunked` is chunked).
+                    let last = header
+                        .value
+                        .rsplit(|b| *b == b',')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_ascii();
+                    fields.chunked = last.eq_ignore_ascii_case(b"chunked");
+                }
+                _ => {}
+            }
+        }
+        Ok(fields)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +194,36 @@ pub struct ResponseHead {
     pub version: u8,
     pub content_length: Option<u64>,
     pub chunked: bool,
+}
+
+impl ResponseHead {
+    /// Parses a response head at the start of `bytes`.
+    pub fn parse(bytes: &[u8]) -> HeadParse<Self> {
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+            MAX_RESPONSE_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            bytes,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return HeadParse::Partial,
+            Err(_) => return HeadParse::Invalid,
+        };
+        match HeaderFields::scan(response.headers) {
+            Ok(fields) => HeadParse::Complete(
+                ResponseHead {
+                    status: response.code.unwrap_or(0),
+                    version: response.version.unwrap_or(1),
+                    content_length: fields.content_length,
+                    chunked: fields.chunked,
+                },
+                len,
+            ),
+            Err(kind) => HeadParse::BadFraming(kind),
+        }
+    }
 }
 
 /// Why bytes could not be parsed (a metric label: a small fixed set).
@@ -172,40 +363,6 @@ pub fn starts_message(side: Side, bytes: &[u8]) -> bool {
     }
 }
 
-fn header_value<'h>(
-    headers: &'h [httparse::Header<'_>],
-    name: &str,
-) -> impl Iterator<Item = &'h [u8]> {
-    headers
-        .iter()
-        .filter(move |h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
-}
-
-/// Content-Length and chunked framing from headers; duplicate, conflicting or
-/// unparsable lengths are errors.
-fn framing(headers: &[httparse::Header<'_>]) -> Result<(Option<u64>, bool), ParseErrorKind> {
-    let chunked = header_value(headers, "transfer-encoding")
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .any(|v| {
-            v.split(',')
-                .next_back()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-        });
-    let mut length = None;
-    for value in header_value(headers, "content-length") {
-        let parsed = std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or(ParseErrorKind::InvalidContentLength)?;
-        if length.is_some_and(|l| l != parsed) {
-            return Err(ParseErrorKind::InvalidContentLength);
-        }
-        length = Some(parsed);
-    }
-    Ok((length, chunked))
-}
-
 impl MessageParser {
     pub fn new(side: Side) -> Self {
         Self {
@@ -286,9 +443,8 @@ impl MessageParser {
                     if self.buf.is_empty() {
                         self.head_started_ns = now_ns;
                         // The common case: a whole head in one delivery, parsed in place.
-                        if let Some(end) = find_head_end(data) {
-                            self.parse_head(&data[..end], out);
-                            data = &data[end..];
+                        if let Some(taken) = self.parse_head(data, out) {
+                            data = &data[taken..];
                             continue;
                         }
                     }
@@ -306,7 +462,10 @@ impl MessageParser {
                     };
                     let rest = self.buf.split_off(end);
                     let head = std::mem::take(&mut self.buf);
-                    self.parse_head(&head, out);
+                    if self.parse_head(&head, out).is_none() {
+                        // A blank line ends every head: httparse cannot want more.
+                        self.invalid_head(&head, out);
+                    }
                     // What follows the head: a body, or the next message (pipelining).
                     if !rest.is_empty() {
                         self.feed(&rest, now_ns, out);
@@ -362,114 +521,110 @@ impl MessageParser {
         }
     }
 
-    fn parse_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
+    /// Parses a head at the start of `bytes`: Some(length taken) when complete (or
+    /// refused, with the state changed accordingly), None while incomplete.
+    fn parse_head(&mut self, bytes: &[u8], out: &mut Vec<Item>) -> Option<usize> {
         match self.side {
             Side::Request => {
-                // Uninitialised header slots: initialising a hundred of them per
-                // request would cost more than parsing the head.
-                let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
-                    MAX_HEADERS];
-                let mut request = httparse::Request::new(&mut []);
-                match request.parse_with_uninit_headers(head, &mut headers) {
-                    Ok(httparse::Status::Complete(_)) => {}
-                    _ => return self.invalid_head(head, out),
-                }
-                let (content_length, chunked) = match framing(request.headers) {
-                    Ok(framing) => framing,
-                    Err(kind) => return self.fail(kind, out),
-                };
-                let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-                let head = RequestHead {
-                    method: request.method.unwrap_or_default().to_owned(),
-                    target: request.path.unwrap_or_default().to_owned(),
-                    host: header_value(request.headers, "host").next().map(text),
-                    user_agent: header_value(request.headers, "user-agent").next().map(text),
-                    version: request.version.unwrap_or(1),
-                    content_length,
-                    chunked,
-                    expect_continue: header_value(request.headers, "expect")
-                        .any(|v| v.eq_ignore_ascii_case(b"100-continue")),
-                };
-                self.messages += 1;
-                out.push(Item::Request {
-                    head,
-                    started_ns: self.head_started_ns,
-                });
-                self.state = if chunked {
-                    State::Chunked {
-                        state: ChunkState::Size,
-                        seen: 0,
-                    }
-                } else {
-                    match content_length {
-                        Some(n) if n > 0 => State::Body {
-                            remaining: n,
-                            seen: 0,
-                        },
-                        _ => {
-                            out.push(Item::End { body_bytes: 0 });
-                            State::Head
-                        }
-                    }
-                };
+                self.take_head(RequestHead::parse(bytes), bytes, out, Self::request_head)
             }
             Side::Response => {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-                let mut response = httparse::Response::new(&mut headers);
-                match response.parse(head) {
-                    Ok(httparse::Status::Complete(_)) => {}
-                    _ => return self.invalid_head(head, out),
-                }
-                let (content_length, chunked) = match framing(response.headers) {
-                    Ok(framing) => framing,
-                    Err(kind) => return self.fail(kind, out),
-                };
-                let status = response.code.unwrap_or(0);
-                let head = ResponseHead {
-                    status,
-                    version: response.version.unwrap_or(1),
-                    content_length,
-                    chunked,
-                };
-                self.messages += 1;
-                out.push(Item::Response {
-                    head,
-                    started_ns: self.head_started_ns,
-                });
-                // Interim responses (100 Continue, ...) have no body and answer nothing yet.
-                if (100..200).contains(&status) && status != 101 {
-                    out.push(Item::End { body_bytes: 0 });
-                    self.state = State::Head;
-                    return;
-                }
-                let to_head = self.head_requests.pop_front().unwrap_or(false);
-                self.state = if to_head || status == 204 || status == 304 || status == 101 {
-                    out.push(Item::End { body_bytes: 0 });
-                    if status == 101 {
-                        State::NotHttp
-                    } else {
-                        State::Head
-                    }
-                } else if chunked {
-                    State::Chunked {
-                        state: ChunkState::Size,
-                        seen: 0,
-                    }
-                } else {
-                    match content_length {
-                        Some(0) => {
-                            out.push(Item::End { body_bytes: 0 });
-                            State::Head
-                        }
-                        Some(n) => State::Body {
-                            remaining: n,
-                            seen: 0,
-                        },
-                        None => State::UntilClose { seen: 0 },
-                    }
-                };
+                self.take_head(ResponseHead::parse(bytes), bytes, out, Self::response_head)
             }
         }
+    }
+
+    /// What a head parse means for the stream, on either side.
+    fn take_head<T>(
+        &mut self,
+        parsed: HeadParse<T>,
+        bytes: &[u8],
+        out: &mut Vec<Item>,
+        accept: fn(&mut Self, T, &mut Vec<Item>),
+    ) -> Option<usize> {
+        match parsed {
+            HeadParse::Complete(head, len) => {
+                accept(self, head, out);
+                Some(len)
+            }
+            HeadParse::Partial => None,
+            HeadParse::Invalid => {
+                self.invalid_head(bytes, out);
+                Some(bytes.len())
+            }
+            HeadParse::BadFraming(kind) => {
+                self.fail(kind, out);
+                Some(bytes.len())
+            }
+        }
+    }
+
+    fn request_head(&mut self, head: RequestHead, out: &mut Vec<Item>) {
+        self.messages += 1;
+        self.state = if head.chunked {
+            State::Chunked {
+                state: ChunkState::Size,
+                seen: 0,
+            }
+        } else {
+            match head.content_length {
+                Some(n) if n > 0 => State::Body {
+                    remaining: n,
+                    seen: 0,
+                },
+                _ => State::Head,
+            }
+        };
+        let bodyless = matches!(self.state, State::Head);
+        out.push(Item::Request {
+            head,
+            started_ns: self.head_started_ns,
+        });
+        if bodyless {
+            out.push(Item::End { body_bytes: 0 });
+        }
+    }
+
+    fn response_head(&mut self, head: ResponseHead, out: &mut Vec<Item>) {
+        let status = head.status;
+        let (content_length, chunked) = (head.content_length, head.chunked);
+        self.messages += 1;
+        out.push(Item::Response {
+            head,
+            started_ns: self.head_started_ns,
+        });
+        // Interim responses (100 Continue, ...) have no body and answer nothing yet.
+        if (100..200).contains(&status) && status != 101 {
+            out.push(Item::End { body_bytes: 0 });
+            self.state = State::Head;
+            return;
+        }
+        let to_head = self.head_requests.pop_front().unwrap_or(false);
+        self.state = if to_head || status == 204 || status == 304 || status == 101 {
+            out.push(Item::End { body_bytes: 0 });
+            if status == 101 {
+                State::NotHttp
+            } else {
+                State::Head
+            }
+        } else if chunked {
+            State::Chunked {
+                state: ChunkState::Size,
+                seen: 0,
+            }
+        } else {
+            match content_length {
+                Some(0) => {
+                    out.push(Item::End { body_bytes: 0 });
+                    State::Head
+                }
+                Some(n) => State::Body {
+                    remaining: n,
+                    seen: 0,
+                },
+                None => State::UntilClose { seen: 0 },
+            }
+        };
     }
 
     /// Chunked body bytes; returns what follows the body.
@@ -545,11 +700,13 @@ impl MessageParser {
     }
 }
 
+/// The blank line that ends a head, searched with SIMD (a byte loop here was the
+/// pipeline's largest cost).
+static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
+    HEAD_END.find(bytes).map(|p| p + 4)
 }
 
 #[cfg(test)]
@@ -570,7 +727,7 @@ mod tests {
         items
             .iter()
             .filter_map(|i| match i {
-                Item::Request { head, .. } => Some(format!("{} {}", head.method, head.target)),
+                Item::Request { head, .. } => Some(format!("{} {}", head.method(), head.target())),
                 _ => None,
             })
             .collect()
@@ -594,7 +751,7 @@ mod tests {
         let Item::Request { head, .. } = &items[0] else {
             panic!()
         };
-        assert_eq!(head.host.as_deref(), Some("api"));
+        assert_eq!(head.host().as_deref(), Some("api"));
     }
 
     #[test]

@@ -31,6 +31,8 @@ struct Args {
     sizes: Vec<u32>,
     /// Skip the end-to-end section (quick runs while tuning the datapath).
     no_e2e: bool,
+    /// Only the in-process pipeline section, printed (profiling the daemon's code).
+    pipeline_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -38,12 +40,14 @@ fn parse_args() -> Result<Args> {
     let mut out = PathBuf::from("docs/benchmarks.md");
     let mut sizes = DEFAULT_SIZES.to_vec();
     let mut no_e2e = false;
+    let mut pipeline_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--repeat" => repeat = args.next().context("--repeat N")?.parse()?,
             "--out" => out = PathBuf::from(args.next().context("--out FILE")?),
             "--no-e2e" => no_e2e = true,
+            "--pipeline-only" => pipeline_only = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -53,7 +57,9 @@ fn parse_args() -> Result<Args> {
                     .collect::<Result<_, _>>()?;
             }
             other => {
-                bail!("unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N)")
+                bail!(
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only)"
+                )
             }
         }
     }
@@ -62,6 +68,7 @@ fn parse_args() -> Result<Args> {
         out,
         sizes,
         no_e2e,
+        pipeline_only,
     })
 }
 
@@ -140,6 +147,13 @@ mod pipeline;
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.pipeline_only {
+        let http = pipeline::run()?;
+        let mut out = String::new();
+        pipeline::report(&mut out, &http)?;
+        print!("{out}");
+        return Ok(());
+    }
     let machine = machine();
     // Before pinning: wrk, nginx and the daemon must spread over the CPUs as they would.
     eprintln!("bench: end to end with wrk and nginx");
@@ -150,9 +164,7 @@ fn main() -> Result<()> {
     let http = pipeline::run()?;
     eprintln!(
         "bench: pipeline {:.0} exchanges/s, httparse {:.0}/s ({:.2}x)",
-        http.pipeline_rps,
-        http.httparse_rps,
-        http.pipeline_rps / http.httparse_rps
+        http.pipeline_rps, http.httparse_rps, http.ratio
     );
     let pass_v4 = Frame::v4([192, 0, 2, 99]).with_payload(64).build();
     let pass_v6 = Frame::v6("2001:db8::99").with_payload(64).build();
