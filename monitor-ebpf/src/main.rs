@@ -1,8 +1,10 @@
 //! apimon kernel programs.
 //!
-//! `apimon_ingress` (XDP) parses each frame, counts it per source address and per
-//! action, drops sources on the blocklist (honouring each entry's expiry) unless the
-//! allowlist covers them. Each program is a thin entry around a `try_` function.
+//! `apimon_ingress` (XDP, or `apimon_ingress_tc` at TC ingress) parses each frame,
+//! counts it per source address and per action, drops sources on the blocklist
+//! (honouring each entry's expiry) unless the allowlist covers them, and samples HTTP
+//! payload; `apimon_egress` (TC) samples responses. Each program is a thin entry
+//! around a `try_` function.
 #![no_std]
 #![no_main]
 // The bpf target has no `AtomicU64::fetch_add`; the intrinsic lowers to BPF's atomic add.
@@ -18,7 +20,8 @@ mod packet;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, xdp_action},
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map, xdp},
     maps::{
@@ -35,7 +38,7 @@ use monitor_common::{
 };
 
 use crate::{
-    capture::Segment,
+    capture::{Payload, Segment},
     packet::{Packet, Parsed, Source},
 };
 
@@ -69,8 +72,33 @@ static ACTION_COUNTERS: PerCpuArray<ActionCounter> =
 
 #[xdp]
 pub fn apimon_ingress(ctx: XdpContext) -> u32 {
-    try_apimon_ingress(&ctx)
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    if try_apimon_ingress(&ctx, &pkt, pkt.len()).is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
+
+/// The same ingress datapath at TC, where XDP does not fit (on veth, XDP costs more for
+/// locally generated TCP than it saves).
+#[classifier]
+pub fn apimon_ingress_tc(ctx: TcContext) -> i32 {
+    // Headers must sit in the linear part for direct access; pull them in if not.
+    let wanted = ctx.len().min(TC_LINEAR_BYTES);
+    if ((ctx.data_end() - ctx.data()) as u32) < wanted {
+        let _ = ctx.pull_data(wanted);
+    }
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    if try_apimon_ingress(&ctx, &pkt, u64::from(ctx.len())).is_drop() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// Bytes of an skb's head the TC program needs linear: every header it parses.
+const TC_LINEAR_BYTES: u32 = 256;
 
 /// Egress: captures responses leaving the monitored server ports. Never drops.
 #[classifier]
@@ -115,11 +143,10 @@ pub fn apimon_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Judges, counts and samples one received frame; `bytes` is its full length.
 #[inline(always)]
-fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
-    let bytes = pkt.len();
-    let action = match packet::parse(&pkt) {
+fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, pkt: &Packet, bytes: u64) -> Action {
+    let action = match packet::parse(pkt) {
         Parsed::Ip {
             source,
             destination,
@@ -158,18 +185,14 @@ fn try_apimon_ingress(ctx: &XdpContext) -> u32 {
         Parsed::Malformed => Action::Malformed,
     };
     count(action, bytes);
-    if action.is_drop() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
+    action
 }
 
 /// Judges a packet from `source` and counts it in the source's statistics. A source
 /// that passed the lists since they last changed passes again without looking them up.
 #[inline(always)]
-fn judge_and_record(
-    ctx: &XdpContext,
+fn judge_and_record<C: EbpfContext>(
+    ctx: &C,
     source: &Source,
     key: IpKey,
     bytes: u64,

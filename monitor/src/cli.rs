@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     cidr, clock,
-    config::{self, Config, MetricsAddr, XdpModeSetting},
+    config::{self, Config, IngressHook, MetricsAddr, XdpModeSetting},
     control::{
         Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey,
         TopRow,
@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// XDP mode: auto tries native, then falls back to skb
     #[arg(long, value_enum, value_name = "MODE")]
     pub xdp_mode: Option<XdpModeSetting>,
+    /// Run the ingress datapath at XDP (default) or at TC ingress
+    #[arg(long, value_enum, value_name = "HOOK")]
+    pub ingress_hook: Option<IngressHook>,
     /// Only record what policy actions would do
     #[arg(long)]
     pub dry_run: bool,
@@ -322,7 +325,7 @@ fn status(config: &Config, json: bool) -> Result<(), Failure> {
             } else {
                 "NOT attached"
             };
-            println!("  {}: {state} (xdp {})", iface.name, iface.mode);
+            println!("  {}: {state} ({})", iface.name, iface.mode);
         }
         println!(
             "policy: {} ({} rules, loaded {})",

@@ -92,6 +92,9 @@ pub struct DaemonConfig {
     /// Interfaces to attach to; empty: the interface of the default route.
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpModeSetting,
+    /// Where the ingress datapath runs: XDP (default), or TC where XDP costs more than
+    /// it saves (veth, locally generated traffic).
+    pub ingress_hook: IngressHook,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
@@ -106,6 +109,7 @@ impl Default for DaemonConfig {
         Self {
             interfaces: Vec::new(),
             xdp_mode: XdpModeSetting::Auto,
+            ingress_hook: IngressHook::Xdp,
             socket: PathBuf::from(DEFAULT_SOCKET_PATH),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
@@ -155,6 +159,15 @@ impl XdpModeSetting {
             XdpModeSetting::Skb => "skb",
         }
     }
+}
+
+/// The hook of the ingress datapath (blocklist, counters, request capture).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressHook {
+    #[default]
+    Xdp,
+    Tc,
 }
 
 /// The metrics listener, or `off`.
@@ -315,6 +328,7 @@ mod tests {
             [daemon]
             interfaces = ["eth0", "eth1"]
             xdp_mode = "skb"
+            ingress_hook = "tc"
             socket = "/tmp/a.sock"
             state_dir = "/tmp/state"
             bpffs_dir = "/sys/fs/bpf/x"
@@ -338,6 +352,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.daemon.interfaces, ["eth0", "eth1"]);
         assert_eq!(config.daemon.xdp_mode, XdpModeSetting::Skb);
+        assert_eq!(config.daemon.ingress_hook, IngressHook::Tc);
         assert_eq!(config.daemon.metrics_addr, MetricsAddr::Off);
         assert_eq!(
             config.daemon.sweep_interval,

@@ -20,7 +20,7 @@ use crate::{
     capture::{self, CaptureMaps, Segment},
     cidr,
     clock::{self, Clocks},
-    config::{Config, MetricsAddr},
+    config::{Config, IngressHook, MetricsAddr},
     control::{
         self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts,
         StatsView, StatusView, TopKey, TopRow,
@@ -28,7 +28,7 @@ use crate::{
     enforce::{self, EnforceError, Enforcer, EntryWithHits, state::StateFile},
     events::{Bus, Event},
     http::{self, Limits, Pipeline, route::Routes},
-    loader::{self, Attachment, LoadOptions, LoaderError},
+    loader::{self, Attachment, LoadOptions, LoaderError, TcHook},
     maps::{Datapath, ListKind, MapsError, Traffic},
     metrics::{self, Metrics},
     secrets::{Fingerprinter, SecretsError},
@@ -132,8 +132,19 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
 
     let mut attachments: Vec<Attachment> = Vec::new();
     for iface in &interfaces {
-        match loader::attach(&mut ebpf, iface, daemon.xdp_mode, &daemon.bpffs_dir) {
-            Ok(attachment) => attachments.push(attachment),
+        let attached = match daemon.ingress_hook {
+            IngressHook::Xdp => {
+                loader::attach(&mut ebpf, iface, daemon.xdp_mode, &daemon.bpffs_dir)
+            }
+            IngressHook::Tc => {
+                loader::attach_tc(&mut ebpf, iface, TcHook::Ingress, &daemon.bpffs_dir)
+            }
+        };
+        match attached {
+            Ok(attachment) => {
+                loader::unpin_other_ingress(&daemon.bpffs_dir, iface, attachment.mode);
+                attachments.push(attachment);
+            }
             Err(e) => {
                 // Links adopted from a crashed daemon keep enforcing; ours go.
                 for attachment in attachments {
@@ -150,7 +161,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     if !config.capture.ports.is_empty() {
         // Responses are observed on egress; without it requests are still seen.
         for iface in &interfaces {
-            match loader::attach_egress(&mut ebpf, iface, &daemon.bpffs_dir) {
+            match loader::attach_tc(&mut ebpf, iface, TcHook::Egress, &daemon.bpffs_dir) {
                 Ok(attachment) => attachments.push(attachment),
                 Err(e) => warn!(iface, error = %e, "No response capture on this interface"),
             }

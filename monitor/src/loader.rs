@@ -30,6 +30,8 @@ pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 pub const INGRESS_PROGRAM: &str = "apimon_ingress";
 pub const EGRESS_PROGRAM: &str = "apimon_egress";
+/// The ingress datapath at TC, for `ingress_hook = "tc"`.
+pub const INGRESS_TC_PROGRAM: &str = "apimon_ingress_tc";
 /// An XDP program that only passes: the benchmark's baseline.
 pub const BASELINE_PROGRAM: &str = "apimon_baseline";
 
@@ -150,18 +152,11 @@ pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     load_program(&mut ebpf, INGRESS_PROGRAM)?;
-    let egress: &mut SchedClassifier = ebpf
-        .program_mut(EGRESS_PROGRAM)
-        .ok_or(LoaderError::MissingProgram(EGRESS_PROGRAM))?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            name: EGRESS_PROGRAM,
-            source,
-        })?;
-    egress.load().map_err(|source| LoaderError::Program {
-        name: EGRESS_PROGRAM,
-        source,
-    })?;
+    for name in [EGRESS_PROGRAM, INGRESS_TC_PROGRAM] {
+        typed_program::<SchedClassifier>(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+    }
     Ok(ebpf)
 }
 
@@ -191,15 +186,22 @@ pub fn load_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut Xdp, LoaderError> {
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(LoaderError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoaderError::Program { name, source })?;
+    let program = typed_program::<Xdp>(ebpf, name)?;
     program
         .load()
         .map_err(|source| LoaderError::Program { name, source })?;
     Ok(program)
+}
+
+/// A program of the object, as its type.
+fn typed_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoaderError>
+where
+    &'a mut aya::programs::Program: TryInto<&'a mut P, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })
 }
 
 /// The XDP mode an attachment ended up in.
@@ -207,6 +209,8 @@ pub fn load_program<'a>(
 pub enum AttachedMode {
     Native,
     Skb,
+    /// The ingress datapath at TC (TCX), instead of XDP.
+    TcIngress,
     /// The egress capture program, attached through TCX.
     TcEgress,
 }
@@ -216,6 +220,7 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Skb => "skb",
+            AttachedMode::TcIngress => "tc-ingress",
             AttachedMode::TcEgress => "tc-egress",
         }
     }
@@ -359,28 +364,90 @@ pub fn attach(
     Err(attach_error(failures.join("; ")))
 }
 
-/// Attaches the egress capture program to `iface` through a pinned TCX link (adopting
-/// one an earlier daemon left, as for XDP).
-pub fn attach_egress(
+/// Where a TC program goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    /// The ingress datapath, instead of XDP.
+    Ingress,
+    /// Response capture.
+    Egress,
+}
+
+impl TcHook {
+    const fn program(self) -> &'static str {
+        match self {
+            TcHook::Ingress => INGRESS_TC_PROGRAM,
+            TcHook::Egress => EGRESS_PROGRAM,
+        }
+    }
+
+    const fn mode(self) -> AttachedMode {
+        match self {
+            TcHook::Ingress => AttachedMode::TcIngress,
+            TcHook::Egress => AttachedMode::TcEgress,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            TcHook::Ingress => "ingress",
+            TcHook::Egress => "egress",
+        }
+    }
+
+    fn pin(self, pin_dir: &Path, iface: &str) -> PathBuf {
+        pin_dir
+            .join("links")
+            .join(format!("tc-{iface}-{}", self.name()))
+    }
+}
+
+/// Removes a link an earlier daemon pinned for the hook not in use now (the datapath
+/// moved between XDP and TC ingress): unpinned, the kernel detaches it.
+pub fn unpin_other_ingress(pin_dir: &Path, iface: &str, now: AttachedMode) {
+    let stale: Vec<PathBuf> = match now {
+        AttachedMode::TcIngress => find_pinned_link(pin_dir, iface)
+            .map(|(pin, _)| pin)
+            .into_iter()
+            .collect(),
+        _ => vec![TcHook::Ingress.pin(pin_dir, iface)],
+    };
+    for pin in stale.into_iter().filter(|pin| pin.exists()) {
+        match fs::remove_file(&pin) {
+            Ok(()) => {
+                info!(iface, pin = %pin.display(), "Removed the other ingress hook's pinned link")
+            }
+            Err(e) => {
+                warn!(iface, pin = %pin.display(), error = %e, "Removing a stale pinned link failed")
+            }
+        }
+    }
+}
+
+/// Attaches a TC program to `iface` through a pinned TCX link (adopting one an
+/// earlier daemon left, as for XDP).
+pub fn attach_tc(
     ebpf: &mut Ebpf,
     iface: &str,
+    hook: TcHook,
     pin_dir: &Path,
 ) -> Result<Attachment, LoaderError> {
     let attach_error = |reason: String| LoaderError::Attach {
         iface: iface.to_owned(),
-        reason: format!("tc egress: {reason}"),
+        reason: format!("tc {}: {reason}", hook.name()),
     };
     let ifindex = if_index(iface).ok_or_else(|| attach_error("no such interface".into()))?;
+    let name = hook.program();
     let program: &mut SchedClassifier = ebpf
-        .program_mut(EGRESS_PROGRAM)
-        .ok_or(LoaderError::MissingProgram(EGRESS_PROGRAM))?
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?
         .try_into()
         .map_err(|e: ProgramError| attach_error(e.to_string()))?;
-    let pin = pin_dir.join("links").join(format!("tc-{iface}-egress"));
+    let pin = hook.pin(pin_dir, iface);
     let attachment = |link, adopted| Attachment {
         iface: iface.to_owned(),
         ifindex,
-        mode: AttachedMode::TcEgress,
+        mode: hook.mode(),
         adopted,
         link: Some(link),
         pin: Some(pin.clone()),
@@ -402,8 +469,12 @@ pub fn attach_egress(
             }
         }
     }
+    let attach_type = match hook {
+        TcHook::Ingress => TcAttachType::Ingress,
+        TcHook::Egress => TcAttachType::Egress,
+    };
     let id = program
-        .attach(iface, TcAttachType::Egress)
+        .attach(iface, attach_type)
         .map_err(|e| attach_error(error_chain(&e)))?;
     let link = program
         .take_link(id)
@@ -413,7 +484,7 @@ pub fn attach_egress(
     let pinned = link
         .pin(&pin)
         .map_err(|e| attach_error(format!("pinning at {}: {}", pin.display(), error_chain(&e))))?;
-    info!(iface, "Attached TC egress capture");
+    info!(iface, hook = hook.name(), "Attached TC program");
     Ok(attachment(FdLink::from(pinned), false))
 }
 

@@ -66,6 +66,9 @@ fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> 
     if let Some(mode) = args.xdp_mode {
         config.daemon.xdp_mode = mode;
     }
+    if let Some(hook) = args.ingress_hook {
+        config.daemon.ingress_hook = hook;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

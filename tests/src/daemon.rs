@@ -53,6 +53,8 @@ pub struct DaemonPaths {
     pub log: PathBuf,
     /// `off` unless a test wants to scrape.
     pub metrics_addr: String,
+    /// Extra `apimon run` arguments (`--ingress-hook tc`, ...).
+    pub run_args: Vec<String>,
     owns_pins: bool,
 }
 
@@ -70,6 +72,7 @@ impl DaemonPaths {
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/apimon-test-{}", unique_tag())),
             log: dir.path().join("daemon.log"),
             metrics_addr: "off".into(),
+            run_args: Vec::new(),
             owns_pins: true,
             dir,
         }
@@ -133,9 +136,10 @@ impl Daemon {
     }
 
     /// Starts with metrics served at `METRICS_ADDR` inside the namespace.
-    pub fn start_with_metrics(ns: &NetNs, iface: &str) -> Self {
+    pub fn start_with_metrics(ns: &NetNs, iface: &str, run_args: &[&str]) -> Self {
         let mut paths = DaemonPaths::new();
         paths.metrics_addr = METRICS_ADDR.into();
+        paths.run_args = run_args.iter().map(|a| (*a).to_owned()).collect();
         Self::start_with(ns, iface, paths)
     }
 
@@ -253,6 +257,7 @@ fn run_command(ns_path: &str, iface: &str, paths: &DaemonPaths) -> Command {
     command
         .arg("run")
         .args(["--iface", iface])
+        .args(&paths.run_args)
         .args(paths.flags())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -17,7 +17,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, DaemonPaths},
     netns::Topology,
     probe::{Client, EchoServer},
     require_root,
@@ -35,6 +35,10 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
+        Self::with_run_args(&[])
+    }
+
+    fn with_run_args(run_args: &[&str]) -> Self {
         require_root();
         let topo = Topology::new();
         let servers = [
@@ -47,7 +51,9 @@ impl Setup {
                 SocketAddr::new(IpAddr::V6(Topology::SERVER_V6), PORT),
             ),
         ];
-        let daemon = Daemon::start(&topo.server, &topo.server_if);
+        let mut paths = DaemonPaths::new();
+        paths.run_args = run_args.iter().map(|a| (*a).to_owned()).collect();
+        let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
         Self {
             daemon,
             _servers: servers,
@@ -252,6 +258,106 @@ fn ipv4_block_stops_traffic_within_100ms_and_rm_restores_it() {
         "block rm must restore traffic"
     );
     assert!(find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").is_none());
+}
+
+#[test]
+fn the_tc_ingress_hook_blocks_and_counts_like_xdp() {
+    let setup = Setup::with_run_args(&["--ingress-hook", "tc"]);
+    let status = setup.daemon.cli_json(&["status"]);
+    assert_eq!(status["interfaces"][0]["mode"], "tc-ingress", "{status}");
+    for (blocked, other) in [
+        (Topology::CLIENT_V4[0].into(), Topology::CLIENT_V4[1].into()),
+        (Topology::CLIENT_V6[0].into(), Topology::CLIENT_V6[1].into()),
+    ] {
+        let last = block_and_measure(&setup, blocked, other);
+        assert!(
+            last < Duration::from_millis(100),
+            "{blocked} passed {last:?} after block add"
+        );
+    }
+    let top = setup.daemon.cli_json(&["top", "--by", "drops"]);
+    let dropped: Vec<&str> = json_array(&top)
+        .iter()
+        .filter(|row| row["drops"].as_u64().unwrap_or(0) > 0)
+        .filter_map(|row| row["ip"].as_str())
+        .collect();
+    assert!(
+        dropped.contains(&"10.77.0.2") && dropped.contains(&"fd00:77::2"),
+        "{top}"
+    );
+    let stats = setup.daemon.cli_json(&["stats"]);
+    assert!(
+        stats["packets"]["drop_blocklist"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert!(stats["bytes"]["pass"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn switching_the_ingress_hook_after_a_crash_leaves_one_datapath() {
+    let mut setup = Setup::new();
+    let xdp_attached = |setup: &Setup| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &setup.topo.server.name,
+                "link",
+                "show",
+                &setup.topo.server_if,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    assert!(xdp_attached(&setup));
+    // A crash leaves the XDP link pinned and enforcing; the next daemon runs at TC.
+    setup.daemon.kill();
+    assert!(xdp_attached(&setup), "pinned XDP outlives the process");
+    setup.daemon.paths.run_args = vec!["--ingress-hook".into(), "tc".into()];
+    setup.daemon.spawn();
+    assert!(!xdp_attached(&setup), "the old hook's link must go");
+    // Each packet is counted once: apimon's count moves exactly with the interface's.
+    let client = setup.client(Topology::CLIENT_V4[0]);
+    assert!(setup.reaches_soon(&client));
+    let counted_once = (0..3).any(|_| {
+        let (rx_before, seen_before) = (rx_packets(&setup), seen_packets(&setup));
+        assert!(setup.reaches(&client));
+        std::thread::sleep(Duration::from_millis(100));
+        let (rx, seen) = (
+            rx_packets(&setup) - rx_before,
+            seen_packets(&setup) - seen_before,
+        );
+        assert!(rx > 0);
+        rx == seen
+    });
+    assert!(
+        counted_once,
+        "apimon and the interface disagree on packets received"
+    );
+}
+
+/// Packets the server's interface received (its own counter).
+fn rx_packets(setup: &Setup) -> u64 {
+    let path = format!(
+        "/sys/class/net/{}/statistics/rx_packets",
+        setup.topo.server_if
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &setup.topo.server.name, "cat", &path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Packets apimon's ingress counted, whatever their fate.
+fn seen_packets(setup: &Setup) -> u64 {
+    let stats = setup.daemon.cli_json(&["stats"]);
+    stats["packets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum()
 }
 
 #[test]

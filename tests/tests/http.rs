@@ -87,11 +87,24 @@ fn requests(text: &str, method: &str, route: &str, status: &str) -> f64 {
 }
 
 #[test]
-fn metrics_match_the_requests_sent_exactly() {
+fn metrics_and_events_match_the_requests_sent_exactly() {
+    observe_everything(&[], "native");
+}
+
+#[test]
+fn the_tc_ingress_hook_observes_the_same() {
+    observe_everything(&["--ingress-hook", "tc"], "tc-ingress");
+}
+
+/// Every kind of request, through the daemon started with `run_args`; the interface
+/// must report `mode`.
+fn observe_everything(run_args: &[&str], mode: &str) {
     require_root();
     let topo = Topology::new();
     let nginx = Nginx::start(&topo.server, &["10.77.0.1:8080", "[fd00:77::1]:8080"]);
-    let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if);
+    let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if, run_args);
+    let status = daemon.cli_json(&["status"]);
+    assert_eq!(status["interfaces"][0]["mode"], mode, "{status}");
     let stream = daemon.follow_events(true);
     let bodies = nginx.dir.path();
 

@@ -93,7 +93,7 @@ pub fn run() -> Result<E2eResult> {
         },
     };
     let (mut without, mut with) = (WrkResult::default(), WrkResult::default());
-    let mut daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if);
+    let mut daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if, &[]);
     daemon.stop();
     for round in 0..ROUNDS {
         eprintln!("bench: e2e round {} of {ROUNDS}: without apimon", round + 1);
