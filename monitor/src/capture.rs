@@ -10,6 +10,7 @@ use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray, RingBuf},
 };
+use bytes::{Bytes, BytesMut};
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, DIRECTION_RESPONSE, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
@@ -60,7 +61,8 @@ pub struct Segment {
     pub segment_len: u32,
     /// `monitor_common::capture::TCP_*` bits.
     pub flags: u8,
-    pub data: Vec<u8>,
+    /// A slice of its batch's one buffer: no allocation per segment.
+    pub data: Bytes,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -73,8 +75,9 @@ pub enum DecodeError {
     Direction(u8),
 }
 
-/// Decodes one ring buffer record.
-pub fn decode(record: &[u8]) -> Result<Segment, DecodeError> {
+/// Decodes one ring buffer record: the segment (its `data` still empty) and its
+/// payload bytes in the record.
+pub fn decode(record: &[u8]) -> Result<(Segment, &[u8]), DecodeError> {
     if record.len() < size_of::<Sample>() {
         return Err(DecodeError::Size(record.len()));
     }
@@ -92,7 +95,7 @@ pub fn decode(record: &[u8]) -> Result<Segment, DecodeError> {
     };
     let start = size_of::<SampleHeader>();
     let addr = |bytes: [u8; 16]| cidr::canonical_addr(IpAddr::V6(Ipv6Addr::from(bytes)));
-    Ok(Segment {
+    let segment = Segment {
         timestamp_ns: header.timestamp_ns,
         ifindex: header.ifindex,
         direction,
@@ -101,8 +104,9 @@ pub fn decode(record: &[u8]) -> Result<Segment, DecodeError> {
         seq: header.seq,
         segment_len: header.segment_len,
         flags: header.tcp_flags,
-        data: record[start..start + data_len].to_vec(),
-    })
+        data: Bytes::new(),
+    };
+    Ok((segment, &record[start..start + data_len]))
 }
 
 /// The capture's control and counter maps.
@@ -227,14 +231,26 @@ pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>
 async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Segment>>) -> bool {
     loop {
         let mut batch = Vec::new();
+        // Every payload of the batch goes into one buffer; segments hold slices of it.
+        let mut payloads = BytesMut::new();
+        let mut spans = Vec::new();
         while batch.len() < BATCH {
             let Some(record) = ring.next() else {
                 break;
             };
             match decode(&record) {
-                Ok(segment) => batch.push(segment),
+                Ok((segment, payload)) => {
+                    let start = payloads.len();
+                    payloads.extend_from_slice(payload);
+                    spans.push(start..payloads.len());
+                    batch.push(segment);
+                }
                 Err(error) => warn!(%error, "Dropped an undecodable sample"),
             }
+        }
+        let payloads = payloads.freeze();
+        for (segment, span) in batch.iter_mut().zip(spans) {
+            segment.data = payloads.slice(span);
         }
         let full = batch.len() == BATCH;
         if !batch.is_empty() && tx.send(batch).await.is_err() {
@@ -281,10 +297,11 @@ mod tests {
             tcp_flags: TCP_FIN,
             _pad: 0,
         };
-        let segment = decode(&record(header, b"GET / HTTP/1.1")).unwrap();
+        let record = record(header, b"GET / HTTP/1.1");
+        let (segment, payload) = decode(&record).unwrap();
+        assert_eq!(payload, b"GET / HTTP/1.1");
         assert_eq!(segment.client, "10.0.0.2:40000".parse().unwrap());
         assert_eq!(segment.server, "[2001:db8::1]:8080".parse().unwrap());
-        assert_eq!(segment.data, b"GET / HTTP/1.1");
         assert_eq!(
             (segment.seq, segment.flags, segment.direction),
             (1000, TCP_FIN, Direction::Request)
@@ -293,19 +310,17 @@ mod tests {
 
     #[test]
     fn bad_records_are_errors() {
-        assert_eq!(decode(&[0; 10]), Err(DecodeError::Size(10)));
+        let error = |record: &[u8]| decode(record).map(|_| ()).unwrap_err();
+        assert_eq!(error(&[0; 10]), DecodeError::Size(10));
         let header = SampleHeader {
             data_len: 5000,
             ..SampleHeader::default()
         };
-        assert_eq!(
-            decode(&record(header, b"")),
-            Err(DecodeError::DataLen(5000))
-        );
+        assert_eq!(error(&record(header, b"")), DecodeError::DataLen(5000));
         let header = SampleHeader {
             direction: 9,
             ..SampleHeader::default()
         };
-        assert_eq!(decode(&record(header, b"")), Err(DecodeError::Direction(9)));
+        assert_eq!(error(&record(header, b"")), DecodeError::Direction(9));
     }
 }

@@ -2,7 +2,7 @@
 //! signals. Kernel state outlives the process on purpose (pinned maps and links).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -30,7 +30,7 @@ use crate::{
     http::{self, Limits, Pipeline, route::Routes},
     loader::{self, Attachment, LoadOptions, LoaderError, TcHook},
     maps::{Datapath, ListKind, MapsError, Traffic},
-    metrics::{self, Metrics},
+    metrics::{self, ExchangeSeries, Metrics},
     secrets::{Fingerprinter, SecretsError},
 };
 
@@ -191,6 +191,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             metrics: metrics.clone(),
             events: events.clone(),
             secrets,
+            series: HashMap::new(),
         },
     ));
     let metrics_task = match daemon.metrics_addr {
@@ -260,21 +261,40 @@ struct Observers {
     metrics: Arc<Metrics>,
     events: Bus,
     secrets: Fingerprinter,
+    /// Metric handles by (method, status) then route: no label lookups per exchange.
+    series: HashMap<(&'static str, Option<u16>), HashMap<String, ExchangeSeries>>,
 }
 
+/// Cached series at most (label sets are bounded; this bounds the cache regardless).
+const MAX_CACHED_SERIES: usize = 4096;
+
 impl Observers {
-    fn observe(&self, event: &http::Event, clocks: &Clocks) {
+    fn observe(&mut self, event: &http::Event, clocks: &Clocks) {
         let http::Event::Exchange(exchange) = event else {
             self.metrics.record(event, "");
             return;
         };
         let route = self.routes.template(&exchange.request.target());
-        self.metrics.record(event, &route);
+        self.series_for(exchange, &route).observe(exchange);
         if self.events.wants_http() {
             let at = clocks.to_wall(exchange.started_ns);
             self.events
                 .publish_http(Event::http_exchange(exchange, &route, at, &self.secrets));
         }
+    }
+
+    fn series_for(&mut self, exchange: &http::Exchange, route: &str) -> &ExchangeSeries {
+        let method = metrics::method_label(&exchange.request.method());
+        if self.series.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED_SERIES {
+            self.series.clear();
+        }
+        let by_route = self.series.entry((method, exchange.status)).or_default();
+        if !by_route.contains_key(route) {
+            let series = self.metrics.exchange_series(method, route, exchange.status);
+            by_route.insert(route.to_owned(), series);
+        }
+        // Present: inserted just above when missing.
+        &by_route[route]
     }
 }
 
@@ -282,9 +302,9 @@ impl Observers {
 async fn run_pipeline(
     mut segments: tokio::sync::mpsc::Receiver<Vec<Segment>>,
     mut pipeline: Pipeline,
-    observers: Observers,
+    mut observers: Observers,
 ) {
-    let metrics = &observers.metrics;
+    let metrics = observers.metrics.clone();
     let mut events = Vec::new();
     // Idle connections are dropped even when no traffic arrives to notice them.
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));

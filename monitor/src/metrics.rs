@@ -45,11 +45,29 @@ pub fn method_label(method: &str) -> &'static str {
         .unwrap_or("_OTHER")
 }
 
+/// The series of one (method, route, status): handles kept by the pipeline so each
+/// exchange skips the label lookups.
+#[derive(Clone)]
+pub struct ExchangeSeries {
+    requests: IntCounter,
+    duration: prometheus::Histogram,
+}
+
+impl ExchangeSeries {
+    pub fn observe(&self, exchange: &Exchange) {
+        self.requests.inc();
+        if let Some(latency) = exchange.latency {
+            self.duration.observe(latency.as_secs_f64());
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    samples_request: IntCounter,
+    samples_response: IntCounter,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
-    samples: IntCounterVec,
     samples_lost: IntCounter,
     parse_errors: IntCounterVec,
     active_flows: IntGauge,
@@ -118,10 +136,11 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            samples_request: samples.with_label_values(&[Direction::Request.name()]),
+            samples_response: samples.with_label_values(&[Direction::Response.name()]),
             registry,
             http_requests,
             http_duration,
-            samples,
             samples_lost,
             parse_errors,
             active_flows,
@@ -129,7 +148,10 @@ impl Metrics {
     }
 
     pub fn sample(&self, direction: Direction) {
-        self.samples.with_label_values(&[direction.name()]).inc();
+        match direction {
+            Direction::Request => self.samples_request.inc(),
+            Direction::Response => self.samples_response.inc(),
+        }
     }
 
     /// Kernel-side loss is a kernel counter; bring ours up to it.
@@ -158,17 +180,22 @@ impl Metrics {
     }
 
     fn exchange(&self, exchange: &Exchange, route: &str) {
-        let status = exchange.status.map_or_else(String::new, |s| s.to_string());
-        let labels = [
-            method_label(&exchange.request.method()),
-            route,
-            status.as_str(),
-        ];
-        self.http_requests.with_label_values(&labels).inc();
-        if let Some(latency) = exchange.latency {
-            self.http_duration
-                .with_label_values(&labels)
-                .observe(latency.as_secs_f64());
+        self.exchange_series(&exchange.request.method(), route, exchange.status)
+            .observe(exchange);
+    }
+
+    /// The series an exchange of this method, route and status counts in.
+    pub fn exchange_series(
+        &self,
+        method: &str,
+        route: &str,
+        status: Option<u16>,
+    ) -> ExchangeSeries {
+        let status = status.map_or_else(String::new, |s| s.to_string());
+        let labels = [method_label(method), route, status.as_str()];
+        ExchangeSeries {
+            requests: self.http_requests.with_label_values(&labels),
+            duration: self.http_duration.with_label_values(&labels),
         }
     }
 

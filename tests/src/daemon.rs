@@ -178,6 +178,20 @@ impl Daemon {
         panic!("apimon run did not become ready:\n{}", self.log());
     }
 
+    /// CPU time (user + system) the daemon process used so far, from /proc.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces) are space-separated;
+        // utime and stime are the 14th and 15th fields overall.
+        let after_name = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    }
+
     /// SIGTERM and wait: the clean shutdown path.
     pub fn stop(&mut self) {
         self.signal_and_wait(Signal::SIGTERM);

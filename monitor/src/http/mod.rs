@@ -378,7 +378,7 @@ mod tests {
             seq,
             segment_len: data.len() as u32,
             flags,
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
         }
     }
 

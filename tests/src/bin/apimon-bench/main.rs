@@ -33,6 +33,8 @@ struct Args {
     no_e2e: bool,
     /// Only the in-process pipeline section, printed (profiling the daemon's code).
     pipeline_only: bool,
+    /// Only the end-to-end section, printed.
+    e2e_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -41,6 +43,7 @@ fn parse_args() -> Result<Args> {
     let mut sizes = DEFAULT_SIZES.to_vec();
     let mut no_e2e = false;
     let mut pipeline_only = false;
+    let mut e2e_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -48,6 +51,7 @@ fn parse_args() -> Result<Args> {
             "--out" => out = PathBuf::from(args.next().context("--out FILE")?),
             "--no-e2e" => no_e2e = true,
             "--pipeline-only" => pipeline_only = true,
+            "--e2e-only" => e2e_only = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -58,7 +62,7 @@ fn parse_args() -> Result<Args> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only)"
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only)"
                 )
             }
         }
@@ -69,6 +73,7 @@ fn parse_args() -> Result<Args> {
         sizes,
         no_e2e,
         pipeline_only,
+        e2e_only,
     })
 }
 
@@ -147,6 +152,12 @@ mod pipeline;
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.e2e_only {
+        let mut out = String::new();
+        e2e::report(&mut out, &e2e::run()?)?;
+        print!("{out}");
+        return Ok(());
+    }
     if args.pipeline_only {
         let http = pipeline::run()?;
         let mut out = String::new();

@@ -55,7 +55,7 @@ fn segments() -> Vec<Segment> {
                         seq: *seq,
                         segment_len: chunk.len() as u32,
                         flags: 0,
-                        data: chunk.to_vec(),
+                        data: chunk.to_vec().into(),
                     });
                     *seq = seq.wrapping_add(chunk.len() as u32);
                 }
@@ -97,7 +97,7 @@ fn through_pipeline(segments: &[Segment]) -> usize {
 fn through_httparse(segments: &[Segment]) -> usize {
     let mut parsed = 0;
     for segment in segments {
-        let data = std::hint::black_box(segment.data.as_slice());
+        let data = std::hint::black_box(&segment.data[..]);
         let complete = match segment.direction {
             Direction::Request if data.starts_with(b"GET ") => {
                 let mut headers = [httparse::EMPTY_HEADER; 32];
