@@ -13,4 +13,5 @@ pub mod http;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod policy;
 pub mod secrets;

@@ -13,6 +13,8 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 use thiserror::Error;
 
+use crate::http::query;
+
 /// File in the state dir holding the per-install key.
 pub const KEY_FILE: &str = "fingerprint.key";
 const KEY_BYTES: usize = 32;
@@ -146,7 +148,7 @@ impl Fingerprinter {
                 out.push('&');
             }
             match pair.split_once('=') {
-                Some((name, value)) if is_secret_name(&percent_decoded_name(name)) => {
+                Some((name, value)) if is_secret_name(&query::decode(name)) => {
                     out.push_str(name);
                     out.push('=');
                     out.push_str(&self.fingerprint(value.as_bytes()));
@@ -156,31 +158,6 @@ impl Fingerprinter {
         }
         out
     }
-}
-
-/// A parameter name as the application sees it (`api%5Fkey` is `api_key`).
-fn percent_decoded_name(name: &str) -> String {
-    let bytes = name.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! direction, incremental parsing, and request/response pairing per connection.
 
 pub mod parse;
+pub mod query;
 pub mod reassembly;
 pub mod route;
 
