@@ -10,8 +10,8 @@ use crate::{
     cidr, clock,
     config::{self, Config, IngressHook, MetricsAddr, XdpModeSetting},
     control::{
-        Client, ClientError, ErrorKind, ListEntryView, Request, StatsView, StatusView, TopKey,
-        TopRow,
+        Client, ClientError, ErrorKind, ListEntryView, PolicyView, Request, StatsView, StatusView,
+        TopKey, TopRow,
     },
     events::Event,
 };
@@ -76,6 +76,24 @@ pub enum Command {
     Top(TopArgs),
     /// Recent events from the running daemon; --follow keeps streaming them.
     Events(EventsArgs),
+    /// Check, reload or show the policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file (or a config file with a [policy] table) offline; each
+    /// problem is reported as FILE:LINE:COLUMN: reason.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Re-read the policy from the daemon's config (as SIGHUP does); a policy with
+    /// errors is refused and the running one stays.
+    Reload,
+    /// Print the active policy as TOML.
+    Show,
 }
 
 #[derive(Debug, Args)]
@@ -228,12 +246,20 @@ impl From<ClientError> for Failure {
 }
 
 /// The effective config: file (or defaults), then flags on top.
-pub fn resolve_config(paths: &PathArgs) -> Result<Config, Failure> {
+///
+/// Clients read only the `[daemon]` paths: a typo in a policy must not keep an
+/// operator from `status` or `policy reload` (which reports it).
+pub fn resolve_config(paths: &PathArgs, for_client: bool) -> Result<Config, Failure> {
     let (path, named) = match &paths.config {
         Some(path) => (path.clone(), true),
         None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
     };
-    let mut config = Config::load(&path, named).map_err(|e| Failure::Usage(e.to_string()))?;
+    let loaded = if for_client {
+        Config::load_daemon_section(&path, named)
+    } else {
+        Config::load(&path, named)
+    };
+    let mut config = loaded.map_err(|e| Failure::Usage(e.to_string()))?;
     let daemon = &mut config.daemon;
     if let Some(socket) = &paths.socket {
         daemon.socket = socket.clone();
@@ -297,6 +323,22 @@ pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
         Command::Stats(flag) => return stats(config, flag.json),
         Command::Top(args) => return top(config, args),
         Command::Events(args) => return events(config, args),
+        Command::Policy(PolicyCommand::Check { file }) => return check_policy(&file),
+        Command::Policy(PolicyCommand::Reload) => {
+            let view: PolicyView = connect(config)?.call_as(Request::PolicyReload)?;
+            println!(
+                "policy reloaded from {}: {} rules{}",
+                view.source,
+                view.rules,
+                if view.dry_run { " (dry run)" } else { "" }
+            );
+            return Ok(());
+        }
+        Command::Policy(PolicyCommand::Show) => {
+            let text: String = connect(config)?.call_as(Request::PolicyShow)?;
+            print!("{text}");
+            return Ok(());
+        }
     };
     let changed: Vec<ListEntryView> = connect(config)?.call_as(request)?;
     for entry in &changed {
@@ -476,4 +518,32 @@ pub fn event_line(event: &Event) -> String {
         line.push_str(&format!(" \"{message}\""));
     }
     line
+}
+
+/// `policy check FILE`: a policy file, or a config file whose `[policy]` it checks
+/// (following `file = ...`). Exit 0 when valid, 2 with every problem otherwise.
+pub fn check_policy(path: &std::path::Path) -> Result<(), Failure> {
+    use crate::policy::{Policy, file::PolicyDoc};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+    let is_config = toml::from_str::<toml::Table>(&text).is_ok_and(|table| {
+        ["daemon", "datapath", "capture", "policy"]
+            .iter()
+            .any(|key| table.contains_key(*key))
+    });
+    let policy = if is_config {
+        let config = Config::parse(&text, path).map_err(|e| Failure::Usage(e.to_string()))?;
+        Policy::from_config(&config.policy, path, None)
+    } else {
+        PolicyDoc::read(path)
+            .map(|doc| Policy::new(doc, crate::policy::Source::File(path.to_owned()), None))
+    }
+    .map_err(|e| Failure::Usage(e.to_string()))?;
+    println!(
+        "{}: OK, {} rules (policy from {})",
+        path.display(),
+        policy.rule_count(),
+        policy.source
+    );
+    Ok(())
 }

@@ -14,6 +14,8 @@ use monitor_common::maps::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::policy::file::{PolicyDoc, PolicyError};
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/apimon/apimon.toml";
 pub const DEFAULT_SOCKET_PATH: &str = "/run/apimon/apimon.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/apimon";
@@ -32,6 +34,11 @@ pub enum ConfigError {
     },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    /// `file:line:column: reason`.
+    #[error("invalid config {0}")]
+    Syntax(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -40,6 +47,11 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub datapath: DatapathConfig,
     pub capture: CaptureSettings,
+    /// Rules inline, or `file = ...`; none: the built-in policy.
+    pub policy: PolicyDoc,
+    /// The file this was read from (policy errors and reloads name it).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// Server ports whose HTTP traffic is captured by default.
@@ -239,22 +251,49 @@ mod humantime_serde_compat {
 
 impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })?;
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(crate::policy::file::located(path, text, &e)))?;
         config.validate(path)?;
+        config.policy.check(text, path)?;
+        config.path = path.to_owned();
         Ok(config)
+    }
+
+    /// Reads only the `[daemon]` table (what clients need), ignoring the rest.
+    pub fn load_daemon_section(path: &Path, explicitly_named: bool) -> Result<Self, ConfigError> {
+        #[derive(Deserialize)]
+        struct DaemonOnly {
+            #[serde(default)]
+            daemon: DaemonConfig,
+        }
+        Self::read_with(path, explicitly_named, |text| {
+            let only: DaemonOnly = toml::from_str(text)
+                .map_err(|e| ConfigError::Syntax(crate::policy::file::located(path, text, &e)))?;
+            Ok(Config {
+                daemon: only.daemon,
+                path: path.to_owned(),
+                ..Config::default()
+            })
+        })
     }
 
     /// Reads the config. The default path may be missing (built-in defaults); a path the
     /// operator named must exist.
     pub fn load(path: &Path, explicitly_named: bool) -> Result<Self, ConfigError> {
+        Self::read_with(path, explicitly_named, |text| Self::parse(text, path))
+    }
+
+    fn read_with(
+        path: &Path,
+        explicitly_named: bool,
+        parse: impl FnOnce(&str) -> Result<Self, ConfigError>,
+    ) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicitly_named => {
-                Ok(Config::default())
-            }
+            Ok(text) => parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicitly_named => Ok(Config {
+                path: path.to_owned(),
+                ..Config::default()
+            }),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_owned(),
                 source,
@@ -315,7 +354,13 @@ mod tests {
     #[test]
     fn empty_file_is_all_defaults() {
         let config = parse("").unwrap();
-        assert_eq!(config, Config::default());
+        assert_eq!(
+            config,
+            Config {
+                path: "apimon.toml".into(),
+                ..Config::default()
+            }
+        );
         assert_eq!(config.daemon.socket, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(config.daemon.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(config.datapath.ip_stats_capacity, 1 << 20);
@@ -368,10 +413,27 @@ mod tests {
     }
 
     #[test]
+    fn inline_policy_errors_name_their_place_in_the_config() {
+        let err = parse("[policy]\n[[policy.rules]]\nid = \"x\"\naction = \"block\"\nmatch.path = { glob = \"[\" }\n")
+            .unwrap_err();
+        assert!(
+            err.starts_with("invalid config apimon.toml:5:14: invalid glob"),
+            "{err}"
+        );
+        let err = parse("[[policy.rules]]\nid = \"x\"\naction = \"throttle\"\n").unwrap_err();
+        assert!(
+            err.contains("apimon.toml:2:6: rule \"x\": action throttle needs throttle_pps"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_file_and_position() {
         let err = parse("[daemon]\nxdp_mode = \"turbo\"\n").unwrap_err();
-        assert!(err.starts_with("invalid config apimon.toml:"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
+        assert!(
+            err.starts_with("invalid config apimon.toml:2:12: "),
+            "{err}"
+        );
         assert!(err.contains("turbo"), "{err}");
 
         let err = parse("[daemon]\nsockets = \"/x\"\n").unwrap_err();
@@ -390,7 +452,7 @@ mod tests {
         assert!(err.contains("power of two"), "{err}");
 
         let err = parse("[capture]\nports = [80, 70000]\n").unwrap_err();
-        assert!(err.contains("line 2"), "{err}");
+        assert!(err.starts_with("invalid config apimon.toml:2:"), "{err}");
 
         let err = parse("[daemon\n").unwrap_err();
         assert!(err.contains("invalid config"), "{err}");
@@ -399,7 +461,9 @@ mod tests {
     #[test]
     fn missing_default_file_is_defaults_but_named_file_must_exist() {
         let missing = Path::new("/nonexistent/apimon.toml");
-        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        let defaults = Config::load(missing, false).unwrap();
+        assert_eq!(defaults.path, missing);
+        assert_eq!(defaults.daemon, Config::default().daemon);
         let err = Config::load(missing, true).unwrap_err().to_string();
         assert!(
             err.starts_with("cannot read config /nonexistent/apimon.toml"),

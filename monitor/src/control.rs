@@ -74,6 +74,10 @@ pub enum Request {
         #[serde(default)]
         http: bool,
     },
+    /// Re-read the policy from the config (as SIGHUP does).
+    PolicyReload,
+    /// The active policy, as TOML.
+    PolicyShow,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -177,6 +181,8 @@ pub struct PolicyView {
     pub source: String,
     pub rules: u64,
     pub loaded_at: String,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]

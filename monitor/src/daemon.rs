@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -31,7 +31,9 @@ use crate::{
     loader::{self, Attachment, LoadOptions, LoaderError, TcHook},
     maps::{Datapath, ListKind, MapsError, Traffic},
     metrics::{self, ExchangeSeries, Metrics},
+    policy::{Policy, file::PolicyError},
     secrets::{Fingerprinter, SecretsError},
+    verdict::{self, ActivePolicy, Verdicts},
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -63,15 +65,21 @@ pub enum DaemonError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 /// What the control handler needs; shared with the sweeper.
 struct Shared {
-    enforcer: Mutex<Enforcer>,
+    enforcer: Arc<Mutex<Enforcer>>,
+    policy: ActivePolicy,
+    /// The config file the policy is re-read from on reload.
+    config_path: PathBuf,
     traffic: Traffic,
     capture: CaptureMaps,
     started: Instant,
-    started_wall: SystemTime,
+    /// `run --dry-run`: every policy, also reloaded ones, only records.
+    force_dry_run: bool,
     /// Name, XDP mode and the ifindex attached to.
     interfaces: Vec<(String, &'static str, u32)>,
     events: Bus,
@@ -108,6 +116,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     })?;
     // Claim the socket and the pin directory before touching any kernel state, so a
     // second daemon changes nothing that belongs to the first.
+    let mut policy = Policy::from_config(&config.policy, &config.path, None)?;
+    policy.doc.dry_run |= dry_run;
+    info!(source = %policy.source, rules = policy.rule_count(), dry_run = policy.doc.dry_run, "Policy loaded");
+    let policy: ActivePolicy = Arc::new(RwLock::new(Arc::new(policy)));
     let listener = control::bind(&daemon.socket)?;
     let secrets = Fingerprinter::open(&daemon.state_dir)?;
     let events = Bus::default();
@@ -169,11 +181,13 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     }
     let metrics = Arc::new(Metrics::new()?);
     let shared = Arc::new(Shared {
-        enforcer: Mutex::new(enforcer),
+        enforcer: Arc::new(Mutex::new(enforcer)),
+        policy: policy.clone(),
+        config_path: config.path.clone(),
         traffic,
         capture: capture_maps,
         started: Instant::now(),
-        started_wall: SystemTime::now(),
+        force_dry_run: dry_run,
         interfaces: xdp_interfaces,
         events: events.clone(),
     });
@@ -190,6 +204,13 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             routes: Routes::new(&config.capture.routes),
             metrics: metrics.clone(),
             events: events.clone(),
+            verdicts: Verdicts::new(
+                policy.clone(),
+                shared.enforcer.clone(),
+                metrics.clone(),
+                events.clone(),
+                secrets.clone(),
+            ),
             secrets,
             series: HashMap::new(),
         },
@@ -232,7 +253,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             .with_field("interfaces", interfaces.clone()),
     );
 
-    let result = wait_for_shutdown().await;
+    let result = wait_for_shutdown(&shared).await;
     control_task.abort();
     sweeper_task.abort();
     reader_task.abort();
@@ -260,6 +281,7 @@ struct Observers {
     routes: Routes,
     metrics: Arc<Metrics>,
     events: Bus,
+    verdicts: Verdicts,
     secrets: Fingerprinter,
     /// Metric handles by (method, status) then route: no label lookups per exchange.
     series: HashMap<(&'static str, Option<u16>), HashMap<String, ExchangeSeries>>,
@@ -270,6 +292,11 @@ const MAX_CACHED_SERIES: usize = 4096;
 
 impl Observers {
     fn observe(&mut self, event: &http::Event, clocks: &Clocks) {
+        if let http::Event::Request(request) = event {
+            let route = self.routes.template(&request.head.target());
+            self.verdicts.judge(request, &route, clocks);
+            return;
+        }
         let http::Event::Exchange(exchange) = event else {
             self.metrics.record(event, "");
             return;
@@ -357,7 +384,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-async fn wait_for_shutdown() -> Result<(), DaemonError> {
+async fn wait_for_shutdown(shared: &Arc<Shared>) -> Result<(), DaemonError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -366,10 +393,61 @@ async fn wait_for_shutdown() -> Result<(), DaemonError> {
             _ = terminate.recv() => { info!(signal = "SIGTERM", "Shutting down"); return Ok(()); }
             _ = interrupt.recv() => { info!(signal = "SIGINT", "Shutting down"); return Ok(()); }
             _ = hangup.recv() => {
-                // The default policy is built in; policy files arrive with the policy engine.
-                info!(signal = "SIGHUP", "Reload requested; the built-in default policy is unchanged");
+                info!(signal = "SIGHUP", "Reloading the policy");
+                let shared = shared.clone();
+                // Errors are logged and published by the reload itself.
+                let _ = tokio::task::spawn_blocking(move || reload_policy(&shared)).await;
             }
         }
+    }
+}
+
+/// Re-reads the config's policy and swaps it in whole; a policy with errors is refused
+/// and the running one stays. Limiters of unchanged rules keep their state.
+fn reload_policy(shared: &Shared) -> Result<Value, ControlError> {
+    let loaded = Config::load(&shared.config_path, true)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let old = verdict::current(&shared.policy);
+            Policy::from_config(&config.policy, &shared.config_path, Some(&old))
+                .map_err(|e| e.to_string())
+        });
+    match loaded {
+        Ok(mut policy) => {
+            policy.doc.dry_run |= shared.force_dry_run;
+            let view = policy_view(&policy);
+            info!(source = %policy.source, rules = policy.rule_count(), "Policy reloaded");
+            *shared
+                .policy
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+            shared.events.publish(
+                Event::new("event", "configuration", "policy_reloaded")
+                    .with_field("source", view.source.clone())
+                    .with_field("rules", view.rules),
+            );
+            to_value(&view)
+        }
+        Err(message) => {
+            warn!(error = %message, "Policy reload refused; the running policy stays");
+            shared.events.publish(
+                Event::new("event", "configuration", "policy_reloaded")
+                    .with_message(message.clone())
+                    .with_field("refused", true),
+            );
+            Err(ControlError::bad_request(format!(
+                "policy refused, the running one stays:\n{message}"
+            )))
+        }
+    }
+}
+
+fn policy_view(policy: &Policy) -> PolicyView {
+    PolicyView {
+        source: policy.source.to_string(),
+        rules: policy.rule_count() as u64,
+        loaded_at: clock::rfc3339(policy.loaded_at),
+        dry_run: policy.doc.dry_run,
     }
 }
 
@@ -426,7 +504,9 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
             Ok(Ok(expired)) => {
                 for entry in expired {
                     info!(event.action = "block_expired", cidr = %entry.cidr, origin = %entry.origin, "Block expired");
-                    shared.events.publish(list_event("block_expired", &entry));
+                    shared
+                        .events
+                        .publish(Event::list_change("block_expired", &entry));
                 }
             }
             Ok(Err(e)) => {
@@ -508,11 +588,7 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
                     attached: loader::if_index(name) == Some(*ifindex),
                 })
                 .collect(),
-            policy: PolicyView {
-                source: "builtin".into(),
-                rules: 0,
-                loaded_at: clock::rfc3339(shared.started_wall),
-            },
+            policy: policy_view(&verdict::current(&shared.policy)),
         }),
         Request::BlockAdd {
             cidrs,
@@ -540,6 +616,8 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
         Request::AllowLs => list(shared, ListKind::Allow),
         Request::Stats => stats(shared),
         Request::Top { by, limit } => top(shared, by, limit),
+        Request::PolicyReload => reload_policy(shared),
+        Request::PolicyShow => Ok(Value::from(verdict::current(&shared.policy).to_toml())),
         // Streams are served by the control socket itself.
         Request::Events { .. } => Err(ControlError::failed("events are served by the socket")),
     }
@@ -567,7 +645,7 @@ fn add(
             .expires_at
             .map_or_else(|| "never".to_owned(), clock::rfc3339);
         info!(event.action = action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
-        shared.events.publish(list_event(action, entry));
+        shared.events.publish(Event::list_change(action, entry));
     }
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
@@ -584,24 +662,9 @@ fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, Co
     };
     for entry in &removed {
         info!(event.action = action, cidr = %entry.cidr, "List entry removed");
-        shared.events.publish(list_event(action, entry));
+        shared.events.publish(Event::list_change(action, entry));
     }
     to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
-}
-
-/// A blocklist or allowlist change, as an audit event.
-fn list_event(action: &str, entry: &enforce::Entry) -> Event {
-    Event::new("event", "configuration", action)
-        .with_field("cidr", entry.cidr.to_string())
-        .with_field("reason", entry.reason.clone())
-        .with_field("origin", entry.origin.clone())
-        .with_field(
-            "expires_at",
-            entry
-                .expires_at
-                .map(clock::rfc3339)
-                .map_or(Value::Null, Value::from),
-        )
 }
 
 fn list(shared: &Shared, kind: ListKind) -> Result<Value, ControlError> {
@@ -672,7 +735,7 @@ impl DaemonError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            DaemonError::NoInterface | DaemonError::UnknownInterface(_)
+            DaemonError::NoInterface | DaemonError::UnknownInterface(_) | DaemonError::Policy(_)
         )
     }
 }

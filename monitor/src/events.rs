@@ -198,6 +198,21 @@ impl Event {
         event.with_field("route", route)
     }
 
+    /// A blocklist or allowlist change (`block_added`, `block_expired`, ...).
+    pub fn list_change(action: &str, entry: &crate::enforce::Entry) -> Self {
+        Self::new("event", "configuration", action)
+            .with_field("cidr", entry.cidr.to_string())
+            .with_field("reason", entry.reason.clone())
+            .with_field("origin", entry.origin.clone())
+            .with_field(
+                "expires_at",
+                entry
+                    .expires_at
+                    .map(clock::rfc3339)
+                    .map_or(serde_json::Value::Null, serde_json::Value::from),
+            )
+    }
+
     /// Stands in for events a slow subscriber missed: nothing is lost silently.
     pub fn lost(count: u64) -> Self {
         Self::new("event", "process", "events_lost")

@@ -15,3 +15,4 @@ pub mod maps;
 pub mod metrics;
 pub mod policy;
 pub mod secrets;
+pub mod verdict;

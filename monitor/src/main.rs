@@ -16,14 +16,18 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run_daemon(&cli.paths, args),
-        command => {
-            cli::resolve_config(&cli.paths).and_then(|config| cli::run_client(command, &config))
-        }
+        // Offline: a broken config must not stop anyone from checking a policy.
+        Command::Policy(cli::PolicyCommand::Check { file }) => cli::check_policy(&file),
+        command => cli::resolve_config(&cli.paths, true)
+            .and_then(|config| cli::run_client(command, &config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("apimon: {}", failure.message());
+            // One line per problem (a policy can have several), each prefixed.
+            for line in failure.message().lines() {
+                eprintln!("apimon: {line}");
+            }
             failure.exit_code()
         }
     }
@@ -59,7 +63,7 @@ fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> 
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let mut config = cli::resolve_config(paths)?;
+    let mut config = cli::resolve_config(paths, false)?;
     if !args.ifaces.is_empty() {
         config.daemon.interfaces = args.ifaces;
     }

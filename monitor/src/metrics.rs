@@ -64,6 +64,7 @@ impl ExchangeSeries {
 
 pub struct Metrics {
     registry: Registry,
+    policy_decisions: IntCounterVec,
     samples_request: IntCounter,
     samples_response: IntCounter,
     http_requests: IntCounterVec,
@@ -114,6 +115,13 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let policy_decisions = IntCounterVec::new(
+            Opts::new(
+                "apimon_policy_decisions_total",
+                "Policy rules that fired, by rule id and action (would_* in dry run)",
+            ),
+            &["rule", "action"],
+        )?;
         let active_flows =
             IntGauge::new("apimon_http_active_flows", "Connections being reassembled")?;
         let build_info =
@@ -128,6 +136,7 @@ impl Metrics {
             Box::new(samples_lost.clone()),
             Box::new(parse_errors.clone()),
             Box::new(active_flows.clone()),
+            Box::new(policy_decisions.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -136,6 +145,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            policy_decisions,
             samples_request: samples.with_label_values(&[Direction::Request.name()]),
             samples_response: samples.with_label_values(&[Direction::Response.name()]),
             registry,
@@ -167,10 +177,19 @@ impl Metrics {
             .set(i64::try_from(flows).unwrap_or(i64::MAX));
     }
 
+    /// One policy verdict (`action` is the decision's label).
+    pub fn decision(&self, rule: &str, action: &str) {
+        self.policy_decisions
+            .with_label_values(&[rule, action])
+            .inc();
+    }
+
     /// Counts what the pipeline reported; `route` is the exchange's template.
     pub fn record(&self, event: &Event, route: &str) {
         match event {
             Event::Exchange(exchange) => self.exchange(exchange, route),
+            // Counted once its exchange ends.
+            Event::Request(_) => {}
             Event::ParseError(kind) => self.parse_errors.with_label_values(&[kind.name()]).inc(),
             Event::OtherProtocol(protocol) => self
                 .parse_errors

@@ -78,6 +78,11 @@ impl DaemonPaths {
         }
     }
 
+    /// The config file the daemon and the CLI read (empty unless a test writes it).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("apimon.toml")
+    }
+
     /// The path flags every subcommand takes.
     pub fn flags(&self) -> Vec<String> {
         vec![
@@ -391,6 +396,10 @@ pub struct EventStream {
     lines: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
+/// The block `follow_events` adds and removes to know its subscription is live; its
+/// events are not kept.
+const SUBSCRIPTION_MARKER: &str = "192.0.2.254/32";
+
 impl Daemon {
     /// Follows events; `http` adds one event per observed exchange. Returns once the
     /// subscription is in place, so nothing sent afterwards is missed.
@@ -410,26 +419,29 @@ impl Daemon {
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let collected = lines.clone();
+        let (live_tx, live_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead as _;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                let value = serde_json::from_str(&line)
+                let value: serde_json::Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("events printed a non-JSON line {line:?}: {e}"));
+                if value["apimon"]["cidr"] == SUBSCRIPTION_MARKER {
+                    if value["event"]["action"] == "block_removed" {
+                        let _ = live_tx.send(());
+                    }
+                    continue;
+                }
                 collected.lock().unwrap().push(value);
             }
         });
         // The subscription exists once the daemon counts it: wait for a marker event.
-        let stream = EventStream { child, lines };
-        let marker = "192.0.2.254/32";
-        self.cli_ok(&["block", "add", marker, "--reason", "subscription marker"]);
-        self.cli_ok(&["block", "rm", marker]);
-        stream.wait_for(Duration::from_secs(5), |events| {
-            events
-                .iter()
-                .any(|e| e["event"]["action"] == "block_removed" && e["apimon"]["cidr"] == marker)
-        });
-        stream
+        self.cli_ok(&["block", "add", SUBSCRIPTION_MARKER, "--reason", "marker"]);
+        self.cli_ok(&["block", "rm", SUBSCRIPTION_MARKER]);
+        live_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the event stream never showed the subscription marker");
+        EventStream { child, lines }
     }
 }
 

@@ -105,18 +105,29 @@ impl Drop for Nginx {
 
 /// Runs curl inside `ns`; returns stdout, panicking on failure.
 pub fn curl(ns: &NetNs, args: &[&str]) -> String {
+    try_curl(ns, "20", args).unwrap_or_else(|e| panic!("curl {}: {e}", args.join(" ")))
+}
+
+/// Runs curl inside `ns` with a time limit (seconds); stdout, or stderr on failure.
+pub fn try_curl(ns: &NetNs, max_time: &str, args: &[&str]) -> Result<String, String> {
     let output = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "curl", "-sS", "--max-time", "20"])
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "curl",
+            "-sS",
+            "--max-time",
+            max_time,
+        ])
         .args(args)
         .output()
         .expect("running curl");
-    assert!(
-        output.status.success(),
-        "curl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
 }
 
 /// A file of `len` bytes under `dir`, for request bodies.

@@ -95,7 +95,11 @@ fn a_broken_config_file_is_exit_2_naming_the_line() {
     let paths = DaemonPaths::new();
     let config = paths.dir.path().join("apimon.toml");
     std::fs::write(&config, "[daemon]\nxdp_mode = \"warp\"\n").unwrap();
-    assert_fails(&cli_with(&paths, &["stats"]), 2, "line 2");
+    assert_fails(
+        &cli_with(&paths, &["stats"]),
+        2,
+        "apimon.toml:2:12: unknown variant `warp`",
+    );
 }
 
 #[test]
@@ -110,6 +114,10 @@ fn every_client_command_is_exit_3_without_a_daemon() {
         &["block", "rm", "10.0.0.1"],
         &["allow", "ls"],
         &["allow", "add", "10.0.0.1"],
+        &["events"],
+        &["events", "--follow", "--http"],
+        &["policy", "reload"],
+        &["policy", "show"],
     ] {
         assert_fails(&cli_with(&paths, args), 3, "daemon not reachable");
     }

@@ -1,6 +1,7 @@
 //! Keeps the kernel's blocklist and allowlist equal to the operator's lists: every
 //! change is written to the maps, persisted, then acknowledged.
 
+pub mod escalation;
 pub mod lists;
 pub mod state;
 

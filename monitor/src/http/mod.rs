@@ -35,6 +35,16 @@ pub struct Exchange {
     pub latency: Option<Duration>,
 }
 
+/// A request whose head just arrived (its response, if any, still to come).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestStart {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub head: RequestHead,
+    /// CLOCK_MONOTONIC ns of its first byte.
+    pub started_ns: u64,
+}
+
 /// What the pipeline reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(
@@ -42,6 +52,8 @@ pub struct Exchange {
     reason = "exchanges are nearly every event; boxing would allocate for each"
 )]
 pub enum Event {
+    /// As soon as a request head is parsed: what policy decisions are made on.
+    Request(RequestStart),
     Exchange(Exchange),
     ParseError(ParseErrorKind),
     OtherProtocol(OtherProtocol),
@@ -285,6 +297,12 @@ fn pair(
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
+                events.push(Event::Request(RequestStart {
+                    client: id.client,
+                    server: id.server,
+                    head: head.clone(),
+                    started_ns,
+                }));
                 flow.pending.push_back(Pending {
                     head,
                     started_ns,

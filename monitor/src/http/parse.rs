@@ -18,7 +18,8 @@ pub enum Side {
 /// the fields apimon reads. Detections can re-read any header from `raw`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    raw: Box<[u8]>,
+    /// Shared: the policy sees the head when it arrives, the exchange when it ends.
+    raw: std::sync::Arc<[u8]>,
     method: Span,
     target: Span,
     host: Option<Span>,

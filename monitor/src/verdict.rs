@@ -1,0 +1,214 @@
+//! Carries out what the policy decides on a request: every verdict is counted and
+//! becomes an event; blocks (and throttles) become kernel state within milliseconds,
+//! longer for repeat offenders.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::{Instant, SystemTime},
+};
+
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use crate::{
+    clock::{self, Clocks},
+    enforce::{Enforcer, escalation::Escalation},
+    events::{Bus, Event, Rule},
+    http::RequestStart,
+    maps::ListKind,
+    metrics::Metrics,
+    policy::{Decision, Policy, Request, file::ActionKind},
+    secrets::Fingerprinter,
+};
+
+/// The active policy, swapped whole on reload.
+pub type ActivePolicy = Arc<RwLock<Arc<Policy>>>;
+
+/// Reads the active policy (a poisoned lock still holds a whole policy).
+pub fn current(policy: &ActivePolicy) -> Arc<Policy> {
+    policy
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// Enforcements remembered as active, at most (older ones are assumed over).
+const MAX_ACTIVE: usize = 100_000;
+
+pub struct Verdicts {
+    pub policy: ActivePolicy,
+    pub enforcer: Arc<Mutex<Enforcer>>,
+    pub metrics: Arc<Metrics>,
+    pub events: Bus,
+    pub secrets: Fingerprinter,
+    escalation: Escalation,
+    /// The policy the escalation settings came from.
+    tuned_for: Arc<Policy>,
+    /// Networks blocked or throttled by the policy, until when: requests already in
+    /// flight from them do not count as new offences.
+    active: HashMap<(IpNet, ListKind), Instant>,
+}
+
+impl Verdicts {
+    pub fn new(
+        policy: ActivePolicy,
+        enforcer: Arc<Mutex<Enforcer>>,
+        metrics: Arc<Metrics>,
+        events: Bus,
+        secrets: Fingerprinter,
+    ) -> Self {
+        let tuned_for = current(&policy);
+        let e = &tuned_for.doc.escalation;
+        let escalation = Escalation::new(e.factor, e.max_ttl.0, e.memory.0);
+        Self {
+            tuned_for,
+            policy,
+            enforcer,
+            metrics,
+            events,
+            secrets,
+            escalation,
+            active: HashMap::new(),
+        }
+    }
+
+    /// Judges one request as soon as its head is in.
+    pub fn judge(&mut self, request: &RequestStart, route: &str, clocks: &Clocks) {
+        let policy = current(&self.policy);
+        if !Arc::ptr_eq(&policy, &self.tuned_for) {
+            // Reloaded: new escalation settings; what offenders did is kept.
+            let e = &policy.doc.escalation;
+            self.escalation.retune(e.factor, e.max_ttl.0, e.memory.0);
+            self.tuned_for = policy.clone();
+        }
+        let source = request.client.ip().to_canonical();
+        let decisions = policy.evaluate(&Request {
+            source,
+            head: &request.head,
+            route,
+        });
+        for decision in &decisions {
+            self.metrics.decision(&decision.rule_id, decision.label());
+            let at = clocks.to_wall(request.started_ns);
+            let mut event = self.event(request, route, decision, at);
+            if !decision.dry_run {
+                match decision.action {
+                    ActionKind::Block => self.enforce(&policy, source, decision, &mut event),
+                    ActionKind::Throttle => {
+                        // Kernel throttling arrives with the rate-limit maps; until then
+                        // the verdict is recorded like an alert.
+                        event = event.with_field("enforced", false);
+                    }
+                    _ => {}
+                }
+            }
+            self.events.publish(event);
+        }
+    }
+
+    fn event(
+        &self,
+        request: &RequestStart,
+        route: &str,
+        decision: &Decision,
+        at: SystemTime,
+    ) -> Event {
+        let kind = match decision.action {
+            ActionKind::Log | ActionKind::Allow => "event",
+            _ => "alert",
+        };
+        let action = if decision.rate_limited {
+            "rate_limited"
+        } else {
+            "rule_match"
+        };
+        let target = request.head.target();
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(self.secrets.redact_query(query))),
+            None => (target.as_ref(), None),
+        };
+        let mut event = Event::new(kind, "web", action);
+        event.timestamp = clock::rfc3339_millis(at);
+        event.event.severity = decision.severity;
+        event.event.outcome = Some(
+            if decision.dry_run {
+                "unknown"
+            } else {
+                "success"
+            }
+            .into(),
+        );
+        event.source = Some(request.client.into());
+        event.destination = Some(request.server.into());
+        event.http = Some(crate::events::Http {
+            version: format!("1.{}", request.head.version),
+            request: crate::events::HttpRequest {
+                method: request.head.method().into_owned(),
+                body: crate::events::Body::default(),
+            },
+            response: None,
+        });
+        event.url = Some(crate::events::Url {
+            path: path.into(),
+            query,
+            domain: request.head.host().map(std::borrow::Cow::into_owned),
+        });
+        event.rule = Some(Rule {
+            id: decision.rule_id.clone(),
+            name: decision.rule_name.clone(),
+            category: None,
+        });
+        event
+            .with_field("route", route)
+            .with_field("action", decision.label())
+            .with_field("dry_run", decision.dry_run)
+    }
+
+    /// Blocks the offender's network in the kernel, for an escalating TTL.
+    fn enforce(&mut self, policy: &Policy, source: IpAddr, decision: &Decision, event: &mut Event) {
+        let net = policy.offender_net(source);
+        let now = Instant::now();
+        let key = (net, ListKind::Block);
+        if self.active.get(&key).is_some_and(|until| *until > now) {
+            // Already dropped in the kernel: this request was in flight before.
+            *event = std::mem::take(event).with_field("enforced", "already");
+            return;
+        }
+        let (ttl, offence) = self.escalation.offend(net, decision.ttl, now);
+        if self.active.len() >= MAX_ACTIVE {
+            self.active.retain(|_, until| *until > now);
+        }
+        self.active.insert(key, now + ttl);
+        let origin = format!("policy:{}", decision.rule_id);
+        let reason = if decision.rule_name.is_empty() {
+            decision.rule_id.clone()
+        } else {
+            decision.rule_name.clone()
+        };
+        let added = self
+            .enforcer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .add(ListKind::Block, &[net], Some(ttl), &reason, &origin);
+        *event = std::mem::take(event)
+            .with_field("cidr", net.to_string())
+            .with_field("ttl_s", ttl.as_secs())
+            .with_field("offence", offence);
+        match added {
+            Ok(entries) => {
+                for entry in entries {
+                    info!(event.action = "block_added", cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy block");
+                    self.events
+                        .publish(Event::list_change("block_added", &entry));
+                }
+            }
+            Err(error) => {
+                self.active.remove(&key);
+                warn!(cidr = %net, %error, "Policy block failed");
+                *event = std::mem::take(event).with_field("error", error.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The enforcement loop end to end: nginx in one namespace, curl clients in the other,
+//! the real daemon with a policy in between. What the policy decides on a request, the
+//! kernel enforces on the client's next packets.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly, with their location"
+)]
+
+use std::time::{Duration, Instant};
+
+use apimon_tests::{
+    daemon::{Daemon, DaemonPaths, EventStream, METRICS_ADDR, metric},
+    netns::Topology,
+    nginx::{Nginx, try_curl},
+    require_root,
+};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[policy]
+block_ttl = "3s"
+
+[policy.escalation]
+factor = 2
+max_ttl = "1m"
+
+[[policy.rules]]
+id = "a-limit"
+name = "Too many requests to /a"
+action = "block"
+severity = 6
+match.path = { prefix = "/a" }
+rate_limit = { requests = 3, per = "1m", key = "ip" }
+
+[[policy.rules]]
+id = "watch-b"
+name = "Would block /b"
+action = "block"
+dry_run = true
+match.path = "/b"
+"#;
+
+// Fields drop in order: the event stream goes before the daemon it follows.
+struct Setup {
+    events: EventStream,
+    daemon: Daemon,
+    _nginx: Nginx,
+    topo: Topology,
+}
+
+impl Setup {
+    fn new(policy: &str) -> Self {
+        require_root();
+        let topo = Topology::new();
+        let nginx = Nginx::start(&topo.server, &["10.77.0.1:8080", "[fd00:77::1]:8080"]);
+        let mut paths = DaemonPaths::new();
+        paths.metrics_addr = METRICS_ADDR.into();
+        std::fs::write(paths.config_file(), policy).unwrap();
+        let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
+        let events = daemon.follow_events(false);
+        Self {
+            events,
+            daemon,
+            _nginx: nginx,
+            topo,
+        }
+    }
+
+    /// A GET from `source` (one of the client namespace's addresses); false when it
+    /// could not complete within a second.
+    fn get(&self, source: &str, path: &str) -> bool {
+        let url = if source.contains(':') {
+            format!("http://[fd00:77::1]:8080{path}")
+        } else {
+            format!("http://10.77.0.1:8080{path}")
+        };
+        try_curl(
+            &self.topo.client,
+            "1",
+            &["-g", "-o", "/dev/null", "--interface", source, &url],
+        )
+        .is_ok()
+    }
+
+    fn events_where(&self, action: &str) -> Vec<Value> {
+        self.events
+            .events()
+            .into_iter()
+            .filter(|e| e["event"]["action"] == action)
+            .collect()
+    }
+
+    fn wait_event(&self, action: &str, count: usize) -> Vec<Value> {
+        self.events.wait_for(Duration::from_secs(5), |events| {
+            events
+                .iter()
+                .filter(|e| e["event"]["action"] == action)
+                .count()
+                >= count
+        });
+        self.events_where(action)
+    }
+
+    fn decisions(&self, rule: &str, action: &str) -> f64 {
+        let text = self.daemon.scrape();
+        metric(
+            &text,
+            &format!("apimon_policy_decisions_total{{action=\"{action}\",rule=\"{rule}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
+    fn blocked(&self) -> Vec<Value> {
+        self.daemon
+            .cli_json(&["block", "ls"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// Seconds between an entry's creation and expiry.
+fn ttl_of(entry: &Value) -> i64 {
+    let seconds = |field: &str| {
+        let text = entry[field].as_str().unwrap();
+        humantime::parse_rfc3339(text)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    seconds("expires_at") - seconds("created_at")
+}
+
+#[test]
+fn a_client_over_its_limit_is_blocked_in_the_kernel_and_escalates() {
+    let s = Setup::new(POLICY);
+    let (a, b) = ("10.77.0.2", "10.77.0.3");
+    for _ in 0..3 {
+        assert!(s.get(a, "/a"), "within the limit");
+    }
+    // The 4th request is over the limit: it may still be answered, the next cannot.
+    let violation = Instant::now();
+    s.get(a, "/a");
+    let block = s.wait_event("block_added", 1);
+    assert_eq!(block[0]["apimon"]["cidr"], "10.77.0.2/32", "{block:?}");
+    assert_eq!(block[0]["apimon"]["origin"], "policy:a-limit");
+    assert!(!s.get(a, "/a"), "blocked in the kernel");
+    assert!(!s.get(a, "/b"), "every request, not only the limited route");
+    assert!(s.get(b, "/a"), "another client is unaffected");
+    let limited = s.wait_event("rate_limited", 1);
+    assert_eq!(limited[0]["rule"]["id"], "a-limit");
+    assert_eq!(limited[0]["source"]["ip"], "10.77.0.2");
+    assert_eq!(limited[0]["url"]["path"], "/a");
+    assert_eq!(limited[0]["event"]["kind"], "alert");
+    assert_eq!(limited[0]["event"]["severity"], 6);
+    assert_eq!(s.decisions("a-limit", "block"), 1.0);
+    let first = s.blocked();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(ttl_of(&first[0]), 3, "{first:?}");
+    assert_eq!(limited[0]["apimon"]["offence"], 1);
+
+    // The block ends by itself; the client is still over its limit, so its next
+    // request is a second offence: blocked twice as long.
+    let start = Instant::now();
+    while !s.get(a, "/b") {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "the 3 s block must end"
+        );
+    }
+    assert!(violation.elapsed() >= Duration::from_secs(3));
+    s.get(a, "/a");
+    s.wait_event("block_added", 2);
+    let offences = s.wait_event("rate_limited", 2);
+    let second = &offences[offences.len() - 1];
+    assert_eq!(second["apimon"]["offence"], 2, "{second}");
+    assert_eq!(second["apimon"]["ttl_s"], 6, "escalated: {second}");
+    let listed = s.blocked();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let expires = humantime::parse_rfc3339(listed[0]["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(left > Duration::from_secs(4), "{listed:?}");
+    assert!(!s.get(a, "/b"));
+    assert_eq!(s.decisions("a-limit", "block"), 2.0);
+}
+
+#[test]
+fn a_dry_run_rule_only_records() {
+    let s = Setup::new(POLICY);
+    for _ in 0..3 {
+        assert!(s.get("10.77.0.2", "/b"), "dry run never blocks");
+    }
+    let matches = s.wait_event("rule_match", 3);
+    assert_eq!(matches.len(), 3);
+    assert!(matches.iter().all(|e| e["rule"]["id"] == "watch-b"
+        && e["apimon"]["action"] == "would_block"
+        && e["apimon"]["dry_run"] == true));
+    assert_eq!(s.decisions("watch-b", "would_block"), 3.0);
+    assert!(s.blocked().is_empty());
+    assert!(s.events_where("block_added").is_empty());
+}
+
+#[test]
+fn ipv6_offenders_are_blocked_by_their_64() {
+    let s = Setup::new(POLICY);
+    for _ in 0..3 {
+        assert!(s.get("fd00:77::2", "/a"));
+    }
+    s.get("fd00:77::2", "/a");
+    let block = s.wait_event("block_added", 1);
+    assert_eq!(block[0]["apimon"]["cidr"], "fd00:77::/64", "{block:?}");
+    assert!(!s.get("fd00:77::2", "/b"));
+    assert!(!s.get("fd00:77::3", "/b"), "the whole /64");
+    assert!(s.get("10.77.0.3", "/b"), "IPv4 clients are not in it");
+}
+
+#[test]
+fn reload_keeps_limiter_state_and_refuses_a_broken_policy() {
+    let s = Setup::new(POLICY);
+    let b = "10.77.0.3";
+    for _ in 0..2 {
+        assert!(s.get(b, "/a"));
+    }
+    // An unchanged rule keeps its count across a reload (here: SIGHUP-equivalent).
+    let out = s.daemon.cli_ok(&["policy", "reload"]);
+    assert!(out.contains("2 rules"), "{out}");
+    assert_eq!(s.wait_event("policy_reloaded", 1).len(), 1);
+    assert!(s.get(b, "/a"), "3rd request: still within the limit");
+    s.get(b, "/a");
+    s.wait_event("block_added", 1);
+    assert!(
+        !s.get(b, "/b"),
+        "4th request over the limit across the reload"
+    );
+
+    // A broken policy is refused with its place; the running one stays.
+    let broken = POLICY.replace("{ prefix = \"/a\" }", "{ regex = \"(\" }");
+    std::fs::write(s.daemon.paths.config_file(), &broken).unwrap();
+    let output = s.daemon.cli(&["policy", "reload"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let line = broken.lines().position(|l| l.contains("regex")).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!("apimon.toml:{line}:14: invalid regex")),
+        "{stderr}"
+    );
+    let shown = s.daemon.cli_ok(&["policy", "show"]);
+    assert!(shown.contains("prefix = \"/a\""), "{shown}");
+    let status = s.daemon.cli_json(&["status"]);
+    assert_eq!(status["policy"]["rules"], 2, "{status}");
+    // Offline check names the same place, exit 2.
+    let check = s.daemon.cli(&[
+        "policy",
+        "check",
+        &s.daemon.paths.config_file().display().to_string(),
+    ]);
+    assert_eq!(check.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&check.stderr).contains(&format!(":{line}:14: invalid regex")));
+    std::fs::write(s.daemon.paths.config_file(), POLICY).unwrap();
+    let check = s.daemon.cli(&[
+        "policy",
+        "check",
+        &s.daemon.paths.config_file().display().to_string(),
+    ]);
+    assert!(check.status.success());
+}
