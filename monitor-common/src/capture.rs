@@ -13,6 +13,7 @@ pub const DIRECTION_RESPONSE: u8 = 1;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Fixed part of a sample. Addresses are IPv6 or IPv4-mapped; ports and the sequence
 /// number are in host order.

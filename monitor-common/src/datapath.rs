@@ -71,7 +71,8 @@ pub struct ListEntry {
     pub hits: u64,
     /// `ReasonCode` as u32.
     pub reason: u32,
-    pub _pad: u32,
+    /// Throttle entries: packets per second the source may send (0 elsewhere).
+    pub rate_pps: u32,
 }
 const _: () = assert!(core::mem::size_of::<ListEntry>() == 24);
 
@@ -105,8 +106,15 @@ impl DatapathState {
     pub const PRESENT_BLOCK_V6_NETS: u32 = 1 << 3;
     pub const PRESENT_ALLOW_V4: u32 = 1 << 4;
     pub const PRESENT_ALLOW_V6: u32 = 1 << 5;
+    pub const PRESENT_THROTTLE_V4: u32 = 1 << 6;
+    pub const PRESENT_THROTTLE_V6: u32 = 1 << 7;
+    /// Default per-source rate limits are configured (`RATE_CONFIG`).
+    pub const RATE_LIMITS: u32 = 1 << 30;
     /// HTTP capture is configured (some server ports are monitored).
     pub const CAPTURE_ENABLED: u32 = 1 << 31;
+    /// Any reason to run the per-source token buckets.
+    pub const RATE_CHECKS: u32 =
+        Self::RATE_LIMITS | Self::PRESENT_THROTTLE_V4 | Self::PRESENT_THROTTLE_V6;
 
     #[inline(always)]
     pub const fn has(&self, bit: u32) -> bool {
@@ -118,6 +126,58 @@ impl DatapathState {
         match epoch.wrapping_add(1) {
             0 => 1,
             next => next,
+        }
+    }
+}
+
+/// Default per-source limits, enforced with token buckets in the kernel (0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateConfig {
+    /// Packets per second from one source, and how many may come at once.
+    pub pps: u32,
+    pub pps_burst: u32,
+    /// New connections (TCP SYN) per second from one source, and the burst.
+    pub syn_ps: u32,
+    pub syn_burst: u32,
+}
+const _: () = assert!(core::mem::size_of::<RateConfig>() == 16);
+
+/// The fastest rate a limit may name (keeps token arithmetic far from overflow).
+pub const MAX_RATE: u32 = 100_000_000;
+
+/// One source's token buckets. A token is `TOKEN` units, so that refills at any rate
+/// stay exact in integers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBuckets {
+    pub packets: u64,
+    pub syns: u64,
+    /// CLOCK_MONOTONIC ns of the last refill.
+    pub refilled_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<TokenBuckets>() == 24);
+
+impl TokenBuckets {
+    /// Units per token: one second of refill at one token per second.
+    pub const TOKEN: u64 = 1_000_000_000;
+    /// Refill credited for at most this long an idle period (bounds the arithmetic).
+    pub const MAX_REFILL_NS: u64 = 10_000_000_000;
+
+    /// Refills a bucket for `elapsed_ns` at `rate` per second up to `burst`, then takes
+    /// one token; false when there was none.
+    #[inline(always)]
+    pub fn take(tokens: &mut u64, elapsed_ns: u64, rate: u32, burst: u32) -> bool {
+        let burst = if burst == 0 { rate } else { burst };
+        let capacity = u64::from(burst.max(1)) * Self::TOKEN;
+        let refill = elapsed_ns.min(Self::MAX_REFILL_NS) * u64::from(rate.min(MAX_RATE));
+        let available = tokens.saturating_add(refill).min(capacity);
+        if available >= Self::TOKEN {
+            *tokens = available - Self::TOKEN;
+            true
+        } else {
+            *tokens = available;
+            false
         }
     }
 }

@@ -18,6 +18,15 @@ pub const IP_STATS: &str = "IP_STATS";
 /// Per-CPU global counters, indexed by `Action`: `ActionCounter`.
 pub const ACTION_COUNTERS: &str = "ACTION_COUNTERS";
 
+/// IPv4 throttles (LPM trie): `Key<[u8; 4]>` -> `ListEntry` with `rate_pps`.
+pub const THROTTLE_V4: &str = "THROTTLE_V4";
+/// IPv6 throttles (LPM trie): `Key<[u8; 16]>` -> `ListEntry` with `rate_pps`.
+pub const THROTTLE_V6: &str = "THROTTLE_V6";
+/// One-slot array: `RateConfig`, the default per-source limits.
+pub const RATE_CONFIG: &str = "RATE_CONFIG";
+/// Per-source token buckets (LRU hash): `[u8; 16]` -> `TokenBuckets`.
+pub const RATE_STATE: &str = "RATE_STATE";
+
 /// One-slot array: `DatapathState`, which list maps are non-empty.
 pub const DATAPATH_STATE: &str = "DATAPATH_STATE";
 
@@ -41,7 +50,7 @@ pub const DEFAULT_CAPTURE_FLOWS: u32 = 1 << 16;
 
 /// Every map the daemon pins, so that the CLI, a restarted daemon and the
 /// kernel programs share one state.
-pub const PINNED: [&str; 9] = [
+pub const PINNED: [&str; 12] = [
     BLOCK_V4_HOSTS,
     BLOCK_V6_HOSTS,
     BLOCK_V4_NETS,
@@ -51,6 +60,9 @@ pub const PINNED: [&str; 9] = [
     IP_STATS,
     ACTION_COUNTERS,
     DATAPATH_STATE,
+    THROTTLE_V4,
+    THROTTLE_V6,
+    RATE_STATE,
 ];
 
 /// Capacity compiled into the object; the daemon resizes from its config at load time.
@@ -59,3 +71,5 @@ pub const DEFAULT_IP_STATS_CAPACITY: u32 = 1 << 20;
 pub const DEFAULT_BLOCKLIST_CAPACITY: u32 = 1 << 20;
 /// Capacity of each allowlist trie.
 pub const DEFAULT_ALLOWLIST_CAPACITY: u32 = 1 << 16;
+/// Capacity of each throttle trie.
+pub const DEFAULT_THROTTLE_CAPACITY: u32 = 1 << 16;

@@ -32,9 +32,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use monitor_common::{
-    capture::{DIRECTION_REQUEST, DIRECTION_RESPONSE},
-    datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry},
-    maps::{DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY},
+    capture::{DIRECTION_REQUEST, DIRECTION_RESPONSE, TCP_ACK, TCP_SYN},
+    datapath::{
+        Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry, RateConfig, TokenBuckets,
+    },
+    maps::{
+        DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY,
+        DEFAULT_THROTTLE_CAPACITY,
+    },
 };
 
 use crate::{
@@ -66,6 +71,17 @@ static IP_STATS: LruHashMap<IpKey, IpStats> =
     LruHashMap::with_max_entries(DEFAULT_IP_STATS_CAPACITY, 0);
 #[map]
 static DATAPATH_STATE: Array<DatapathState> = Array::with_max_entries(1, 0);
+#[map]
+static THROTTLE_V4: LpmTrie<[u8; 4], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_THROTTLE_CAPACITY, 0);
+#[map]
+static THROTTLE_V6: LpmTrie<[u8; 16], ListEntry> =
+    LpmTrie::with_max_entries(DEFAULT_THROTTLE_CAPACITY, 0);
+#[map]
+static RATE_CONFIG: Array<RateConfig> = Array::with_max_entries(1, 0);
+#[map]
+static RATE_STATE: LruHashMap<IpKey, TokenBuckets> =
+    LruHashMap::with_max_entries(DEFAULT_IP_STATS_CAPACITY, 0);
 #[map]
 static ACTION_COUNTERS: PerCpuArray<ActionCounter> =
     PerCpuArray::with_max_entries(Action::COUNT as u32, 0);
@@ -158,9 +174,20 @@ fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, pkt: &Packet, bytes: u6
             let state = DATAPATH_STATE.get(0).copied().unwrap_or_default();
             // The source as the maps key it (IPv4-mapped): statistics and capture.
             let key = source.stats_key();
+            let syn = tcp
+                .as_ref()
+                .is_some_and(|t| t.flags & TCP_SYN != 0 && t.flags & TCP_ACK == 0);
             match judge_and_record(ctx, &source, key, bytes, now, &state) {
-                Action::Pass if !well_formed => Action::Malformed,
-                Action::Pass => {
+                Verdict::Blocked => Action::DropBlocklist,
+                _ if !well_formed => Action::Malformed,
+                // Allowlisted sources are never limited.
+                Verdict::Unlisted
+                    if state.has(DatapathState::RATE_CHECKS)
+                        && over_rate(&source, key, syn, now, &state) =>
+                {
+                    Action::DropRatelimit
+                }
+                Verdict::Unlisted | Verdict::Allowed => {
                     if let Some(tcp) = &tcp
                         && state.has(DatapathState::CAPTURE_ENABLED)
                     {
@@ -178,7 +205,6 @@ fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, pkt: &Packet, bytes: u6
                     }
                     Action::Pass
                 }
-                action => action,
             }
         }
         Parsed::NotIp => Action::Pass,
@@ -198,7 +224,7 @@ fn judge_and_record<C: EbpfContext>(
     bytes: u64,
     now: u64,
     state: &DatapathState,
-) -> Action {
+) -> Verdict {
     if let Some(stats) = IP_STATS.get_ptr_mut(key) {
         // SAFETY: `stats` points at a map value.
         let cached = state.epoch != 0 && unsafe { (*stats).pass_epoch } == state.epoch;
@@ -209,7 +235,7 @@ fn judge_and_record<C: EbpfContext>(
         };
         // SAFETY: as above.
         unsafe { add_to_source(stats, verdict, bytes, now, state.epoch) };
-        return verdict.action();
+        return verdict;
     }
     let verdict = verdict(source, now, state);
     let drops = u64::from(verdict == Verdict::Blocked);
@@ -235,7 +261,7 @@ fn judge_and_record<C: EbpfContext>(
             None => warn!(ctx, "IP_STATS update failed"),
         }
     }
-    verdict.action()
+    verdict
 }
 
 /// The lists' judgement of a source.
@@ -246,16 +272,6 @@ enum Verdict {
     /// Allowlisted: passes, and counts a hit on its allow entry every time.
     Allowed,
     Blocked,
-}
-
-impl Verdict {
-    #[inline(always)]
-    const fn action(self) -> Action {
-        match self {
-            Verdict::Unlisted | Verdict::Allowed => Action::Pass,
-            Verdict::Blocked => Action::DropBlocklist,
-        }
-    }
 }
 
 /// Allowlist first (it always wins), then the exact host hash, then the prefix trie;
@@ -354,6 +370,78 @@ fn hit_if_live(entry: *mut ListEntry, now: u64) -> bool {
         unsafe { atomic_add(&raw mut (*entry).hits, 1) };
     }
     live
+}
+
+/// Whether this packet exceeds its source's rate: a throttle entry's rate if one
+/// covers the source, else the configured defaults (packets, and SYNs per second).
+/// A dropped packet counts in the source's drops.
+#[inline(always)]
+fn over_rate(source: &Source, key: IpKey, syn: bool, now: u64, state: &DatapathState) -> bool {
+    let defaults = RATE_CONFIG.get(0).copied().unwrap_or_default();
+    let (pps, burst) = match throttled_rate(source, now, state) {
+        Some(pps) => (pps, pps),
+        None => (defaults.pps, defaults.pps_burst),
+    };
+    let limit_syn = syn && defaults.syn_ps != 0;
+    if pps == 0 && !limit_syn {
+        return false;
+    }
+    let buckets = match RATE_STATE.get_ptr_mut(key) {
+        Some(buckets) => buckets,
+        None => {
+            // A new source starts with full buckets.
+            let full = TokenBuckets {
+                packets: u64::MAX >> 1,
+                syns: u64::MAX >> 1,
+                refilled_ns: now,
+            };
+            if RATE_STATE.insert(key, full, 0).is_err() {
+                return false;
+            }
+            match RATE_STATE.get_ptr_mut(key) {
+                Some(buckets) => buckets,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: `buckets` points at a map value. CPUs racing on one source may each
+    // refill once: the limit holds within a packet or two per CPU.
+    let over = unsafe {
+        let elapsed = now.saturating_sub((*buckets).refilled_ns);
+        (*buckets).refilled_ns = now;
+        let syn_ok = !limit_syn
+            || TokenBuckets::take(
+                &mut (*buckets).syns,
+                elapsed,
+                defaults.syn_ps,
+                defaults.syn_burst,
+            );
+        let packet_ok =
+            pps == 0 || TokenBuckets::take(&mut (*buckets).packets, elapsed, pps, burst);
+        !(syn_ok && packet_ok)
+    };
+    if over && let Some(stats) = IP_STATS.get_ptr_mut(key) {
+        // SAFETY: `stats` points at a map value shared between CPUs.
+        unsafe { atomic_add(&raw mut (*stats).drops, 1) };
+    }
+    over
+}
+
+/// The rate of a live throttle entry covering `source`, counting a hit on it.
+#[inline(always)]
+fn throttled_rate(source: &Source, now: u64, state: &DatapathState) -> Option<u32> {
+    let entry = match source {
+        Source::V4(addr) if state.has(DatapathState::PRESENT_THROTTLE_V4) => {
+            THROTTLE_V4.get(Key::new(32, *addr))
+        }
+        Source::V6(addr) if state.has(DatapathState::PRESENT_THROTTLE_V6) => {
+            THROTTLE_V6.get(Key::new(128, *addr))
+        }
+        _ => None,
+    }?;
+    let entry = entry as *const ListEntry as *mut ListEntry;
+    // SAFETY: `entry` points at a map value, valid for the program's run.
+    hit_if_live(entry, now).then(|| unsafe { (*entry).rate_pps })
 }
 
 /// Counts one packet in a source's statistics and caches an `Unlisted` verdict.

@@ -4,7 +4,7 @@
 use core::mem::size_of;
 
 use monitor_common::{
-    capture::{TCP_FIN, TCP_RST, TCP_SYN},
+    capture::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     datapath::{IpKey, ipv4_mapped},
 };
 use network_types::{
@@ -127,7 +127,7 @@ pub struct Tcp {
     pub source_port: u16,
     pub dest_port: u16,
     pub seq: u32,
-    /// `TCP_FIN | TCP_SYN | TCP_RST` bits.
+    /// `TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK` bits.
     pub flags: u8,
     /// Offset of the payload from the start of the frame.
     pub payload_offset: usize,
@@ -312,7 +312,8 @@ fn transport(pkt: &Packet, offset: usize, proto: u8) -> Result<Option<TcpHeader>
             pkt.require(offset, header_len)?;
             let flags = (tcp.fin() as u8 * TCP_FIN)
                 | (tcp.syn() as u8 * TCP_SYN)
-                | (tcp.rst() as u8 * TCP_RST);
+                | (tcp.rst() as u8 * TCP_RST)
+                | (tcp.ack() as u8 * TCP_ACK);
             Ok(Some(TcpHeader {
                 source_port: u16::from_be_bytes(tcp.source),
                 dest_port: u16::from_be_bytes(tcp.dest),

@@ -141,6 +141,27 @@ pub struct DatapathConfig {
     pub blocklist_capacity: u32,
     /// Entries per allowlist trie (per address family).
     pub allowlist_capacity: u32,
+    /// Packets per second one source may send (0: no limit); `throttle` verdicts set
+    /// tighter ones per offender.
+    pub rate_limit_pps: u32,
+    /// Packets one source may send at once (0: `rate_limit_pps`).
+    pub rate_limit_burst: u32,
+    /// New TCP connections (SYN) per second one source may open (0: no limit).
+    pub syn_rate_limit: u32,
+    /// SYNs one source may send at once (0: `syn_rate_limit`).
+    pub syn_rate_burst: u32,
+}
+
+impl DatapathConfig {
+    /// The kernel's default per-source limits.
+    pub fn rate_config(&self) -> monitor_common::datapath::RateConfig {
+        monitor_common::datapath::RateConfig {
+            pps: self.rate_limit_pps,
+            pps_burst: self.rate_limit_burst,
+            syn_ps: self.syn_rate_limit,
+            syn_burst: self.syn_rate_burst,
+        }
+    }
 }
 
 impl Default for DatapathConfig {
@@ -149,6 +170,10 @@ impl Default for DatapathConfig {
             ip_stats_capacity: DEFAULT_IP_STATS_CAPACITY,
             blocklist_capacity: DEFAULT_BLOCKLIST_CAPACITY,
             allowlist_capacity: DEFAULT_ALLOWLIST_CAPACITY,
+            rate_limit_pps: 0,
+            rate_limit_burst: 0,
+            syn_rate_limit: 0,
+            syn_rate_burst: 0,
         }
     }
 }
@@ -316,6 +341,19 @@ impl Config {
                 return Err(invalid(format!("{name} must be at least 1")));
             }
         }
+        for (name, value) in [
+            ("datapath.rate_limit_pps", d.rate_limit_pps),
+            ("datapath.rate_limit_burst", d.rate_limit_burst),
+            ("datapath.syn_rate_limit", d.syn_rate_limit),
+            ("datapath.syn_rate_burst", d.syn_rate_burst),
+        ] {
+            if value > monitor_common::datapath::MAX_RATE {
+                return Err(invalid(format!(
+                    "{name} must be at most {}",
+                    monitor_common::datapath::MAX_RATE
+                )));
+            }
+        }
         if self.daemon.sweep_interval.is_zero() {
             return Err(invalid("daemon.sweep_interval must be positive".into()));
         }
@@ -384,6 +422,10 @@ mod tests {
             ip_stats_capacity = 1000
             blocklist_capacity = 2000
             allowlist_capacity = 300
+            rate_limit_pps = 5000
+            rate_limit_burst = 10000
+            syn_rate_limit = 50
+            syn_rate_burst = 100
             [capture]
             ports = [8443, 80]
             max_bytes_per_request = 4096
@@ -398,6 +440,15 @@ mod tests {
         assert_eq!(config.daemon.interfaces, ["eth0", "eth1"]);
         assert_eq!(config.daemon.xdp_mode, XdpModeSetting::Skb);
         assert_eq!(config.daemon.ingress_hook, IngressHook::Tc);
+        assert_eq!(
+            config.datapath.rate_config(),
+            monitor_common::datapath::RateConfig {
+                pps: 5000,
+                pps_burst: 10000,
+                syn_ps: 50,
+                syn_burst: 100
+            }
+        );
         assert_eq!(config.daemon.metrics_addr, MetricsAddr::Off);
         assert_eq!(
             config.daemon.sweep_interval,

@@ -135,6 +135,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     start_kernel_log(&mut ebpf);
     let mut datapath = Datapath::new(&mut ebpf)?;
     datapath.set_capture_enabled(!config.capture.ports.is_empty())?;
+    datapath.set_rate_limits(config.datapath.rate_config())?;
     let traffic = Traffic::new(&mut ebpf)?;
     let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
     capture_maps.configure(&config.capture)?;
@@ -502,11 +503,10 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
         .await;
         match swept {
             Ok(Ok(expired)) => {
-                for entry in expired {
-                    info!(event.action = "block_expired", cidr = %entry.cidr, origin = %entry.origin, "Block expired");
-                    shared
-                        .events
-                        .publish(Event::list_change("block_expired", &entry));
+                for (kind, entry) in expired {
+                    let action = format!("{}_expired", kind.noun());
+                    info!(event.action = %action, cidr = %entry.cidr, origin = %entry.origin, "Entry expired");
+                    shared.events.publish(Event::list_change(&action, &entry));
                 }
             }
             Ok(Err(e)) => {
@@ -636,16 +636,13 @@ fn add(
         .enforcer()
         .add(kind, &nets, ttl, &reason, enforce::ORIGIN_CLI)
         .map_err(enforce_error)?;
-    let action = match kind {
-        ListKind::Block => "block_added",
-        ListKind::Allow => "allow_added",
-    };
+    let action = format!("{}_added", kind.noun());
     for entry in &added {
         let expires_at = entry
             .expires_at
             .map_or_else(|| "never".to_owned(), clock::rfc3339);
-        info!(event.action = action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
-        shared.events.publish(Event::list_change(action, entry));
+        info!(event.action = %action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
+        shared.events.publish(Event::list_change(&action, entry));
     }
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
@@ -656,13 +653,10 @@ fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, Co
         .enforcer()
         .remove(kind, &nets)
         .map_err(enforce_error)?;
-    let action = match kind {
-        ListKind::Block => "block_removed",
-        ListKind::Allow => "allow_removed",
-    };
+    let action = format!("{}_removed", kind.noun());
     for entry in &removed {
-        info!(event.action = action, cidr = %entry.cidr, "List entry removed");
-        shared.events.publish(Event::list_change(action, entry));
+        info!(event.action = %action, cidr = %entry.cidr, "List entry removed");
+        shared.events.publish(Event::list_change(&action, entry));
     }
     to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }

@@ -139,6 +139,7 @@ pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(maps::IP_STATS, capacities.ip_stats_capacity)
+        .map_max_entries(maps::RATE_STATE, capacities.ip_stats_capacity)
         .map_max_entries(maps::BLOCK_V4_HOSTS, capacities.blocklist_capacity)
         .map_max_entries(maps::BLOCK_V6_HOSTS, capacities.blocklist_capacity)
         .map_max_entries(maps::BLOCK_V4_NETS, capacities.blocklist_capacity)
@@ -166,7 +167,8 @@ fn warn_on_capacity_change(name: &str, path: &Path, capacities: &DatapathConfig)
         return;
     };
     let wanted = match name {
-        maps::IP_STATS => capacities.ip_stats_capacity,
+        maps::IP_STATS | maps::RATE_STATE => capacities.ip_stats_capacity,
+        maps::THROTTLE_V4 | maps::THROTTLE_V6 => return,
         maps::ALLOW_V4 | maps::ALLOW_V6 => capacities.allowlist_capacity,
         maps::ACTION_COUNTERS => return,
         _ => capacities.blocklist_capacity,

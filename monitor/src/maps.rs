@@ -8,7 +8,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use monitor_common::{
-    datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry},
+    datapath::{Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry, RateConfig},
     maps,
 };
 use thiserror::Error;
@@ -32,6 +32,8 @@ pub enum MapsError {
 pub enum ListKind {
     Block,
     Allow,
+    /// Per-source packet rate limits (`ListEntry::rate_pps`).
+    Throttle,
 }
 
 impl ListKind {
@@ -39,6 +41,16 @@ impl ListKind {
         match self {
             ListKind::Block => "blocklist",
             ListKind::Allow => "allowlist",
+            ListKind::Throttle => "throttle list",
+        }
+    }
+
+    /// Event actions are `<noun>_added`, `<noun>_removed`, `<noun>_expired`.
+    pub const fn noun(self) -> &'static str {
+        match self {
+            ListKind::Block => "block",
+            ListKind::Allow => "allow",
+            ListKind::Throttle => "throttle",
         }
     }
 }
@@ -52,16 +64,20 @@ enum ListMap {
     BlockV6Nets,
     AllowV4,
     AllowV6,
+    ThrottleV4,
+    ThrottleV6,
 }
 
 impl ListMap {
-    const ALL: [ListMap; 6] = [
+    const ALL: [ListMap; 8] = [
         ListMap::BlockV4Hosts,
         ListMap::BlockV6Hosts,
         ListMap::BlockV4Nets,
         ListMap::BlockV6Nets,
         ListMap::AllowV4,
         ListMap::AllowV6,
+        ListMap::ThrottleV4,
+        ListMap::ThrottleV6,
     ];
 
     /// Blocklist hosts go to the exact-match hashes, everything else to the tries.
@@ -73,6 +89,8 @@ impl ListMap {
             (ListKind::Block, IpNet::V6(_), false) => ListMap::BlockV6Nets,
             (ListKind::Allow, IpNet::V4(_), _) => ListMap::AllowV4,
             (ListKind::Allow, IpNet::V6(_), _) => ListMap::AllowV6,
+            (ListKind::Throttle, IpNet::V4(_), _) => ListMap::ThrottleV4,
+            (ListKind::Throttle, IpNet::V6(_), _) => ListMap::ThrottleV6,
         }
     }
 
@@ -84,6 +102,8 @@ impl ListMap {
             ListMap::BlockV6Nets => maps::BLOCK_V6_NETS,
             ListMap::AllowV4 => maps::ALLOW_V4,
             ListMap::AllowV6 => maps::ALLOW_V6,
+            ListMap::ThrottleV4 => maps::THROTTLE_V4,
+            ListMap::ThrottleV6 => maps::THROTTLE_V6,
         }
     }
 
@@ -95,6 +115,8 @@ impl ListMap {
             ListMap::BlockV6Nets => DatapathState::PRESENT_BLOCK_V6_NETS,
             ListMap::AllowV4 => DatapathState::PRESENT_ALLOW_V4,
             ListMap::AllowV6 => DatapathState::PRESENT_ALLOW_V6,
+            ListMap::ThrottleV4 => DatapathState::PRESENT_THROTTLE_V4,
+            ListMap::ThrottleV6 => DatapathState::PRESENT_THROTTLE_V6,
         }
     }
 }
@@ -107,17 +129,22 @@ pub struct Datapath {
     block_v6_nets: LpmTrie<MapData, [u8; 16], ListEntry>,
     allow_v4: LpmTrie<MapData, [u8; 4], ListEntry>,
     allow_v6: LpmTrie<MapData, [u8; 16], ListEntry>,
+    throttle_v4: LpmTrie<MapData, [u8; 4], ListEntry>,
+    throttle_v6: LpmTrie<MapData, [u8; 16], ListEntry>,
+    rate_config: Array<MapData, RateConfig>,
     state: Array<MapData, DatapathState>,
     /// The keys in each list map (indexed like `ListMap::ALL`). A trie lookup is a
     /// longest-prefix match, not an exact one, so "is this prefix stored" is answered
     /// here; it also gives `DatapathState::present`.
-    keys: [HashSet<IpNet>; 6],
+    keys: [HashSet<IpNet>; 8],
     /// The last `DatapathState::epoch` written.
     epoch: u32,
     /// A list changed since the last `settle`.
     unsettled: bool,
     /// `DatapathState::CAPTURE_ENABLED`, published with the rest.
     capture_enabled: bool,
+    /// `DatapathState::RATE_LIMITS`: default per-source limits are set.
+    rate_limits: bool,
 }
 
 /// Takes a map out of the loaded object as its typed handle.
@@ -157,11 +184,15 @@ impl Datapath {
             block_v6_nets: take(ebpf, maps::BLOCK_V6_NETS)?,
             allow_v4: take(ebpf, maps::ALLOW_V4)?,
             allow_v6: take(ebpf, maps::ALLOW_V6)?,
+            throttle_v4: take(ebpf, maps::THROTTLE_V4)?,
+            throttle_v6: take(ebpf, maps::THROTTLE_V6)?,
+            rate_config: take(ebpf, maps::RATE_CONFIG)?,
             state: take(ebpf, maps::DATAPATH_STATE)?,
             keys: Default::default(),
             epoch: 0,
             unsettled: false,
             capture_enabled: false,
+            rate_limits: false,
         };
         // Continue from a pinned epoch, so verdicts cached under it are never reused.
         datapath.epoch = datapath
@@ -172,7 +203,7 @@ impl Datapath {
                 source,
             })?
             .epoch;
-        for list in [ListKind::Block, ListKind::Allow] {
+        for list in [ListKind::Block, ListKind::Allow, ListKind::Throttle] {
             for (net, _) in datapath.entries(list)? {
                 datapath.keys[ListMap::of(list, &net) as usize].insert(net);
             }
@@ -185,6 +216,18 @@ impl Datapath {
     /// port lookup on every TCP packet when it is off).
     pub fn set_capture_enabled(&mut self, enabled: bool) -> Result<(), MapsError> {
         self.capture_enabled = enabled;
+        self.write_state()
+    }
+
+    /// Default per-source limits for the kernel's token buckets (all 0: none).
+    pub fn set_rate_limits(&mut self, config: RateConfig) -> Result<(), MapsError> {
+        self.rate_config
+            .set(0, config, 0)
+            .map_err(|source| MapsError::Map {
+                name: maps::RATE_CONFIG,
+                source,
+            })?;
+        self.rate_limits = config.pps != 0 || config.syn_ps != 0;
         self.write_state()
     }
 
@@ -223,6 +266,10 @@ impl Datapath {
             DatapathState::CAPTURE_ENABLED
         } else {
             0
+        } | if self.rate_limits {
+            DatapathState::RATE_LIMITS
+        } else {
+            0
         };
         let present = ListMap::ALL
             .iter()
@@ -257,6 +304,8 @@ impl Datapath {
             (ListMap::BlockV6Nets, IpNet::V6(v6)) => self.block_v6_nets.get(&v6_key(v6), 0),
             (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.get(&v4_key(v4), 0),
             (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.get(&v6_key(v6), 0),
+            (ListMap::ThrottleV4, IpNet::V4(v4)) => self.throttle_v4.get(&v4_key(v4), 0),
+            (ListMap::ThrottleV6, IpNet::V6(v6)) => self.throttle_v6.get(&v6_key(v6), 0),
             _ => Err(MapError::KeyNotFound),
         };
         optional(map.name(), result)
@@ -289,6 +338,8 @@ impl Datapath {
             }
             (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.insert(&v4_key(v4), entry, 0),
             (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.insert(&v6_key(v6), entry, 0),
+            (ListMap::ThrottleV4, IpNet::V4(v4)) => self.throttle_v4.insert(&v4_key(v4), entry, 0),
+            (ListMap::ThrottleV6, IpNet::V6(v6)) => self.throttle_v6.insert(&v6_key(v6), entry, 0),
             _ => Ok(()),
         };
         result.map_err(|source| MapsError::Map {
@@ -321,6 +372,8 @@ impl Datapath {
             (ListMap::BlockV6Nets, IpNet::V6(v6)) => self.block_v6_nets.remove(&v6_key(v6)),
             (ListMap::AllowV4, IpNet::V4(v4)) => self.allow_v4.remove(&v4_key(v4)),
             (ListMap::AllowV6, IpNet::V6(v6)) => self.allow_v6.remove(&v6_key(v6)),
+            (ListMap::ThrottleV4, IpNet::V4(v4)) => self.throttle_v4.remove(&v4_key(v4)),
+            (ListMap::ThrottleV6, IpNet::V6(v6)) => self.throttle_v6.remove(&v6_key(v6)),
             _ => Ok(()),
         };
         optional(map.name(), result).map(|_| ())
@@ -386,6 +439,10 @@ impl Datapath {
             ListKind::Allow => {
                 collect(maps::ALLOW_V4, self.allow_v4.iter(), &mut out, v4_net)?;
                 collect(maps::ALLOW_V6, self.allow_v6.iter(), &mut out, v6_net)?;
+            }
+            ListKind::Throttle => {
+                collect(maps::THROTTLE_V4, self.throttle_v4.iter(), &mut out, v4_net)?;
+                collect(maps::THROTTLE_V6, self.throttle_v6.iter(), &mut out, v6_net)?;
             }
         }
         Ok(out)

@@ -95,11 +95,11 @@ impl Verdicts {
             let mut event = self.event(request, route, decision, at);
             if !decision.dry_run {
                 match decision.action {
-                    ActionKind::Block => self.enforce(&policy, source, decision, &mut event),
+                    ActionKind::Block => {
+                        self.enforce(&policy, source, decision, ListKind::Block, &mut event)
+                    }
                     ActionKind::Throttle => {
-                        // Kernel throttling arrives with the rate-limit maps; until then
-                        // the verdict is recorded like an alert.
-                        event = event.with_field("enforced", false);
+                        self.enforce(&policy, source, decision, ListKind::Throttle, &mut event)
                     }
                     _ => {}
                 }
@@ -166,11 +166,18 @@ impl Verdicts {
             .with_field("dry_run", decision.dry_run)
     }
 
-    /// Blocks the offender's network in the kernel, for an escalating TTL.
-    fn enforce(&mut self, policy: &Policy, source: IpAddr, decision: &Decision, event: &mut Event) {
+    /// Blocks or throttles the offender's network in the kernel, for an escalating TTL.
+    fn enforce(
+        &mut self,
+        policy: &Policy,
+        source: IpAddr,
+        decision: &Decision,
+        kind: ListKind,
+        event: &mut Event,
+    ) {
         let net = policy.offender_net(source);
         let now = Instant::now();
-        let key = (net, ListKind::Block);
+        let key = (net, kind);
         if self.active.get(&key).is_some_and(|until| *until > now) {
             // Already dropped in the kernel: this request was in flight before.
             *event = std::mem::take(event).with_field("enforced", "already");
@@ -187,26 +194,35 @@ impl Verdicts {
         } else {
             decision.rule_name.clone()
         };
-        let added = self
-            .enforcer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .add(ListKind::Block, &[net], Some(ttl), &reason, &origin);
+        let added = {
+            let mut enforcer = self
+                .enforcer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (kind, decision.throttle_pps) {
+                (ListKind::Throttle, Some(pps)) => {
+                    enforcer.throttle(&[net], pps.get(), ttl, &reason, &origin)
+                }
+                _ => enforcer.add(ListKind::Block, &[net], Some(ttl), &reason, &origin),
+            }
+        };
         *event = std::mem::take(event)
             .with_field("cidr", net.to_string())
             .with_field("ttl_s", ttl.as_secs())
             .with_field("offence", offence);
         match added {
             Ok(entries) => {
+                let action = format!("{}_added", kind.noun());
                 for entry in entries {
-                    info!(event.action = "block_added", cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy block");
+                    info!(event.action = %action, cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy enforced");
+                    let rate = entry.rate_pps.map_or(serde_json::Value::Null, Into::into);
                     self.events
-                        .publish(Event::list_change("block_added", &entry));
+                        .publish(Event::list_change(&action, &entry).with_field("rate_pps", rate));
                 }
             }
             Err(error) => {
                 self.active.remove(&key);
-                warn!(cidr = %net, %error, "Policy block failed");
+                warn!(cidr = %net, %error, list = kind.name(), "Policy enforcement failed");
                 *event = std::mem::take(event).with_field("error", error.to_string());
             }
         }

@@ -62,6 +62,8 @@ pub struct Frame {
     pub ipv6_ext: Vec<Ext>,
     pub l4: L4,
     pub payload: usize,
+    /// TCP flags byte (SYN unless set).
+    pub tcp_flags: u8,
 }
 
 impl Frame {
@@ -75,6 +77,7 @@ impl Frame {
             ipv6_ext: Vec::new(),
             l4: L4::Tcp { dport: 8080 },
             payload: 0,
+            tcp_flags: 0x02,
         }
     }
 
@@ -119,6 +122,12 @@ impl Frame {
 
     pub fn with_ext(mut self, ext: &[Ext]) -> Self {
         self.ipv6_ext = ext.to_vec();
+        self
+    }
+
+    /// An established connection's segment (ACK) instead of a SYN.
+    pub fn established(mut self) -> Self {
+        self.tcp_flags = 0x10;
         self
     }
 
@@ -243,7 +252,7 @@ impl Frame {
                 tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
                 tcp[2..4].copy_from_slice(&dport.to_be_bytes());
                 tcp[12] = 5 << 4;
-                tcp[13] = 0x02; // SYN
+                tcp[13] = self.tcp_flags;
                 tcp
             }
             L4::Udp { dport } => {

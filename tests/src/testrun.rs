@@ -27,6 +27,7 @@ impl TestDatapath {
             ip_stats_capacity: 1024,
             blocklist_capacity: 1024,
             allowlist_capacity: 1024,
+            ..DatapathConfig::default()
         })
     }
 

@@ -15,7 +15,7 @@ use apimon_tests::{
 };
 use ipnet::IpNet;
 use monitor::{clock, maps::ListKind};
-use monitor_common::datapath::{Action, ListEntry};
+use monitor_common::datapath::{Action, ListEntry, RateConfig};
 
 fn net(text: &str) -> IpNet {
     monitor::cidr::parse(text).unwrap()
@@ -26,7 +26,7 @@ fn entry(expires_at_ns: u64) -> ListEntry {
         expires_at_ns,
         hits: 0,
         reason: 1,
-        _pad: 0,
+        rate_pps: 0,
     }
 }
 
@@ -479,4 +479,88 @@ fn nested_prefixes_are_distinct_entries() {
         .remove(ListKind::Block, &net("198.51.100.0/24"))
         .unwrap();
     assert_eq!(dp.run(&Frame::v4([198, 51, 100, 7]).build()), XDP_PASS);
+}
+
+/// Runs `frame` `times` times; returns how many passed.
+fn passes(dp: &TestDatapath, frame: &[u8], times: usize) -> usize {
+    (0..times).filter(|_| dp.run(frame) == XDP_PASS).count()
+}
+
+#[test]
+fn default_packet_rate_limit_drops_over_the_burst_per_source() {
+    let mut dp = TestDatapath::load();
+    dp.maps
+        .set_rate_limits(RateConfig {
+            pps: 5,
+            pps_burst: 5,
+            ..RateConfig::default()
+        })
+        .unwrap();
+    let frame = Frame::v4([198, 51, 100, 9]).established().build();
+    // The burst passes; a refill of 5/s adds at most one more in this short run.
+    let passed = passes(&dp, &frame, 20);
+    assert!((5..=6).contains(&passed), "{passed} passed");
+    let dropped = dp.counter(Action::DropRatelimit).packets;
+    assert_eq!(dropped as usize, 20 - passed);
+    assert_eq!(source_stats(&dp, "198.51.100.9").drops, dropped);
+    // Another source has its own bucket.
+    let other = Frame::v4([198, 51, 100, 10]).established().build();
+    assert!(passes(&dp, &other, 5) == 5);
+    // Allowlisted sources are never limited.
+    dp.maps
+        .put(
+            ListKind::Allow,
+            &net("198.51.100.9"),
+            entry(ListEntry::NEVER),
+        )
+        .unwrap();
+    assert_eq!(passes(&dp, &frame, 10), 10);
+}
+
+#[test]
+fn syn_rate_limit_counts_only_new_connections() {
+    let mut dp = TestDatapath::load();
+    dp.maps
+        .set_rate_limits(RateConfig {
+            syn_ps: 3,
+            syn_burst: 3,
+            ..RateConfig::default()
+        })
+        .unwrap();
+    let syn = Frame::v4([198, 51, 100, 11]).build();
+    let ack = Frame::v4([198, 51, 100, 11]).established().build();
+    let passed = passes(&dp, &syn, 10);
+    assert!((3..=4).contains(&passed), "{passed} SYNs passed");
+    assert_eq!(
+        passes(&dp, &ack, 10),
+        10,
+        "established traffic is not a SYN"
+    );
+}
+
+#[test]
+fn a_throttle_entry_limits_its_source_until_it_expires() {
+    let mut dp = TestDatapath::load();
+    let throttle = |pps: u32, expires_at_ns: u64| ListEntry {
+        rate_pps: pps,
+        ..entry(expires_at_ns)
+    };
+    dp.maps
+        .put(
+            ListKind::Throttle,
+            &net("2001:db8:7::/64"),
+            throttle(2, ListEntry::NEVER),
+        )
+        .unwrap();
+    let inside = Frame::v6("2001:db8:7::42").established().build();
+    let outside = Frame::v6("2001:db8:8::42").established().build();
+    let passed = passes(&dp, &inside, 10);
+    assert!((2..=3).contains(&passed), "{passed} passed");
+    assert!(hits(&dp, ListKind::Throttle, "2001:db8:7::/64") >= 10);
+    assert_eq!(passes(&dp, &outside, 10), 10, "no default limit");
+    // An expired throttle is ignored by the kernel.
+    dp.maps
+        .put(ListKind::Throttle, &net("2001:db8:7::/64"), throttle(2, 1))
+        .unwrap();
+    assert_eq!(passes(&dp, &inside, 10), 10);
 }

@@ -269,3 +269,75 @@ fn reload_keeps_limiter_state_and_refuses_a_broken_policy() {
     ]);
     assert!(check.status.success());
 }
+
+const THROTTLE_POLICY: &str = r#"
+[[policy.rules]]
+id = "slow-down"
+action = "throttle"
+throttle_pps = 20
+ttl = "1m"
+match.path = "/a"
+rate_limit = { requests = 1, per = "1m" }
+"#;
+
+/// Sends `count` UDP datagrams from `source` to the server as fast as it can, spread
+/// over about `over`.
+fn udp_flood(s: &Setup, source: &str, count: u32, over: Duration) {
+    let source: std::net::IpAddr = source.parse().unwrap();
+    s.topo.client.run(move || {
+        let socket = std::net::UdpSocket::bind((source, 0)).unwrap();
+        let pause = over / count;
+        for _ in 0..count {
+            let _ = socket.send_to(b"x", ("10.77.0.1", 9));
+            std::thread::sleep(pause);
+        }
+    });
+}
+
+/// (packets, drops) the kernel counted for `ip`.
+fn seen(s: &Setup, ip: &str) -> (u64, u64) {
+    let top = s.daemon.cli_json(&["top", "--limit", "100"]);
+    top.as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["ip"] == ip)
+        .map_or((0, 0), |row| {
+            (
+                row["packets"].as_u64().unwrap(),
+                row["drops"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn throttle_holds_a_client_near_its_packet_rate() {
+    let s = Setup::new(THROTTLE_POLICY);
+    let (a, b) = ("10.77.0.2", "10.77.0.3");
+    assert!(s.get(a, "/a"));
+    s.get(a, "/a");
+    let throttled = s.wait_event("throttle_added", 1);
+    assert_eq!(
+        throttled[0]["apimon"]["cidr"], "10.77.0.2/32",
+        "{throttled:?}"
+    );
+    assert_eq!(throttled[0]["apimon"]["rate_pps"], 20);
+    assert_eq!(s.decisions("slow-down", "throttle"), 1.0);
+
+    // 600 packets over 2 s (300/s) against a limit of 20/s (burst 20): about 60 pass.
+    let (packets_before, drops_before) = seen(&s, a);
+    udp_flood(&s, a, 600, Duration::from_secs(2));
+    let (packets, drops) = seen(&s, a);
+    let (packets, drops) = (packets - packets_before, drops - drops_before);
+    let passed = packets - drops;
+    assert!(packets >= 590, "the kernel saw {packets}");
+    assert!((20..=120).contains(&passed), "{passed} of {packets} passed");
+    let stats = s.daemon.cli_json(&["stats"]);
+    assert!(stats["packets"]["drop_ratelimit"].as_u64().unwrap() >= drops);
+
+    // Another client is not throttled.
+    let (b_before, b_drops_before) = seen(&s, b);
+    udp_flood(&s, b, 200, Duration::from_millis(500));
+    let (b_packets, b_drops) = seen(&s, b);
+    assert!(b_packets - b_before >= 195);
+    assert_eq!(b_drops, b_drops_before);
+}

@@ -20,6 +20,9 @@ pub struct Entry {
     /// None: permanent.
     #[serde(with = "clock::serde_rfc3339::option")]
     pub expires_at: Option<SystemTime>,
+    /// Throttles: packets per second allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_pps: Option<u32>,
 }
 
 impl Entry {
@@ -40,6 +43,8 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
 pub struct Lists {
     block: BTreeMap<IpNet, Entry>,
     allow: BTreeMap<IpNet, Entry>,
+    /// Not persisted: throttles are short-lived, and the kernel ends them by itself.
+    throttle: BTreeMap<IpNet, Entry>,
 }
 
 impl Lists {
@@ -47,6 +52,7 @@ impl Lists {
         match kind {
             ListKind::Block => &self.block,
             ListKind::Allow => &self.allow,
+            ListKind::Throttle => &self.throttle,
         }
     }
 
@@ -54,6 +60,7 @@ impl Lists {
         match kind {
             ListKind::Block => &mut self.block,
             ListKind::Allow => &mut self.allow,
+            ListKind::Throttle => &mut self.throttle,
         }
     }
 
@@ -66,9 +73,9 @@ impl Lists {
         self.get_mut(kind).remove(net)
     }
 
-    /// Blocklist entries whose deadline has passed.
-    pub fn expired(&self, now: SystemTime) -> Vec<IpNet> {
-        self.block
+    /// Entries of `kind` whose deadline has passed.
+    pub fn expired(&self, kind: ListKind, now: SystemTime) -> Vec<IpNet> {
+        self.get(kind)
             .values()
             .filter(|entry| entry.is_expired(now))
             .map(|entry| entry.cidr)
@@ -81,7 +88,7 @@ impl Lists {
     /// included). Hosts live in their own hash, which falls through to the prefixes.
     pub fn kernel_deadline(&self, kind: ListKind, net: &IpNet) -> Option<Option<SystemTime>> {
         let own = self.get(kind).get(net)?;
-        if kind == ListKind::Allow || cidr::is_host(net) {
+        if kind != ListKind::Block || cidr::is_host(net) {
             return Some(own.expires_at);
         }
         let deadline = (0..net.prefix_len())
@@ -94,7 +101,7 @@ impl Lists {
     /// Nets whose kernel entries change when `net` is added to or removed from `kind`:
     /// `net` itself and, for a blocklist prefix, every blocklist prefix inside it.
     pub fn affected_by(&self, kind: ListKind, net: &IpNet) -> Vec<IpNet> {
-        if kind == ListKind::Allow || cidr::is_host(net) {
+        if kind != ListKind::Block || cidr::is_host(net) {
             return vec![*net];
         }
         let mut nets: Vec<IpNet> = self
@@ -136,6 +143,7 @@ mod tests {
             origin: "cli".into(),
             created_at: at(0),
             expires_at: expires.map(at),
+            rate_pps: None,
         }
     }
 
@@ -219,8 +227,16 @@ mod tests {
         lists.insert(ListKind::Block, entry("10.0.0.1", Some(10)));
         lists.insert(ListKind::Block, entry("10.0.0.2", Some(20)));
         lists.insert(ListKind::Block, entry("10.0.0.3", None));
-        assert_eq!(lists.expired(at(15)), vec![net("10.0.0.1")]);
-        assert_eq!(lists.expired(at(20)).len(), 2);
+        lists.insert(ListKind::Throttle, entry("10.0.0.4", Some(5)));
+        assert_eq!(
+            lists.expired(ListKind::Block, at(15)),
+            vec![net("10.0.0.1")]
+        );
+        assert_eq!(lists.expired(ListKind::Block, at(20)).len(), 2);
+        assert_eq!(
+            lists.expired(ListKind::Throttle, at(15)),
+            vec![net("10.0.0.4")]
+        );
     }
 
     #[test]

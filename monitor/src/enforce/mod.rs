@@ -74,6 +74,7 @@ impl Enforcer {
                         origin: ORIGIN_STATE.into(),
                         created_at: clocks.wall,
                         expires_at,
+                        rate_pps: None,
                     },
                 );
                 adopted += 1;
@@ -112,6 +113,37 @@ impl Enforcer {
         reason: &str,
         origin: &str,
     ) -> Result<Vec<Entry>, EnforceError> {
+        self.add_entries(kind, nets, ttl, reason, origin, None)
+    }
+
+    /// Limits `nets` to `pps` packets per second in the kernel until `ttl` ends.
+    pub fn throttle(
+        &mut self,
+        nets: &[IpNet],
+        pps: u32,
+        ttl: Duration,
+        reason: &str,
+        origin: &str,
+    ) -> Result<Vec<Entry>, EnforceError> {
+        self.add_entries(
+            ListKind::Throttle,
+            nets,
+            Some(ttl),
+            reason,
+            origin,
+            Some(pps),
+        )
+    }
+
+    fn add_entries(
+        &mut self,
+        kind: ListKind,
+        nets: &[IpNet],
+        ttl: Option<Duration>,
+        reason: &str,
+        origin: &str,
+        rate_pps: Option<u32>,
+    ) -> Result<Vec<Entry>, EnforceError> {
         let clocks = Clocks::now();
         let before = self.lists.clone();
         let mut added = Vec::with_capacity(nets.len());
@@ -128,6 +160,7 @@ impl Enforcer {
                 origin: origin.to_owned(),
                 created_at,
                 expires_at: ttl.map(|ttl| clocks.wall + ttl),
+                rate_pps,
             };
             self.lists.insert(kind, entry.clone());
             affected.extend(self.lists.affected_by(kind, net));
@@ -155,12 +188,16 @@ impl Enforcer {
 
     /// Removes every blocklist entry whose deadline has passed (the kernel already
     /// ignores them; this keeps the maps and `block ls` tidy).
-    pub fn sweep(&mut self, now: SystemTime) -> Result<Vec<Entry>, EnforceError> {
-        let expired = self.lists.expired(now);
-        if expired.is_empty() {
-            return Ok(Vec::new());
+    pub fn sweep(&mut self, now: SystemTime) -> Result<Vec<(ListKind, Entry)>, EnforceError> {
+        let mut swept = Vec::new();
+        for kind in [ListKind::Block, ListKind::Throttle] {
+            let expired = self.lists.expired(kind, now);
+            if !expired.is_empty() {
+                let removed = self.remove_present(kind, &expired)?;
+                swept.extend(removed.into_iter().map(|entry| (kind, entry)));
+            }
         }
-        self.remove_present(ListKind::Block, &expired)
+        Ok(swept)
     }
 
     /// See `Datapath::settle`.
@@ -220,17 +257,14 @@ impl Enforcer {
             match self.lists.kernel_deadline(kind, net) {
                 Some(deadline) => {
                     let hits = self.datapath.get(kind, net)?.map_or(0, |e| e.hits);
-                    let origin = self
-                        .lists
-                        .get(kind)
-                        .get(net)
-                        .map_or("", |e| e.origin.as_str());
+                    let listed = self.lists.get(kind).get(net);
+                    let origin = listed.map_or("", |e| e.origin.as_str());
                     let entry = ListEntry {
                         expires_at_ns: deadline
                             .map_or(ListEntry::NEVER, |d| clocks.to_monotonic(d)),
                         hits,
                         reason: reason_code(origin) as u32,
-                        _pad: 0,
+                        rate_pps: listed.and_then(|e| e.rate_pps).unwrap_or(0),
                     };
                     self.datapath.put(kind, net, entry)?;
                 }

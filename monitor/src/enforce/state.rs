@@ -126,6 +126,7 @@ mod tests {
                 origin: "cli".into(),
                 created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(10),
                 expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(20_500)),
+                rate_pps: None,
             },
         );
         lists.insert(
@@ -136,6 +137,7 @@ mod tests {
                 origin: "cli".into(),
                 created_at: SystemTime::UNIX_EPOCH,
                 expires_at: None,
+                rate_pps: None,
             },
         );
         state.save(&lists).unwrap();

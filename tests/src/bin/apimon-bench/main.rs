@@ -106,7 +106,7 @@ fn fill(dp: &mut TestDatapath, entries: u32) -> Result<f64> {
         expires_at_ns: ListEntry::NEVER,
         hits: 0,
         reason: 1,
-        _pad: 0,
+        rate_pps: 0,
     };
     let hosts = entries / 2;
     let start = Instant::now();
@@ -191,6 +191,7 @@ fn main() -> Result<()> {
             ip_stats_capacity: 65_536,
             blocklist_capacity: entries.max(1024),
             allowlist_capacity: 1024,
+            ..DatapathConfig::default()
         });
         let inserts_per_s = fill(&mut dp, entries)?;
         eprintln!(
