@@ -35,6 +35,8 @@ struct Args {
     pipeline_only: bool,
     /// Only the end-to-end section, printed.
     e2e_only: bool,
+    /// Only the decision-to-drop section, printed.
+    decision_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,6 +46,7 @@ fn parse_args() -> Result<Args> {
     let mut no_e2e = false;
     let mut pipeline_only = false;
     let mut e2e_only = false;
+    let mut decision_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Args> {
             "--no-e2e" => no_e2e = true,
             "--pipeline-only" => pipeline_only = true,
             "--e2e-only" => e2e_only = true,
+            "--decision-only" => decision_only = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -62,7 +66,7 @@ fn parse_args() -> Result<Args> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only)"
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only)"
                 )
             }
         }
@@ -74,6 +78,7 @@ fn parse_args() -> Result<Args> {
         no_e2e,
         pipeline_only,
         e2e_only,
+        decision_only,
     })
 }
 
@@ -147,11 +152,18 @@ fn pin_to_last_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+mod decision;
 mod e2e;
 mod pipeline;
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.decision_only {
+        let mut out = String::new();
+        decision::report(&mut out, &decision::run()?)?;
+        print!("{out}");
+        return Ok(());
+    }
     if args.e2e_only {
         let mut out = String::new();
         e2e::report(&mut out, &e2e::run()?)?;
@@ -169,6 +181,8 @@ fn main() -> Result<()> {
     // Before pinning: wrk, nginx and the daemon must spread over the CPUs as they would.
     eprintln!("bench: end to end with wrk and nginx");
     let end_to_end = if args.no_e2e { None } else { Some(e2e::run()?) };
+    eprintln!("bench: decision to drop");
+    let decision = decision::run()?;
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
     eprintln!("bench: HTTP pipeline against plain httparse");
@@ -253,6 +267,7 @@ fn main() -> Result<()> {
     let mut report = report(&rows, args.repeat, &machine)?;
     report.push('\n');
     pipeline::report(&mut report, &http)?;
+    decision::report(&mut report, &decision)?;
     if let Some(end_to_end) = &end_to_end {
         e2e::report(&mut report, end_to_end)?;
     }
