@@ -207,6 +207,14 @@ impl Daemon {
         self.signal_and_wait(Signal::SIGKILL);
     }
 
+    /// Sends `signal` and returns at once (SIGHUP: reload).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            kill(pid, signal).expect("signalling the daemon");
+        }
+    }
+
     fn signal_and_wait(&mut self, signal: Signal) {
         let Some(mut child) = self.child.take() else {
             return;

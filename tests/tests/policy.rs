@@ -226,10 +226,12 @@ fn reload_keeps_limiter_state_and_refuses_a_broken_policy() {
     for _ in 0..2 {
         assert!(s.get(b, "/a"));
     }
-    // An unchanged rule keeps its count across a reload (here: SIGHUP-equivalent).
+    // An unchanged rule keeps its count across reloads, by SIGHUP and by the CLI.
+    s.daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert_eq!(s.wait_event("policy_reloaded", 1).len(), 1);
     let out = s.daemon.cli_ok(&["policy", "reload"]);
     assert!(out.contains("2 rules"), "{out}");
-    assert_eq!(s.wait_event("policy_reloaded", 1).len(), 1);
+    assert_eq!(s.wait_event("policy_reloaded", 2).len(), 2);
     assert!(s.get(b, "/a"), "3rd request: still within the limit");
     s.get(b, "/a");
     s.wait_event("block_added", 1);
