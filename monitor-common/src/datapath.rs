@@ -1,6 +1,6 @@
 //! Values stored in the datapath maps.
 
-/// What the ingress program did with a packet; the index into `ACTION_COUNTERS`.
+/// What the ingress program did with a packet; counted per interface in `IFACE_COUNTERS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {

@@ -15,8 +15,22 @@ pub const ALLOW_V4: &str = "ALLOW_V4";
 pub const ALLOW_V6: &str = "ALLOW_V6";
 /// Per-source statistics (LRU hash): `[u8; 16]` (IPv4 as IPv4-mapped IPv6) -> `IpStats`.
 pub const IP_STATS: &str = "IP_STATS";
-/// Per-CPU global counters, indexed by `Action`: `ActionCounter`.
-pub const ACTION_COUNTERS: &str = "ACTION_COUNTERS";
+/// Per-CPU counters per interface and action: `ActionCounter` at
+/// `counter_index(ifindex, action)`.
+pub const IFACE_COUNTERS: &str = "IFACE_COUNTERS";
+/// Interfaces with counters of their own; higher ifindexes share the last slot.
+pub const COUNTER_IFACES: u32 = 256;
+
+/// Where the counter of `action` on interface `ifindex` lives in `IFACE_COUNTERS`.
+#[inline(always)]
+pub const fn counter_index(ifindex: u32, action: u32) -> u32 {
+    let slot = if ifindex < COUNTER_IFACES {
+        ifindex
+    } else {
+        COUNTER_IFACES - 1
+    };
+    slot * crate::datapath::Action::COUNT as u32 + action
+}
 
 /// IPv4 throttles (LPM trie): `Key<[u8; 4]>` -> `ListEntry` with `rate_pps`.
 pub const THROTTLE_V4: &str = "THROTTLE_V4";
@@ -58,7 +72,7 @@ pub const PINNED: [&str; 12] = [
     ALLOW_V4,
     ALLOW_V6,
     IP_STATS,
-    ACTION_COUNTERS,
+    IFACE_COUNTERS,
     DATAPATH_STATE,
     THROTTLE_V4,
     THROTTLE_V6,

@@ -37,8 +37,8 @@ use monitor_common::{
         Action, ActionCounter, DatapathState, IpKey, IpStats, ListEntry, RateConfig, TokenBuckets,
     },
     maps::{
-        DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY, DEFAULT_IP_STATS_CAPACITY,
-        DEFAULT_THROTTLE_CAPACITY,
+        COUNTER_IFACES, DEFAULT_ALLOWLIST_CAPACITY, DEFAULT_BLOCKLIST_CAPACITY,
+        DEFAULT_IP_STATS_CAPACITY, DEFAULT_THROTTLE_CAPACITY, counter_index,
     },
 };
 
@@ -83,8 +83,8 @@ static RATE_CONFIG: Array<RateConfig> = Array::with_max_entries(1, 0);
 static RATE_STATE: LruHashMap<IpKey, TokenBuckets> =
     LruHashMap::with_max_entries(DEFAULT_IP_STATS_CAPACITY, 0);
 #[map]
-static ACTION_COUNTERS: PerCpuArray<ActionCounter> =
-    PerCpuArray::with_max_entries(Action::COUNT as u32, 0);
+static IFACE_COUNTERS: PerCpuArray<ActionCounter> =
+    PerCpuArray::with_max_entries(COUNTER_IFACES * Action::COUNT as u32, 0);
 
 #[xdp]
 pub fn apimon_ingress(ctx: XdpContext) -> u32 {
@@ -210,7 +210,7 @@ fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, pkt: &Packet, bytes: u6
         Parsed::NotIp => Action::Pass,
         Parsed::Malformed => Action::Malformed,
     };
-    count(action, bytes);
+    count(ctx.ifindex(), action, bytes);
     action
 }
 
@@ -474,8 +474,8 @@ unsafe fn atomic_add(counter: *mut u64, value: u64) {
 }
 
 #[inline(always)]
-fn count(action: Action, bytes: u64) {
-    if let Some(counter) = ACTION_COUNTERS.get_ptr_mut(action as u32) {
+fn count(ifindex: u32, action: Action, bytes: u64) {
+    if let Some(counter) = IFACE_COUNTERS.get_ptr_mut(counter_index(ifindex, action as u32)) {
         // SAFETY: per-CPU value, only this CPU writes it while the program runs.
         unsafe {
             (*counter).packets += 1;

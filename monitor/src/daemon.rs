@@ -220,14 +220,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         MetricsAddr::Off => None,
         MetricsAddr::Listen(addr) => {
             let scrape_state = shared.clone();
-            let scrape_metrics = metrics.clone();
-            let before_scrape: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-                if let Ok(totals) = scrape_state.capture.totals() {
-                    scrape_metrics.set_samples_lost(totals.lost);
-                }
-            });
+            let kernel: metrics::KernelReader = Arc::new(move || kernel_totals(&scrape_state));
             Some(tokio::spawn(async move {
-                if let Err(e) = metrics::serve(addr, metrics.clone(), before_scrape).await {
+                if let Err(e) = metrics::serve(addr, metrics.clone(), kernel).await {
                     error!(error = %e, "Metrics listener failed");
                 }
             }))
@@ -272,6 +267,25 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     info!("Daemon stopped");
     events.publish(Event::new("event", "process", "daemon_stopped"));
     result
+}
+
+/// The kernel's counters for a scrape; None (and a warning) when a map cannot be read.
+fn kernel_totals(shared: &Shared) -> Option<metrics::KernelTotals> {
+    let read = || -> Result<metrics::KernelTotals, MapsError> {
+        let mut interfaces = Vec::new();
+        for (name, _, ifindex) in &shared.interfaces {
+            interfaces.push((name.clone(), shared.traffic.iface_counters(*ifindex)?));
+        }
+        let blocklist = shared.enforcer().census(ListKind::Block);
+        Ok(metrics::KernelTotals {
+            interfaces,
+            blocklist: blocklist.into_iter().collect(),
+            samples_lost: shared.capture.totals()?.lost,
+        })
+    };
+    read()
+        .map_err(|error| warn!(%error, "Reading kernel counters for a scrape failed"))
+        .ok()
 }
 
 /// Batches of segments queued between the ring reader and the pipeline.

@@ -170,7 +170,7 @@ fn warn_on_capacity_change(name: &str, path: &Path, capacities: &DatapathConfig)
         maps::IP_STATS | maps::RATE_STATE => capacities.ip_stats_capacity,
         maps::THROTTLE_V4 | maps::THROTTLE_V6 => return,
         maps::ALLOW_V4 | maps::ALLOW_V6 => capacities.allowlist_capacity,
-        maps::ACTION_COUNTERS => return,
+        maps::IFACE_COUNTERS => return,
         _ => capacities.blocklist_capacity,
     };
     if info.max_entries() != wanted {

@@ -460,24 +460,41 @@ impl Traffic {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
             ip_stats: take(ebpf, maps::IP_STATS)?,
-            counters: take(ebpf, maps::ACTION_COUNTERS)?,
+            counters: take(ebpf, maps::IFACE_COUNTERS)?,
         })
     }
 
-    /// Global counters per action, summed over CPUs.
-    pub fn counters(&self) -> Result<[ActionCounter; Action::COUNT], MapsError> {
+    /// Counters per action on interface `ifindex`, summed over CPUs.
+    pub fn iface_counters(
+        &self,
+        ifindex: u32,
+    ) -> Result<[ActionCounter; Action::COUNT], MapsError> {
         let mut totals = [ActionCounter::default(); Action::COUNT];
-        for (index, total) in totals.iter_mut().enumerate() {
-            let per_cpu =
-                self.counters
-                    .get(&(index as u32), 0)
-                    .map_err(|source| MapsError::Map {
-                        name: maps::ACTION_COUNTERS,
-                        source,
-                    })?;
+        for action in Action::ALL {
+            let index = maps::counter_index(ifindex, action as u32);
+            let per_cpu = self
+                .counters
+                .get(&index, 0)
+                .map_err(|source| MapsError::Map {
+                    name: maps::IFACE_COUNTERS,
+                    source,
+                })?;
+            let total = &mut totals[action as usize];
             for value in per_cpu.iter() {
                 total.packets += value.packets;
                 total.bytes += value.bytes;
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Counters per action over every interface that ever ran the programs.
+    pub fn counters(&self) -> Result<[ActionCounter; Action::COUNT], MapsError> {
+        let mut totals = [ActionCounter::default(); Action::COUNT];
+        for ifindex in 0..maps::COUNTER_IFACES {
+            for (total, counter) in totals.iter_mut().zip(self.iface_counters(ifindex)?) {
+                total.packets += counter.packets;
+                total.bytes += counter.bytes;
             }
         }
         Ok(totals)

@@ -11,6 +11,8 @@ use prometheus::{
 use thiserror::Error;
 use tracing::{info, warn};
 
+use monitor_common::datapath::{Action, ActionCounter};
+
 use crate::{
     capture::Direction,
     http::{Event, Exchange},
@@ -62,8 +64,22 @@ impl ExchangeSeries {
     }
 }
 
+/// What the kernel counted, read at scrape time.
+pub struct KernelTotals {
+    /// Interface name and its counters per action (indexed by `Action`).
+    pub interfaces: Vec<(String, [ActionCounter; Action::COUNT])>,
+    /// (family, origin) and the entries they hold.
+    pub blocklist: Vec<((&'static str, String), u64)>,
+    pub samples_lost: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// One scrape refreshes and renders at a time (kernel values are set, not added).
+    scrape: std::sync::Mutex<()>,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    blocklist_entries: IntGaugeVec,
     policy_decisions: IntCounterVec,
     samples_request: IntCounter,
     samples_response: IntCounter,
@@ -122,6 +138,34 @@ impl Metrics {
             ),
             &["rule", "action"],
         )?;
+        let packets = IntCounterVec::new(
+            Opts::new(
+                "apimon_packets_total",
+                "Packets the ingress datapath handled, by interface and action",
+            ),
+            &["iface", "action"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "apimon_bytes_total",
+                "Bytes the ingress datapath handled, by interface and action",
+            ),
+            &["iface", "action"],
+        )?;
+        let blocklist_entries = IntGaugeVec::new(
+            Opts::new(
+                "apimon_blocklist_entries",
+                "Blocklist entries by address family and origin (cli, state, policy:<rule>)",
+            ),
+            &["family", "origin"],
+        )?;
+        let detections = IntCounterVec::new(
+            Opts::new(
+                "apimon_detections_total",
+                "Attack detections by OWASP API Top 10 category and rule",
+            ),
+            &["category", "rule"],
+        )?;
         let active_flows =
             IntGauge::new("apimon_http_active_flows", "Connections being reassembled")?;
         let build_info =
@@ -137,6 +181,10 @@ impl Metrics {
             Box::new(parse_errors.clone()),
             Box::new(active_flows.clone()),
             Box::new(policy_decisions.clone()),
+            Box::new(packets.clone()),
+            Box::new(bytes.clone()),
+            Box::new(blocklist_entries.clone()),
+            Box::new(detections),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -145,6 +193,10 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            scrape: std::sync::Mutex::new(()),
+            packets,
+            bytes,
+            blocklist_entries,
             policy_decisions,
             samples_request: samples.with_label_values(&[Direction::Request.name()]),
             samples_response: samples.with_label_values(&[Direction::Response.name()]),
@@ -162,6 +214,32 @@ impl Metrics {
             Direction::Request => self.samples_request.inc(),
             Direction::Response => self.samples_response.inc(),
         }
+    }
+
+    /// Renders after setting what the kernel counted (`None`: kernel values unread).
+    pub fn scrape(&self, kernel: Option<&KernelTotals>) -> String {
+        let _one_at_a_time = self
+            .scrape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(kernel) = kernel {
+            for (iface, counters) in &kernel.interfaces {
+                for action in Action::ALL {
+                    let counter = counters[action as usize];
+                    let labels = [iface.as_str(), action.name()];
+                    set_counter(&self.packets.with_label_values(&labels), counter.packets);
+                    set_counter(&self.bytes.with_label_values(&labels), counter.bytes);
+                }
+            }
+            self.blocklist_entries.reset();
+            for ((family, origin), count) in &kernel.blocklist {
+                self.blocklist_entries
+                    .with_label_values(&[family, origin.as_str()])
+                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
+            }
+            self.set_samples_lost(kernel.samples_lost);
+        }
+        self.render()
     }
 
     /// Kernel-side loss is a kernel counter; bring ours up to it.
@@ -228,12 +306,26 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` until the task is dropped; `before_scrape` refreshes kernel-side
-/// values first.
+/// A counter set to a kernel total (a counter the kernel reset, with its pins, goes
+/// back down: Prometheus reads that as a counter reset).
+fn set_counter(counter: &prometheus::IntCounter, total: u64) {
+    let current = counter.get();
+    if total >= current {
+        counter.inc_by(total - current);
+    } else {
+        counter.reset();
+        counter.inc_by(total);
+    }
+}
+
+/// Reads the kernel's values for a scrape.
+pub type KernelReader = std::sync::Arc<dyn Fn() -> Option<KernelTotals> + Send + Sync>;
+
+/// Serves `/metrics` until the task is dropped; kernel values are read at each scrape.
 pub async fn serve(
     addr: SocketAddr,
     metrics: std::sync::Arc<Metrics>,
-    before_scrape: std::sync::Arc<dyn Fn() + Send + Sync>,
+    kernel: KernelReader,
 ) -> Result<(), MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -243,15 +335,18 @@ pub async fn serve(
         "/metrics",
         axum::routing::get(move || {
             let metrics = metrics.clone();
-            let before_scrape = before_scrape.clone();
+            let kernel = kernel.clone();
             async move {
-                before_scrape();
+                // Map reads are syscalls: off the async workers.
+                let text = tokio::task::spawn_blocking(move || metrics.scrape(kernel().as_ref()))
+                    .await
+                    .unwrap_or_default();
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    metrics.render(),
+                    text,
                 )
             }
         }),

@@ -15,7 +15,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, metric},
+    daemon::{Daemon, metric, promtool_check},
     netns::{NetNs, Topology},
     nginx::{BIG_BYTES, Nginx, body_file, curl},
     require_root,
@@ -260,6 +260,53 @@ fn observe_everything(run_args: &[&str], mode: &str) {
         !daemon.log().contains(SECRET),
         "the secret leaked into the log"
     );
+    check_exposition(&daemon, &topo.server_if);
+}
+
+/// Kernel counters per interface and list sizes are exported, and the whole exposition
+/// passes `promtool check metrics`.
+fn check_exposition(daemon: &Daemon, iface: &str) {
+    daemon.cli_ok(&[
+        "block",
+        "add",
+        "192.0.2.0/24",
+        "2001:db8::/32",
+        "198.51.100.9",
+    ]);
+    let text = daemon.scrape();
+    if let Err(problems) = promtool_check(&text) {
+        panic!("promtool check metrics:\n{problems}\n{text}");
+    }
+    let counted = |name: &str| {
+        metric(
+            &text,
+            &format!("{name}{{action=\"pass\",iface=\"{iface}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let stats = daemon.cli_json(&["stats"]);
+    let packets = counted("apimon_packets_total");
+    assert!(packets > 100.0, "{text}");
+    assert!(
+        packets <= stats["packets"]["pass"].as_f64().unwrap(),
+        "a scrape before `stats` cannot see more"
+    );
+    // Requests and ACKs reach the server's interface; at least the 40 kB JSON body did.
+    assert!(counted("apimon_bytes_total") > 40_000.0, "{text}");
+    let entries = |family: &str| {
+        metric(
+            &text,
+            &format!("apimon_blocklist_entries{{family=\"{family}\",origin=\"cli\"}}"),
+        )
+    };
+    assert_eq!(entries("ipv4"), Some(2.0), "{text}");
+    assert_eq!(entries("ipv6"), Some(1.0), "{text}");
+    for name in ["apimon_samples_lost_total", "process_resident_memory_bytes"] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing\n{text}"
+        );
+    }
 }
 
 /// Every request the clients sent, in order, with each field as sent and answered.

@@ -160,8 +160,12 @@ fn elevated(bin: &Path, args: &[String]) -> Result<()> {
 }
 
 /// Programs the integration tests drive, with the Debian package that brings each.
-const TEST_PACKAGES: [(&str, &str); 3] =
-    [("nginx", "nginx-light"), ("curl", "curl"), ("wrk", "wrk")];
+const TEST_PACKAGES: [(&str, &str); 4] = [
+    ("nginx", "nginx-light"),
+    ("curl", "curl"),
+    ("wrk", "wrk"),
+    ("promtool", "prometheus"),
+];
 
 /// Installs what the integration tests run (real servers and clients) when missing.
 fn ensure_test_packages() -> Result<()> {

@@ -103,6 +103,23 @@ impl Enforcer {
         self.lists.get(kind).len()
     }
 
+    /// Entries of `kind` counted by address family (`ipv4`, `ipv6`) and origin.
+    pub fn census(
+        &self,
+        kind: ListKind,
+    ) -> std::collections::BTreeMap<(&'static str, String), u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for entry in self.lists.get(kind).values() {
+            let family = if entry.cidr.addr().is_ipv4() {
+                "ipv4"
+            } else {
+                "ipv6"
+            };
+            *counts.entry((family, entry.origin.clone())).or_default() += 1;
+        }
+        counts
+    }
+
     /// Adds (or renews) entries. Acknowledged only once in the kernel and on disk; on
     /// failure nothing changes.
     pub fn add(
