@@ -79,6 +79,20 @@ pub enum Command {
     /// Check, reload or show the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Work with audit logs (offline).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files, given oldest first (audit.jsonl.2
+    /// audit.jsonl.1 audit.jsonl): exit 0 when intact, 1 naming the first record that
+    /// was altered, deleted, inserted or reordered.
+    Verify {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +338,7 @@ pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
         Command::Top(args) => return top(config, args),
         Command::Events(args) => return events(config, args),
         Command::Policy(PolicyCommand::Check { file }) => return check_policy(&file),
+        Command::Audit(AuditCommand::Verify { files }) => return verify_audit(&files),
         Command::Policy(PolicyCommand::Reload) => {
             let view: PolicyView = connect(config)?.call_as(Request::PolicyReload)?;
             println!(
@@ -546,4 +561,20 @@ pub fn check_policy(path: &std::path::Path) -> Result<(), Failure> {
         policy.source
     );
     Ok(())
+}
+
+/// `audit verify FILE...`.
+pub fn verify_audit(files: &[PathBuf]) -> Result<(), Failure> {
+    use crate::audit::{self, Verdict};
+    match audit::verify(files).map_err(|e| Failure::Usage(e.to_string()))? {
+        Verdict::Intact {
+            records,
+            first,
+            last,
+        } => {
+            println!("OK: {records} records, sequence {first} to {last}, chain intact");
+            Ok(())
+        }
+        Verdict::Tampered { place, what } => Err(Failure::Failed(format!("{place}: {what}"))),
+    }
 }

@@ -47,6 +47,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub datapath: DatapathConfig,
     pub capture: CaptureSettings,
+    pub audit: AuditSettings,
     /// Rules inline, or `file = ...`; none: the built-in policy.
     pub policy: PolicyDoc,
     /// The file this was read from (policy errors and reloads name it).
@@ -194,6 +195,31 @@ impl XdpModeSetting {
             XdpModeSetting::Auto => "auto",
             XdpModeSetting::Native => "native",
             XdpModeSetting::Skb => "skb",
+        }
+    }
+}
+
+/// Audit files rotate past this size.
+pub const DEFAULT_AUDIT_MAX_FILE_BYTES: u64 = 100 << 20;
+/// Rotated audit files kept.
+pub const DEFAULT_AUDIT_KEEP_FILES: u32 = 10;
+
+/// The audit log (its path is `daemon.audit_log`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    pub max_file_bytes: u64,
+    pub keep_files: u32,
+    /// Also print every record on standard output (the journal).
+    pub stdout: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_AUDIT_MAX_FILE_BYTES,
+            keep_files: DEFAULT_AUDIT_KEEP_FILES,
+            stdout: false,
         }
     }
 }
@@ -354,6 +380,9 @@ impl Config {
                 )));
             }
         }
+        if self.audit.max_file_bytes < 4096 {
+            return Err(invalid("audit.max_file_bytes must be at least 4096".into()));
+        }
         if self.daemon.sweep_interval.is_zero() {
             return Err(invalid("daemon.sweep_interval must be positive".into()));
         }
@@ -434,10 +463,22 @@ mod tests {
             max_flow_memory = 1000000
             flow_idle_timeout = "30s"
             routes = ["/users/{name}/profile"]
+            [audit]
+            max_file_bytes = 1000000
+            keep_files = 3
+            stdout = true
             "#,
         )
         .unwrap();
         assert_eq!(config.daemon.interfaces, ["eth0", "eth1"]);
+        assert_eq!(
+            config.audit,
+            AuditSettings {
+                max_file_bytes: 1_000_000,
+                keep_files: 3,
+                stdout: true
+            }
+        );
         assert_eq!(config.daemon.xdp_mode, XdpModeSetting::Skb);
         assert_eq!(config.daemon.ingress_hook, IngressHook::Tc);
         assert_eq!(

@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
+    audit::{AuditError, AuditLog, AuditOptions},
     capture::{self, CaptureMaps, Segment},
     cidr,
     clock::{self, Clocks},
@@ -67,6 +68,8 @@ pub enum DaemonError {
     Secrets(#[from] SecretsError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 /// What the control handler needs; shared with the sweeper.
@@ -122,7 +125,13 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let policy: ActivePolicy = Arc::new(RwLock::new(Arc::new(policy)));
     let listener = control::bind(&daemon.socket)?;
     let secrets = Fingerprinter::open(&daemon.state_dir)?;
-    let events = Bus::default();
+    let (audit, audit_writer) = AuditLog::open(AuditOptions {
+        path: daemon.audit_log.clone(),
+        max_file_bytes: config.audit.max_file_bytes,
+        keep_files: config.audit.keep_files,
+        stdout: config.audit.stdout,
+    })?;
+    let events = Bus::with_audit(audit);
     let _socket_file = RemoveOnDrop(daemon.socket.clone());
     loader::prepare_pin_dir(&daemon.bpffs_dir)?;
     let _pin_lock = loader::lock_pin_dir(&daemon.bpffs_dir)?;
@@ -266,6 +275,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     }
     info!("Daemon stopped");
     events.publish(Event::new("event", "process", "daemon_stopped"));
+    // Everything recorded is on disk before the process ends.
+    events.sync_audit();
+    drop(events);
+    drop(audit_writer);
     result
 }
 
@@ -441,6 +454,7 @@ fn reload_policy(shared: &Shared) -> Result<Value, ControlError> {
                     .with_field("source", view.source.clone())
                     .with_field("rules", view.rules),
             );
+            shared.events.sync_audit();
             to_value(&view)
         }
         Err(message) => {
@@ -658,6 +672,7 @@ fn add(
         info!(event.action = %action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
         shared.events.publish(Event::list_change(&action, entry));
     }
+    shared.events.sync_audit();
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
 
@@ -672,6 +687,7 @@ fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, Co
         info!(event.action = %action, cidr = %entry.cidr, "List entry removed");
         shared.events.publish(Event::list_change(&action, entry));
     }
+    shared.events.sync_audit();
     to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
 

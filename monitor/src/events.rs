@@ -15,7 +15,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{clock, http::Exchange, secrets::Fingerprinter};
+use crate::{audit::AuditLog, clock, http::Exchange, secrets::Fingerprinter};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct Event {
@@ -234,6 +234,8 @@ pub struct Bus {
     notable: broadcast::Sender<Arc<Event>>,
     http: broadcast::Sender<Arc<Event>>,
     history: Arc<Mutex<VecDeque<Arc<Event>>>>,
+    /// Every notable event is also an audit record.
+    audit: Option<AuditLog>,
 }
 
 impl Default for Bus {
@@ -242,6 +244,7 @@ impl Default for Bus {
             notable: broadcast::channel(SUBSCRIBER_QUEUE).0,
             http: broadcast::channel(SUBSCRIBER_QUEUE).0,
             history: Arc::default(),
+            audit: None,
         }
     }
 }
@@ -253,8 +256,27 @@ pub struct Subscription {
 }
 
 impl Bus {
+    /// A bus whose notable events are also written to the audit log.
+    pub fn with_audit(audit: AuditLog) -> Self {
+        Self {
+            audit: Some(audit),
+            ..Self::default()
+        }
+    }
+
+    /// Blocks until every event published so far is in the audit log on disk (what a
+    /// CLI caller was told has happened, has been recorded).
+    pub fn sync_audit(&self) {
+        if let Some(audit) = &self.audit {
+            audit.sync();
+        }
+    }
+
     pub fn publish(&self, event: Event) {
         let event = Arc::new(event);
+        if let Some(audit) = &self.audit {
+            audit.record(event.clone());
+        }
         {
             let mut history = self
                 .history

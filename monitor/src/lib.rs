@@ -1,5 +1,6 @@
 //! apimon: eBPF API traffic monitor and enforcer. `main.rs` only wires these modules.
 
+pub mod audit;
 pub mod capture;
 pub mod cidr;
 pub mod cli;

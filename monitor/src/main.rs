@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_daemon(&cli.paths, args),
         // Offline: a broken config must not stop anyone from checking a policy.
         Command::Policy(cli::PolicyCommand::Check { file }) => cli::check_policy(&file),
+        Command::Audit(cli::AuditCommand::Verify { files }) => cli::verify_audit(&files),
         command => cli::resolve_config(&cli.paths, true)
             .and_then(|config| cli::run_client(command, &config)),
     };
