@@ -75,13 +75,28 @@ pub enum Command {
     /// Top talkers by source address.
     Top(TopArgs),
     /// Recent events from the running daemon; --follow keeps streaming them.
+    #[command(
+        after_help = "Examples:\n  apimon events                      the last 1000 notable events\n  apimon events --follow --json      list changes and verdicts as they happen\n  apimon events --http               also every observed API call"
+    )]
     Events(EventsArgs),
     /// Check, reload or show the policy.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  apimon policy check /etc/apimon/apimon.toml   validate before reloading\n  apimon policy reload                          swap it in (same as SIGHUP)\n  apimon policy show --json"
+    )]
     Policy(PolicyCommand),
     /// Work with audit logs (offline).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a shell completion script (offline).
+    #[command(after_help = "Example:\n  apimon completions bash > /etc/bash_completion.d/apimon")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, generated from these definitions, as roff (offline).
+    #[command(after_help = "Example:\n  apimon man > /usr/local/share/man/man1/apimon.1")]
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,7 +122,7 @@ pub enum PolicyCommand {
     /// errors is refused and the running one stays.
     Reload,
     /// Print the active policy as TOML.
-    Show,
+    Show(JsonFlag),
 }
 
 #[derive(Debug, Args)]
@@ -349,10 +364,26 @@ pub fn run_client(command: Command, config: &Config) -> Result<(), Failure> {
             );
             return Ok(());
         }
-        Command::Policy(PolicyCommand::Show) => {
+        Command::Policy(PolicyCommand::Show(flag)) => {
             let text: String = connect(config)?.call_as(Request::PolicyShow)?;
+            if flag.json {
+                let value: toml::Value = toml::from_str(&text)
+                    .map_err(|e| Failure::Failed(format!("the daemon's policy: {e}")))?;
+                return print_json(&value);
+            }
             print!("{text}");
             return Ok(());
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "apimon", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            return clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::Failed(format!("writing the man page: {e}")));
         }
     };
     let changed: Vec<ListEntryView> = connect(config)?.call_as(request)?;

@@ -19,6 +19,9 @@ fn main() -> ExitCode {
         // Offline: a broken config must not stop anyone from checking a policy.
         Command::Policy(cli::PolicyCommand::Check { file }) => cli::check_policy(&file),
         Command::Audit(cli::AuditCommand::Verify { files }) => cli::verify_audit(&files),
+        command @ (Command::Completions { .. } | Command::Man) => {
+            cli::run_client(command, &monitor::config::Config::default())
+        }
         command => cli::resolve_config(&cli.paths, true)
             .and_then(|config| cli::run_client(command, &config)),
     };

@@ -214,3 +214,46 @@ fn operation_failures_are_exit_1_and_garbage_on_the_socket_is_refused() {
     daemon.cli_ok(&["status"]);
     assert!(daemon.cli_ok(&["block", "ls"]).contains("192.0.2.1/32"));
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definitions() {
+    let paths = DaemonPaths::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let output = cli_with(&paths, &["completions", shell]);
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains("policy") && script.contains("verify"),
+            "{shell}: {script}"
+        );
+    }
+    let bash = cli_with(&paths, &["completions", "bash"]).stdout;
+    let check = std::process::Command::new("bash")
+        .args(["-n", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(&bash)?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(check.success(), "the bash completion script parses");
+    let man = String::from_utf8(cli_with(&paths, &["man"]).stdout).unwrap();
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH apimon"),
+        "{man}"
+    );
+    for word in ["block", "events", "audit", "config"] {
+        assert!(man.contains(word), "{word} missing from the man page");
+    }
+    let help = String::from_utf8(cli_with(&paths, &["events", "--help"]).stdout).unwrap();
+    assert!(
+        help.contains("Examples:") && help.contains("--follow"),
+        "{help}"
+    );
+    assert_fails(
+        &cli_with(&paths, &["completions", "tcsh"]),
+        2,
+        "invalid value",
+    );
+}
