@@ -422,19 +422,19 @@ impl Client {
         };
         let mut bytes = serde_json::to_vec(&frame).map_err(|e| protocol(e.to_string()))?;
         bytes.push(b'\n');
-        self.stream
-            .get_mut()
-            .write_all(&bytes)
-            .map_err(|e| protocol(e.to_string()))?;
+        // A daemon that refuses the peer answers and closes at once: the reply may be
+        // waiting even when the request could not be written.
+        let written = self.stream.get_mut().write_all(&bytes);
         let mut line = String::new();
         let read = self
             .stream
             .read_line(&mut line)
             .map_err(|e| protocol(format!("reading the reply: {e}")))?;
         if read == 0 {
-            return Err(protocol(
-                "the daemon closed the connection without replying".into(),
-            ));
+            return Err(protocol(match written {
+                Err(e) => e.to_string(),
+                Ok(()) => "the daemon closed the connection without replying".into(),
+            }));
         }
         let frame: ReplyFrame =
             serde_json::from_str(&line).map_err(|e| protocol(format!("malformed reply: {e}")))?;

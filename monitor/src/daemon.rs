@@ -33,6 +33,7 @@ use crate::{
     maps::{Datapath, ListKind, MapsError, Traffic},
     metrics::{self, ExchangeSeries, Metrics},
     policy::{Policy, file::PolicyError},
+    privilege::{self, PrivilegeError},
     secrets::{Fingerprinter, SecretsError},
     verdict::{self, ActivePolicy, Verdicts},
 };
@@ -70,6 +71,8 @@ pub enum DaemonError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
 }
 
 /// What the control handler needs; shared with the sweeper.
@@ -125,13 +128,6 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let policy: ActivePolicy = Arc::new(RwLock::new(Arc::new(policy)));
     let listener = control::bind(&daemon.socket)?;
     let secrets = Fingerprinter::open(&daemon.state_dir)?;
-    let (audit, audit_writer) = AuditLog::open(AuditOptions {
-        path: daemon.audit_log.clone(),
-        max_file_bytes: config.audit.max_file_bytes,
-        keep_files: config.audit.keep_files,
-        stdout: config.audit.stdout,
-    })?;
-    let events = Bus::with_audit(audit);
     let _socket_file = RemoveOnDrop(daemon.socket.clone());
     loader::prepare_pin_dir(&daemon.bpffs_dir)?;
     let _pin_lock = loader::lock_pin_dir(&daemon.bpffs_dir)?;
@@ -189,6 +185,16 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             }
         }
     }
+    // Loaded and attached: from here on the daemon runs with what it still needs. The
+    // audit writer and every other thread start afterwards, so they inherit the drop.
+    privilege::keep_only_runtime_capabilities()?;
+    let (audit, audit_writer) = AuditLog::open(AuditOptions {
+        path: daemon.audit_log.clone(),
+        max_file_bytes: config.audit.max_file_bytes,
+        keep_files: config.audit.keep_files,
+        stdout: config.audit.stdout,
+    })?;
+    let events = Bus::with_audit(audit);
     let metrics = Arc::new(Metrics::new()?);
     let shared = Arc::new(Shared {
         enforcer: Arc::new(Mutex::new(enforcer)),

@@ -15,5 +15,6 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod policy;
+pub mod privilege;
 pub mod secrets;
 pub mod verdict;

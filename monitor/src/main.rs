@@ -77,8 +77,9 @@ fn run_daemon(paths: &cli::PathArgs, args: cli::RunArgs) -> Result<(), Failure> 
     if let Some(hook) = args.ingress_hook {
         config.daemon.ingress_hook = hook;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread until the programs are attached and capabilities dropped (they are
+    // per thread); blocking work gets threads of its own later, which inherit the drop.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::Failed(format!("starting the runtime: {e}")))?;

@@ -207,6 +207,11 @@ impl Daemon {
         self.signal_and_wait(Signal::SIGKILL);
     }
 
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends `signal` and returns at once (SIGHUP: reload).
     pub fn signal(&self, signal: Signal) {
         if let Some(child) = &self.child {

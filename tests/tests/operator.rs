@@ -208,3 +208,50 @@ fn only_root_may_use_the_control_socket() {
     );
     assert!(daemon.cli(&["status"]).status.success(), "root still can");
 }
+
+/// A capability set from /proc/PID/status.
+fn capabilities(pid: u32, set: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{set}:")))
+        .unwrap();
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+#[test]
+fn the_running_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
+    require_root();
+    let topo = Topology::new();
+    let mut daemon = Daemon::start(&topo.server, &topo.server_if);
+    let pid = daemon.pid().unwrap();
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_BPF: u64 = 1 << 39;
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(capabilities(pid, set), CAP_NET_ADMIN | CAP_BPF, "{set}");
+    }
+    assert_eq!(capabilities(pid, "CapInh"), 0);
+    // Every thread, not only the main one.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().file_name().into_string().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+        assert!(
+            status.contains("CapEff:\t0000008000001000"),
+            "thread {task}:\n{status}"
+        );
+    }
+    // It still does its job: lists, reload, clean detach.
+    daemon.cli_ok(&["block", "add", "192.0.2.1"]);
+    daemon.cli_ok(&["block", "rm", "192.0.2.1"]);
+    daemon.cli_ok(&["policy", "reload"]);
+    assert!(daemon.cli(&["status"]).status.success());
+    daemon.stop();
+    let link = Command::new("ip")
+        .args(["-n", &topo.server.name, "link", "show", &topo.server_if])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "detached on SIGTERM without its other capabilities"
+    );
+}
