@@ -505,6 +505,17 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_config_is_valid_and_says_the_defaults() {
+        let text = include_str!("../../packaging/apimon.toml.example");
+        let config = Config::parse(text, Path::new("apimon.toml.example")).unwrap();
+        assert_eq!(config.daemon, Config::default().daemon);
+        assert_eq!(config.datapath, Config::default().datapath);
+        assert_eq!(config.capture, Config::default().capture);
+        assert_eq!(config.audit, Config::default().audit);
+        assert_eq!(config.policy, Config::default().policy, "rules stay commented out");
+    }
+
+    #[test]
     fn inline_policy_errors_name_their_place_in_the_config() {
         let err = parse("[policy]\n[[policy.rules]]\nid = \"x\"\naction = \"block\"\nmatch.path = { glob = \"[\" }\n")
             .unwrap_err();

@@ -37,6 +37,8 @@ struct Args {
     e2e_only: bool,
     /// Only the decision-to-drop section, printed.
     decision_only: bool,
+    /// Only the scrape-latency section, printed.
+    scrape_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Args> {
     let mut pipeline_only = false;
     let mut e2e_only = false;
     let mut decision_only = false;
+    let mut scrape_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -56,6 +59,7 @@ fn parse_args() -> Result<Args> {
             "--pipeline-only" => pipeline_only = true,
             "--e2e-only" => e2e_only = true,
             "--decision-only" => decision_only = true,
+            "--scrape-only" => scrape_only = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -66,7 +70,7 @@ fn parse_args() -> Result<Args> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only)"
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only, --scrape-only)"
                 )
             }
         }
@@ -79,6 +83,7 @@ fn parse_args() -> Result<Args> {
         pipeline_only,
         e2e_only,
         decision_only,
+        scrape_only,
     })
 }
 
@@ -155,9 +160,16 @@ fn pin_to_last_cpu() -> Result<usize> {
 mod decision;
 mod e2e;
 mod pipeline;
+mod scrape;
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if args.scrape_only {
+        let mut out = String::new();
+        scrape::report(&mut out, &scrape::run()?)?;
+        print!("{out}");
+        return Ok(());
+    }
     if args.decision_only {
         let mut out = String::new();
         decision::report(&mut out, &decision::run()?)?;
@@ -183,6 +195,8 @@ fn main() -> Result<()> {
     let end_to_end = if args.no_e2e { None } else { Some(e2e::run()?) };
     eprintln!("bench: decision to drop");
     let decision = decision::run()?;
+    eprintln!("bench: scrape latency with a million sources");
+    let scrape = scrape::run()?;
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
     eprintln!("bench: HTTP pipeline against plain httparse");
@@ -268,6 +282,7 @@ fn main() -> Result<()> {
     report.push('\n');
     pipeline::report(&mut report, &http)?;
     decision::report(&mut report, &decision)?;
+    scrape::report(&mut report, &scrape)?;
     if let Some(end_to_end) = &end_to_end {
         e2e::report(&mut report, end_to_end)?;
     }
