@@ -512,7 +512,11 @@ mod tests {
         assert_eq!(config.datapath, Config::default().datapath);
         assert_eq!(config.capture, Config::default().capture);
         assert_eq!(config.audit, Config::default().audit);
-        assert_eq!(config.policy, Config::default().policy, "rules stay commented out");
+        assert_eq!(
+            config.policy,
+            Config::default().policy,
+            "rules stay commented out"
+        );
     }
 
     #[test]

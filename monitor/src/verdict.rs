@@ -49,6 +49,9 @@ pub struct Verdicts {
     /// Networks blocked or throttled by the policy, until when: requests already in
     /// flight from them do not count as new offences.
     active: HashMap<(IpNet, ListKind), Instant>,
+    /// When each (rule, offender) over a limit was last reported, and how many of its
+    /// verdicts went unreported since.
+    reported: lru::LruCache<(String, IpNet), (Instant, u64)>,
 }
 
 impl Verdicts {
@@ -71,6 +74,9 @@ impl Verdicts {
             secrets,
             escalation,
             active: HashMap::new(),
+            reported: lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_ACTIVE).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
         }
     }
 
@@ -91,20 +97,55 @@ impl Verdicts {
         });
         for decision in &decisions {
             self.metrics.decision(&decision.rule_id, decision.label());
+            let kind = match decision.action {
+                _ if decision.dry_run => None,
+                ActionKind::Block => Some(ListKind::Block),
+                ActionKind::Throttle => Some(ListKind::Throttle),
+                _ => None,
+            };
+            let enforced = kind.and_then(|kind| self.enforce(&policy, source, decision, kind));
+            // An offender over a limit sends many requests: one event per window (and
+            // per enforcement), with the count of those not reported.
+            let unreported = match (enforced.is_some(), decision.window) {
+                (false, Some(window)) if decision.rate_limited => {
+                    let key = (decision.rule_id.clone(), policy.offender_net(source));
+                    match self.report_due(key, window) {
+                        Some(unreported) => unreported,
+                        None => continue,
+                    }
+                }
+                _ => 0,
+            };
             let at = clocks.to_wall(request.started_ns);
             let mut event = self.event(request, route, decision, at);
-            if !decision.dry_run {
-                match decision.action {
-                    ActionKind::Block => {
-                        self.enforce(&policy, source, decision, ListKind::Block, &mut event)
-                    }
-                    ActionKind::Throttle => {
-                        self.enforce(&policy, source, decision, ListKind::Throttle, &mut event)
-                    }
-                    _ => {}
-                }
+            for (name, value) in enforced.into_iter().flatten() {
+                event = event.with_field(name, value);
+            }
+            if unreported > 0 {
+                event = event.with_field("unreported", unreported);
             }
             self.events.publish(event);
+        }
+    }
+
+    /// Whether an over-limit verdict for `key` is due as an event (Some: with how many
+    /// went unreported since the last), or falls within `window` of the last one.
+    fn report_due(&mut self, key: (String, IpNet), window: std::time::Duration) -> Option<u64> {
+        let now = Instant::now();
+        match self.reported.get_mut(&key) {
+            Some((last, unreported)) if now.duration_since(*last) < window => {
+                *unreported += 1;
+                None
+            }
+            Some(entry) => {
+                let unreported = entry.1;
+                *entry = (now, 0);
+                Some(unreported)
+            }
+            None => {
+                self.reported.put(key, (now, 0));
+                Some(0)
+            }
         }
     }
 
@@ -166,22 +207,21 @@ impl Verdicts {
             .with_field("dry_run", decision.dry_run)
     }
 
-    /// Blocks or throttles the offender's network in the kernel, for an escalating TTL.
+    /// Blocks or throttles the offender's network in the kernel, for an escalating TTL;
+    /// returns what the verdict's event tells of it, or None when it already was (the
+    /// request was in flight before).
     fn enforce(
         &mut self,
         policy: &Policy,
         source: IpAddr,
         decision: &Decision,
         kind: ListKind,
-        event: &mut Event,
-    ) {
+    ) -> Option<Vec<(&'static str, serde_json::Value)>> {
         let net = policy.offender_net(source);
         let now = Instant::now();
         let key = (net, kind);
         if self.active.get(&key).is_some_and(|until| *until > now) {
-            // Already dropped in the kernel: this request was in flight before.
-            *event = std::mem::take(event).with_field("enforced", "already");
-            return;
+            return None;
         }
         let (ttl, offence) = self.escalation.offend(net, decision.ttl, now);
         if self.active.len() >= MAX_ACTIVE {
@@ -206,10 +246,11 @@ impl Verdicts {
                 _ => enforcer.add(ListKind::Block, &[net], Some(ttl), &reason, &origin),
             }
         };
-        *event = std::mem::take(event)
-            .with_field("cidr", net.to_string())
-            .with_field("ttl_s", ttl.as_secs())
-            .with_field("offence", offence);
+        let mut fields = vec![
+            ("cidr", net.to_string().into()),
+            ("ttl_s", ttl.as_secs().into()),
+            ("offence", offence.into()),
+        ];
         match added {
             Ok(entries) => {
                 let action = format!("{}_added", kind.noun());
@@ -223,8 +264,9 @@ impl Verdicts {
             Err(error) => {
                 self.active.remove(&key);
                 warn!(cidr = %net, %error, list = kind.name(), "Policy enforcement failed");
-                *event = std::mem::take(event).with_field("error", error.to_string());
+                fields.push(("error", error.to_string().into()));
             }
         }
+        Some(fields)
     }
 }

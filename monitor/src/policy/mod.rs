@@ -75,6 +75,9 @@ pub struct Decision {
     pub action: ActionKind,
     /// Over the rule's rate limit (the reason it fired).
     pub rate_limited: bool,
+    /// The rate limit's period: how often an offender's over-limit requests are
+    /// reported as events (each is still counted).
+    pub window: Option<Duration>,
     /// Recorded only: the rule or the whole policy is in dry run.
     pub dry_run: bool,
     /// Block or throttle TTL before escalation.
@@ -245,6 +248,7 @@ impl Policy {
                 rule_name: rule.doc.name.clone(),
                 action,
                 rate_limited: rule.doc.rate_limit.is_some(),
+                window: rule.doc.rate_limit.as_ref().map(|limit| limit.per.0),
                 dry_run: self.doc.dry_run || rule.doc.dry_run,
                 ttl: ttl.0,
                 throttle_pps: rule.doc.throttle_pps,
