@@ -10,7 +10,6 @@ use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuArray, RingBuf},
 };
-use bytes::{Bytes, BytesMut};
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, DIRECTION_RESPONSE, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
@@ -19,7 +18,7 @@ use monitor_common::{
     maps,
 };
 use thiserror::Error;
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
@@ -46,9 +45,9 @@ impl Direction {
     }
 }
 
-/// One decoded sample: (part of) a TCP segment's payload.
+/// One decoded sample: (part of) a TCP segment's payload, borrowed from the ring.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Segment {
+pub struct Segment<'a> {
     /// CLOCK_MONOTONIC ns.
     pub timestamp_ns: u64,
     pub ifindex: u32,
@@ -61,8 +60,8 @@ pub struct Segment {
     pub segment_len: u32,
     /// `monitor_common::capture::TCP_*` bits.
     pub flags: u8,
-    /// A slice of its batch's one buffer: no allocation per segment.
-    pub data: Bytes,
+    /// The payload, read in place from the ring buffer (no copy).
+    pub data: &'a [u8],
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -75,9 +74,8 @@ pub enum DecodeError {
     Direction(u8),
 }
 
-/// Decodes one ring buffer record: the segment (its `data` still empty) and its
-/// payload bytes in the record.
-pub fn decode(record: &[u8]) -> Result<(Segment, &[u8]), DecodeError> {
+/// Decodes one ring buffer record; the segment's payload stays in the record.
+pub fn decode(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
     if record.len() < size_of::<Sample>() {
         return Err(DecodeError::Size(record.len()));
     }
@@ -104,9 +102,9 @@ pub fn decode(record: &[u8]) -> Result<(Segment, &[u8]), DecodeError> {
         seq: header.seq,
         segment_len: header.segment_len,
         flags: header.tcp_flags,
-        data: Bytes::new(),
+        data: &record[start..start + data_len],
     };
-    Ok((segment, &record[start..start + data_len]))
+    Ok(segment)
 }
 
 /// The capture's control and counter maps.
@@ -180,15 +178,27 @@ pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, MapsError> {
     take(ebpf, maps::SAMPLES)
 }
 
-/// Records sent on per batch.
+/// Records handed over between two looks at the clock, at most.
 const BATCH: usize = 1024;
 /// How often the ring is drained without a wake-up: bounds the delay to the metrics
 /// (and to decisions made on what was seen).
 const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+/// How often the sink is told time passed with nothing new (idle flows end).
+const IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Drains the ring buffer whenever it is readable and sends decoded segments on in
-/// batches. Ends when the receiver is gone.
-pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>) {
+/// Who consumes samples as the ring yields them.
+pub trait SampleSink {
+    /// One segment, borrowed from the ring for the duration of the call.
+    fn segment(&mut self, segment: &Segment<'_>);
+    /// The end of a batch of segments (at most `BATCH`).
+    fn batch_done(&mut self);
+    /// A second passed (with or without traffic).
+    fn idle(&mut self);
+}
+
+/// Drains the ring buffer whenever it is readable (or every `POLL_INTERVAL`) straight
+/// into `sink`: no copy, no queue. Ends only if the ring cannot be polled.
+pub async fn read_samples(ring: RingBuf<MapData>, sink: &mut impl SampleSink) {
     let fd = ring.as_raw_fd();
     // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it exists.
     let registered =
@@ -203,13 +213,13 @@ pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>
     // The kernel wakes us only when the ring fills up; otherwise we look every tick.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = tokio::time::interval(IDLE_INTERVAL);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             readable = ring.readable_mut() => match readable {
                 Ok(mut guard) => {
-                    if !drain(guard.get_inner_mut(), &tx).await {
-                        return;
-                    }
+                    drain(guard.get_inner_mut(), sink).await;
                     guard.clear_ready();
                 }
                 Err(error) => {
@@ -217,48 +227,34 @@ pub async fn read_samples(ring: RingBuf<MapData>, tx: mpsc::Sender<Vec<Segment>>
                     return;
                 }
             },
-            _ = tick.tick() => {
-                if !drain(ring.get_mut(), &tx).await {
-                    return;
-                }
-            }
+            _ = tick.tick() => drain(ring.get_mut(), sink).await,
+            _ = idle.tick() => sink.idle(),
         }
     }
 }
 
-/// Decodes everything in the ring and sends it on in batches; false when the
-/// receiver is gone.
-async fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Vec<Segment>>) -> bool {
+/// Hands everything in the ring to the sink, yielding between batches so that the
+/// control socket and metrics stay responsive under load.
+async fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl SampleSink) {
     loop {
-        let mut batch = Vec::new();
-        // Every payload of the batch goes into one buffer; segments hold slices of it.
-        let mut payloads = BytesMut::new();
-        let mut spans = Vec::new();
-        while batch.len() < BATCH {
+        let mut taken = 0;
+        while taken < BATCH {
             let Some(record) = ring.next() else {
                 break;
             };
+            taken += 1;
             match decode(&record) {
-                Ok((segment, payload)) => {
-                    let start = payloads.len();
-                    payloads.extend_from_slice(payload);
-                    spans.push(start..payloads.len());
-                    batch.push(segment);
-                }
+                Ok(segment) => sink.segment(&segment),
                 Err(error) => warn!(%error, "Dropped an undecodable sample"),
             }
         }
-        let payloads = payloads.freeze();
-        for (segment, span) in batch.iter_mut().zip(spans) {
-            segment.data = payloads.slice(span);
+        if taken > 0 {
+            sink.batch_done();
         }
-        let full = batch.len() == BATCH;
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
-            return false;
+        if taken < BATCH {
+            return;
         }
-        if !full {
-            return true;
-        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -298,8 +294,8 @@ mod tests {
             _pad: 0,
         };
         let record = record(header, b"GET / HTTP/1.1");
-        let (segment, payload) = decode(&record).unwrap();
-        assert_eq!(payload, b"GET / HTTP/1.1");
+        let segment = decode(&record).unwrap();
+        assert_eq!(segment.data, b"GET / HTTP/1.1");
         assert_eq!(segment.client, "10.0.0.2:40000".parse().unwrap());
         assert_eq!(segment.server, "[2001:db8::1]:8080".parse().unwrap());
         assert_eq!(

@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use aya::Ebpf;
@@ -207,16 +207,13 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         interfaces: xdp_interfaces,
         events: events.clone(),
     });
-    let (segments_tx, segments_rx) = tokio::sync::mpsc::channel(SEGMENT_BATCHES_QUEUED);
-    let reader_task = tokio::spawn(capture::read_samples(ring, segments_tx));
-    let pipeline_task = tokio::spawn(run_pipeline(
-        segments_rx,
-        Pipeline::new(Limits {
+    let mut sink = PipelineSink {
+        pipeline: Pipeline::new(Limits {
             max_flows: config.capture.max_flows,
             max_memory: config.capture.max_flow_memory,
             idle_timeout: config.capture.flow_idle_timeout,
         }),
-        Observers {
+        observers: Observers {
             routes: Routes::new(&config.capture.routes),
             metrics: metrics.clone(),
             events: events.clone(),
@@ -230,7 +227,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             secrets,
             series: HashMap::new(),
         },
-    ));
+        events: Vec::new(),
+        latest_ns: 0,
+    };
+    let capture_task = tokio::spawn(async move { capture::read_samples(ring, &mut sink).await });
     let metrics_task = match daemon.metrics_addr {
         MetricsAddr::Off => None,
         MetricsAddr::Listen(addr) => {
@@ -267,8 +267,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let result = wait_for_shutdown(&shared).await;
     control_task.abort();
     sweeper_task.abort();
-    reader_task.abort();
-    pipeline_task.abort();
+    capture_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -306,9 +305,6 @@ fn kernel_totals(shared: &Shared) -> Option<metrics::KernelTotals> {
         .map_err(|error| warn!(%error, "Reading kernel counters for a scrape failed"))
         .ok()
 }
-
-/// Batches of segments queued between the ring reader and the pipeline.
-const SEGMENT_BATCHES_QUEUED: usize = 64;
 
 /// Who learns about observed exchanges.
 struct Observers {
@@ -360,35 +356,45 @@ impl Observers {
 }
 
 /// Feeds captured segments through reassembly and parsing to the observers.
-async fn run_pipeline(
-    mut segments: tokio::sync::mpsc::Receiver<Vec<Segment>>,
-    mut pipeline: Pipeline,
-    mut observers: Observers,
-) {
-    let metrics = observers.metrics.clone();
-    let mut events = Vec::new();
-    // Idle connections are dropped even when no traffic arrives to notice them.
-    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
-    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            batch = segments.recv() => {
-                let Some(batch) = batch else { return };
-                let mut latest = 0;
-                for segment in &batch {
-                    metrics.sample(segment.direction);
-                    latest = latest.max(segment.timestamp_ns);
-                    pipeline.ingest(segment, &mut events);
-                }
-                pipeline.enforce_limits(latest, &mut events);
-            }
-            _ = idle_check.tick() => pipeline.enforce_limits(clock::monotonic_ns(), &mut events),
-        }
+/// Feeds captured segments through reassembly and parsing to the observers.
+struct PipelineSink {
+    pipeline: Pipeline,
+    observers: Observers,
+    events: Vec<http::Event>,
+    /// Newest kernel timestamp of the current batch.
+    latest_ns: u64,
+}
+
+impl capture::SampleSink for PipelineSink {
+    fn segment(&mut self, segment: &Segment<'_>) {
+        self.observers.metrics.sample(segment.direction);
+        self.latest_ns = self.latest_ns.max(segment.timestamp_ns);
+        self.pipeline.ingest(segment, &mut self.events);
+    }
+
+    fn batch_done(&mut self) {
+        self.pipeline
+            .enforce_limits(self.latest_ns, &mut self.events);
+        self.deliver();
+    }
+
+    fn idle(&mut self) {
+        // Idle connections end even when no traffic arrives to notice them.
+        self.pipeline
+            .enforce_limits(clock::monotonic_ns(), &mut self.events);
+        self.deliver();
+    }
+}
+
+impl PipelineSink {
+    fn deliver(&mut self) {
         let clocks = Clocks::now();
-        for event in events.drain(..) {
-            observers.observe(&event, &clocks);
+        for event in self.events.drain(..) {
+            self.observers.observe(&event, &clocks);
         }
-        metrics.set_active_flows(pipeline.active_flows());
+        self.observers
+            .metrics
+            .set_active_flows(self.pipeline.active_flows());
     }
 }
 

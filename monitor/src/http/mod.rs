@@ -155,8 +155,7 @@ impl Pipeline {
             Direction::Request => Side::Request,
             Direction::Response => return false,
         };
-        if !starts_message(side, &segment.data) && OtherProtocol::recognise(&segment.data).is_none()
-        {
+        if !starts_message(side, segment.data) && OtherProtocol::recognise(segment.data).is_none() {
             return false;
         }
         let flow = Flow {
@@ -206,7 +205,7 @@ impl Pipeline {
             parser,
         } = half;
         let now = segment.timestamp_ns;
-        reassembler.push(segment.seq, &segment.data, &mut |d| {
+        reassembler.push(segment.seq, segment.data, &mut |d| {
             feed(parser, d, now, &mut items)
         });
         // Missing bytes: skip them at once if the parser can live with that (body the
@@ -387,7 +386,7 @@ mod tests {
     const CLIENT: &str = "10.0.0.2:40000";
     const SERVER: &str = "10.0.0.1:8080";
 
-    fn segment(direction: Direction, seq: u32, data: &[u8], t: u64, flags: u8) -> Segment {
+    fn segment(direction: Direction, seq: u32, data: &[u8], t: u64, flags: u8) -> Segment<'_> {
         Segment {
             timestamp_ns: t,
             ifindex: 1,
@@ -397,7 +396,7 @@ mod tests {
             seq,
             segment_len: data.len() as u32,
             flags,
-            data: bytes::Bytes::copy_from_slice(data),
+            data,
         }
     }
 

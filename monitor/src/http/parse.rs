@@ -99,7 +99,12 @@ impl RequestHead {
             .raw
             .get(span.start as usize..span.end as usize)
             .unwrap_or_default();
-        String::from_utf8_lossy(bytes)
+        // Valid UTF-8 is the rule (httparse checked method and target): skip the slower
+        // lossy walk unless it is needed.
+        match std::str::from_utf8(bytes) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(bytes),
+        }
     }
 
     pub fn method(&self) -> std::borrow::Cow<'_, str> {

@@ -54,7 +54,13 @@ impl Routes {
     /// The template for a request target (path and query).
     pub fn template(&self, target: &str) -> String {
         let path = target.split(['?', '#']).next().unwrap_or("/");
-        let path = match path.find("://") {
+        // Origin form (`/...`) is nearly every request; only absolute form has a scheme.
+        let scheme_end = if path.starts_with('/') {
+            None
+        } else {
+            path.find("://")
+        };
+        let path = match scheme_end {
             // absolute-form: drop scheme and authority
             Some(scheme_end) => {
                 let rest = &path[scheme_end + 3..];

@@ -31,7 +31,21 @@ pub struct PipelineResult {
     pub ratio: f64,
 }
 
-fn segments() -> Vec<Segment> {
+/// Each segment's payload in its own allocation, as ring records are apart in memory.
+fn payloads() -> Vec<Vec<u8>> {
+    let response: Vec<u8> = [RESPONSE_HEAD, &[b'{'; 512][..]].concat();
+    let mut out = Vec::new();
+    for _ in 0..FLOWS * REQUESTS_PER_FLOW {
+        for bytes in [REQUEST, response.as_slice()] {
+            out.extend(bytes.chunks(MSS).map(<[u8]>::to_vec));
+        }
+    }
+    out
+}
+
+/// The segments over `payloads`, in the order `payloads` made them.
+fn segments(payloads: &[Vec<u8>]) -> Vec<Segment<'_>> {
+    let mut payloads = payloads.iter();
     let mut out = Vec::new();
     let response: Vec<u8> = [RESPONSE_HEAD, &[b'{'; 512][..]].concat();
     for flow in 0..FLOWS {
@@ -46,6 +60,9 @@ fn segments() -> Vec<Segment> {
                 (Direction::Response, response.as_slice(), &mut response_seq),
             ] {
                 for chunk in bytes.chunks(MSS) {
+                    let Some(data) = payloads.next() else {
+                        return out;
+                    };
                     out.push(Segment {
                         timestamp_ns: t,
                         ifindex: 1,
@@ -55,7 +72,7 @@ fn segments() -> Vec<Segment> {
                         seq: *seq,
                         segment_len: chunk.len() as u32,
                         flags: 0,
-                        data: chunk.to_vec().into(),
+                        data,
                     });
                     *seq = seq.wrapping_add(chunk.len() as u32);
                 }
@@ -117,7 +134,8 @@ fn through_httparse(segments: &[Segment]) -> usize {
 }
 
 pub fn run() -> Result<PipelineResult> {
-    let segments = segments();
+    let payloads = payloads();
+    let segments = segments(&payloads);
     let requests = (FLOWS * REQUESTS_PER_FLOW) as usize;
     // Rounds alternate between the two, so both see the same machine; the ratio is
     // the median of the per-round ratios.
