@@ -114,7 +114,7 @@ fn through_pipeline(segments: &[Segment]) -> usize {
 fn through_httparse(segments: &[Segment]) -> usize {
     let mut parsed = 0;
     for segment in segments {
-        let data = std::hint::black_box(&segment.data[..]);
+        let data = std::hint::black_box(segment.data);
         let complete = match segment.direction {
             Direction::Request if data.starts_with(b"GET ") => {
                 let mut headers = [httparse::EMPTY_HEADER; 32];
