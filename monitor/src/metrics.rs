@@ -255,11 +255,9 @@ impl Metrics {
             .set(i64::try_from(flows).unwrap_or(i64::MAX));
     }
 
-    /// One policy verdict (`action` is the decision's label).
-    pub fn decision(&self, rule: &str, action: &str) {
-        self.policy_decisions
-            .with_label_values(&[rule, action])
-            .inc();
+    /// The counter of a rule's verdicts with `action` (the decision's label).
+    pub fn decision_counter(&self, rule: &str, action: &str) -> IntCounter {
+        self.policy_decisions.with_label_values(&[rule, action])
     }
 
     /// Counts what the pipeline reported; `route` is the exchange's template.

@@ -49,9 +49,11 @@ pub struct Verdicts {
     /// Networks blocked or throttled by the policy, until when: requests already in
     /// flight from them do not count as new offences.
     active: HashMap<(IpNet, ListKind), Instant>,
-    /// When each (rule, offender) over a limit was last reported, and how many of its
-    /// verdicts went unreported since.
-    reported: lru::LruCache<(String, IpNet), (Instant, u64)>,
+    /// When each (rule index, offender) over a limit was last reported, and how many of
+    /// its verdicts went unreported since. Cleared on reload (indexes change).
+    reported: lru::LruCache<(usize, IpNet), (Instant, u64)>,
+    /// Decision counters by rule index, then label: no label lookup per verdict.
+    counters: Vec<Vec<(&'static str, prometheus::IntCounter)>>,
 }
 
 impl Verdicts {
@@ -77,6 +79,7 @@ impl Verdicts {
             reported: lru::LruCache::new(
                 std::num::NonZeroUsize::new(MAX_ACTIVE).unwrap_or(std::num::NonZeroUsize::MIN),
             ),
+            counters: Vec::new(),
         }
     }
 
@@ -88,6 +91,8 @@ impl Verdicts {
             let e = &policy.doc.escalation;
             self.escalation.retune(e.factor, e.max_ttl.0, e.memory.0);
             self.tuned_for = policy.clone();
+            self.reported.clear();
+            self.counters.clear();
         }
         let source = request.client.ip().to_canonical();
         let decisions = policy.evaluate(&Request {
@@ -96,7 +101,7 @@ impl Verdicts {
             route,
         });
         for decision in &decisions {
-            self.metrics.decision(&decision.rule_id, decision.label());
+            self.count(decision);
             let kind = match decision.action {
                 _ if decision.dry_run => None,
                 ActionKind::Block => Some(ListKind::Block),
@@ -108,7 +113,7 @@ impl Verdicts {
             // per enforcement), with the count of those not reported.
             let unreported = match (enforced.is_some(), decision.window) {
                 (false, Some(window)) if decision.rate_limited => {
-                    let key = (decision.rule_id.clone(), policy.offender_net(source));
+                    let key = (decision.rule_index, policy.offender_net(source));
                     match self.report_due(key, window) {
                         Some(unreported) => unreported,
                         None => continue,
@@ -128,9 +133,26 @@ impl Verdicts {
         }
     }
 
+    /// Counts a verdict in `apimon_policy_decisions_total`.
+    fn count(&mut self, decision: &Decision) {
+        if self.counters.len() <= decision.rule_index {
+            self.counters.resize_with(decision.rule_index + 1, Vec::new);
+        }
+        let label = decision.label();
+        let by_label = &mut self.counters[decision.rule_index];
+        match by_label.iter().find(|(l, _)| *l == label) {
+            Some((_, counter)) => counter.inc(),
+            None => {
+                let counter = self.metrics.decision_counter(&decision.rule_id, label);
+                counter.inc();
+                by_label.push((label, counter));
+            }
+        }
+    }
+
     /// Whether an over-limit verdict for `key` is due as an event (Some: with how many
     /// went unreported since the last), or falls within `window` of the last one.
-    fn report_due(&mut self, key: (String, IpNet), window: std::time::Duration) -> Option<u64> {
+    fn report_due(&mut self, key: (usize, IpNet), window: std::time::Duration) -> Option<u64> {
         let now = Instant::now();
         match self.reported.get_mut(&key) {
             Some((last, unreported)) if now.duration_since(*last) < window => {

@@ -18,8 +18,9 @@ pub enum Side {
 /// the fields apimon reads. Detections can re-read any header from `raw`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    /// Shared: the policy sees the head when it arrives, the exchange when it ends.
-    raw: std::sync::Arc<[u8]>,
+    /// The head as text (invalid UTF-8 replaced), shared: the policy sees the head when
+    /// it arrives, the exchange when it ends.
+    raw: std::sync::Arc<str>,
     method: Span,
     target: Span,
     host: Option<Span>,
@@ -75,6 +76,16 @@ impl RequestHead {
             Err(_) => return HeadParse::Invalid,
         };
         let raw = &bytes[..len];
+        let Ok(text) = std::str::from_utf8(raw) else {
+            // Rare (obs-text in a header value): parse the repaired text instead, so that
+            // every field reads without checks.
+            let repaired = String::from_utf8_lossy(raw).into_owned();
+            return match Self::parse(repaired.as_bytes()) {
+                HeadParse::Complete(head, _) => HeadParse::Complete(head, len),
+                HeadParse::Partial => HeadParse::Invalid,
+                other => other,
+            };
+        };
         let fields = match HeaderFields::scan(request.headers) {
             Ok(fields) => fields,
             Err(kind) => return HeadParse::BadFraming(kind),
@@ -89,22 +100,18 @@ impl RequestHead {
             content_length: fields.content_length,
             chunked: fields.chunked,
             expect_continue: fields.expect_continue,
-            raw: raw.into(),
+            raw: text.into(),
         };
         HeadParse::Complete(head, len)
     }
 
     fn text(&self, span: Span) -> std::borrow::Cow<'_, str> {
-        let bytes = self
-            .raw
-            .get(span.start as usize..span.end as usize)
-            .unwrap_or_default();
-        // Valid UTF-8 is the rule (httparse checked method and target): skip the slower
-        // lossy walk unless it is needed.
-        match std::str::from_utf8(bytes) {
-            Ok(text) => std::borrow::Cow::Borrowed(text),
-            Err(_) => String::from_utf8_lossy(bytes),
-        }
+        // Spans end at ASCII delimiters, so they are character boundaries.
+        std::borrow::Cow::Borrowed(
+            self.raw
+                .get(span.start as usize..span.end as usize)
+                .unwrap_or_default(),
+        )
     }
 
     pub fn method(&self) -> std::borrow::Cow<'_, str> {
@@ -124,9 +131,9 @@ impl RequestHead {
         self.user_agent.map(|span| self.text(span))
     }
 
-    /// The head as received.
+    /// The head as received (invalid UTF-8 replaced).
     pub fn raw(&self) -> &[u8] {
-        &self.raw
+        self.raw.as_bytes()
     }
 }
 
@@ -718,6 +725,21 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_utf8_in_a_header_is_replaced_not_fatal() {
+        let head = b"GET /caf HTTP/1.1\r\nHost: h\r\nUser-Agent: caf\xe9 \xff\r\n\r\nrest";
+        let HeadParse::Complete(parsed, len) = RequestHead::parse(head) else {
+            panic!("a head with obs-text is a head");
+        };
+        assert_eq!(len, head.len() - 4, "the length is the original bytes'");
+        assert_eq!(parsed.user_agent().as_deref(), Some("caf\u{fffd} \u{fffd}"));
+        assert_eq!(
+            (parsed.method().as_ref(), parsed.target().as_ref()),
+            ("GET", "/caf")
+        );
+        assert_eq!(parsed.host().as_deref(), Some("h"));
+    }
 
     fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
         let mut parser = MessageParser::new(side);

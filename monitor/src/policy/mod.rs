@@ -70,6 +70,8 @@ pub struct Request<'a> {
 /// A rule that fired on a request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
+    /// The rule's position in the policy (stable until the next reload).
+    pub rule_index: usize,
     pub rule_id: String,
     pub rule_name: String,
     pub action: ActionKind,
@@ -223,7 +225,7 @@ impl Policy {
     pub fn evaluate(&self, request: &Request<'_>) -> Vec<Decision> {
         let view = RequestView::new(request, self.reads_headers);
         let mut decisions = Vec::new();
-        for rule in &self.rules {
+        for (rule_index, rule) in self.rules.iter().enumerate() {
             if !matches(&rule.doc.matches, &view) {
                 continue;
             }
@@ -244,6 +246,7 @@ impl Policy {
                 _ => self.doc.block_ttl,
             });
             decisions.push(Decision {
+                rule_index,
                 rule_id: rule.doc.id.get_ref().clone(),
                 rule_name: rule.doc.name.clone(),
                 action,
