@@ -164,19 +164,24 @@ impl TokenBuckets {
     /// Refill credited for at most this long an idle period (bounds the arithmetic).
     pub const MAX_REFILL_NS: u64 = 10_000_000_000;
 
-    /// Refills a bucket for `elapsed_ns` at `rate` per second up to `burst`, then takes
-    /// one token; false when there was none.
+    /// Refills a bucket for `elapsed_ns` at `rate` per second, up to `burst` tokens
+    /// (0: one second's worth).
     #[inline(always)]
-    pub fn take(tokens: &mut u64, elapsed_ns: u64, rate: u32, burst: u32) -> bool {
+    pub fn refill(tokens: &mut u64, elapsed_ns: u64, rate: u32, burst: u32) {
         let burst = if burst == 0 { rate } else { burst };
         let capacity = u64::from(burst.max(1)) * Self::TOKEN;
         let refill = elapsed_ns.min(Self::MAX_REFILL_NS) * u64::from(rate.min(MAX_RATE));
-        let available = tokens.saturating_add(refill).min(capacity);
-        if available >= Self::TOKEN {
-            *tokens = available - Self::TOKEN;
+        *tokens = tokens.saturating_add(refill).min(capacity);
+    }
+
+    /// Refills, then takes one token; false when there was none.
+    #[inline(always)]
+    pub fn take(tokens: &mut u64, elapsed_ns: u64, rate: u32, burst: u32) -> bool {
+        Self::refill(tokens, elapsed_ns, rate, burst);
+        if *tokens >= Self::TOKEN {
+            *tokens -= Self::TOKEN;
             true
         } else {
-            *tokens = available;
             false
         }
     }
@@ -230,5 +235,42 @@ mod tests {
             ipv4_mapped([192, 0, 2, 1]),
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 1]
         );
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::TokenBuckets;
+
+    #[test]
+    fn buckets_refill_at_their_rate_up_to_the_burst() {
+        let second = 1_000_000_000;
+        let mut tokens = 0;
+        assert!(!TokenBuckets::take(&mut tokens, 0, 10, 5), "empty");
+        assert!(
+            TokenBuckets::take(&mut tokens, second / 10, 10, 5),
+            "one token per 100 ms"
+        );
+        assert!(!TokenBuckets::take(&mut tokens, 0, 10, 5));
+        // An hour idle refills to the burst, no more.
+        TokenBuckets::refill(&mut tokens, 3600 * second, 10, 5);
+        assert_eq!(
+            (0..10)
+                .filter(|_| TokenBuckets::take(&mut tokens, 0, 10, 5))
+                .count(),
+            5
+        );
+        // Burst 0 means one second's worth.
+        TokenBuckets::refill(&mut tokens, 10 * second, 7, 0);
+        assert_eq!(
+            (0..20)
+                .filter(|_| TokenBuckets::take(&mut tokens, 0, 7, 0))
+                .count(),
+            7
+        );
+        // The largest rate over the longest refill does not overflow.
+        let mut full = u64::MAX >> 1;
+        TokenBuckets::refill(&mut full, u64::MAX, u32::MAX, u32::MAX);
+        assert_eq!(full, u64::from(u32::MAX) * TokenBuckets::TOKEN);
     }
 }

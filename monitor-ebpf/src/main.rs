@@ -409,13 +409,26 @@ fn over_rate(source: &Source, key: IpKey, syn: bool, now: u64, state: &DatapathS
     let over = unsafe {
         let elapsed = now.saturating_sub((*buckets).refilled_ns);
         (*buckets).refilled_ns = now;
-        let syn_ok = !limit_syn
-            || TokenBuckets::take(
+        // Both buckets refill on every packet that reaches them (the timestamp is
+        // shared); only SYNs spend SYN tokens.
+        let syn_ok = if limit_syn {
+            TokenBuckets::take(
                 &mut (*buckets).syns,
                 elapsed,
                 defaults.syn_ps,
                 defaults.syn_burst,
-            );
+            )
+        } else {
+            if defaults.syn_ps != 0 {
+                TokenBuckets::refill(
+                    &mut (*buckets).syns,
+                    elapsed,
+                    defaults.syn_ps,
+                    defaults.syn_burst,
+                );
+            }
+            true
+        };
         let packet_ok =
             pps == 0 || TokenBuckets::take(&mut (*buckets).packets, elapsed, pps, burst);
         !(syn_ok && packet_ok)

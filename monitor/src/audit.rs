@@ -189,6 +189,7 @@ impl Sink {
         let head = last_head(&options.path)
             .or_else(|| last_head(&rotated(&options.path, 1)))
             .unwrap_or_default();
+        cut_torn_tail(&options.path).map_err(io)?;
         let file = open_append(&options.path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         Ok(Self {
@@ -286,6 +287,26 @@ impl Sink {
             Err(e) => error!(error = %e, path = %path.display(), "Opening a new audit log failed"),
         }
     }
+}
+
+/// A crash can leave a last line half written; new records must not be glued to it
+/// (that would make the first of them unreadable). Cuts the file back to its last
+/// newline; the cut record was never acknowledged as written.
+fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if text.is_empty() || text.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    warn!(path = %path.display(), bytes = text.len() - keep, "Cutting a half-written last audit record");
+    OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(keep as u64)
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {

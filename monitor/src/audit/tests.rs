@@ -186,3 +186,22 @@ fn sync_returns_only_once_records_are_on_disk() {
     drop(log);
     writer.finish();
 }
+
+#[test]
+fn a_half_written_last_record_is_cut_before_writing_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write(dir.path(), 3, 1 << 20);
+    let path = &files[0];
+    let mut text = std::fs::read_to_string(path).unwrap();
+    text.push_str("{\"@timestamp\":\"2026-11-28T00:00:00Z\",\"event\":{\"ac");
+    std::fs::write(path, text).unwrap();
+    let files = write(dir.path(), 2, 1 << 20);
+    assert_eq!(
+        verify(&files).unwrap(),
+        Verdict::Intact {
+            records: 5,
+            first: 1,
+            last: 5
+        }
+    );
+}

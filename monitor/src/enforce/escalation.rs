@@ -16,7 +16,7 @@ pub struct Escalation {
     factor: NonZeroU32,
     max_ttl: Duration,
     memory: Duration,
-    /// Offences and the time of the last one, per offending network.
+    /// Offences and when the last one's enforcement ends, per offending network.
     offences: LruCache<IpNet, (u32, Instant)>,
 }
 
@@ -40,16 +40,20 @@ impl Escalation {
     /// Records an offence of `net` at `now`; returns its TTL and which offence it is
     /// (1 for the first within the memory window).
     pub fn offend(&mut self, net: IpNet, base: Duration, now: Instant) -> (Duration, u32) {
+        // Remembered from the end of the last enforcement, not its start: long blocks
+        // must not make a repeat offender look new.
         let count = match self.offences.get(&net) {
-            Some((count, last)) if now.duration_since(*last) <= self.memory => count + 1,
+            Some((count, ended)) if now.saturating_duration_since(*ended) <= self.memory => {
+                count + 1
+            }
             _ => 1,
         };
-        self.offences.put(net, (count, now));
         let multiplier = self.factor.get().saturating_pow(count - 1);
         let ttl = base
             .checked_mul(multiplier)
             .unwrap_or(self.max_ttl)
             .min(self.max_ttl.max(base));
+        self.offences.put(net, (count, now + ttl));
         (ttl, count)
     }
 }
@@ -86,5 +90,10 @@ mod tests {
             (minute, 1),
             "forgotten after the memory window"
         );
+        // The window starts when the last block ends: a 50-minute block followed by an
+        // offence 55 minutes later (5 after it ended) is a repeat, with a 60-minute memory.
+        let mut long = Escalation::new(NonZeroU32::new(2).unwrap(), 1000 * minute, 60 * minute);
+        assert_eq!(long.offend(net, 50 * minute, t0), (50 * minute, 1));
+        assert_eq!(long.offend(net, 50 * minute, t0 + 105 * minute).1, 2);
     }
 }

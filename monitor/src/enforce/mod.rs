@@ -250,9 +250,15 @@ impl Enforcer {
         before: Lists,
         clocks: &Clocks,
     ) -> Result<(), EnforceError> {
-        let result = self
-            .sync(kind, affected, clocks)
-            .and_then(|()| self.state.save(&self.lists).map_err(EnforceError::from));
+        // Throttles are not persisted: nothing to write (and no fsync in the way of a
+        // policy verdict).
+        let result = self.sync(kind, affected, clocks).and_then(|()| {
+            if kind == ListKind::Throttle {
+                Ok(())
+            } else {
+                self.state.save(&self.lists).map_err(EnforceError::from)
+            }
+        });
         if let Err(error) = result {
             self.lists = before;
             if let Err(rollback) = self.sync(kind, affected, clocks) {

@@ -341,7 +341,17 @@ fn pair(
                     }
                 }
             }
-            Item::Error(kind) => events.push(Event::ParseError(kind)),
+            Item::Error(kind) => {
+                // A request whose body cannot be followed ends here: later exchanges on
+                // the connection must not wait for it.
+                if direction == Direction::Request
+                    && let Some(pending) = flow.pending.back_mut()
+                    && pending.body_bytes.is_none()
+                {
+                    pending.body_bytes = Some(0);
+                }
+                events.push(Event::ParseError(kind));
+            }
             Item::NotHttp(protocol) => events.push(Event::OtherProtocol(protocol)),
         }
     }

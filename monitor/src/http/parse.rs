@@ -4,7 +4,8 @@
 
 /// Head bytes we wait for before calling a message broken.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+/// Header slots per request head (uninitialised, so many cost nothing).
+const MAX_HEADERS: usize = 256;
 /// httparse initialises response header slots, so fewer: servers send far fewer headers.
 const MAX_RESPONSE_HEADERS: usize = 48;
 
@@ -525,7 +526,9 @@ impl MessageParser {
 
     /// A head httparse refused: on a fresh stream that means another protocol.
     fn invalid_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
-        if self.messages == 0 {
+        // Something that starts like HTTP stays HTTP (a broken request must not switch
+        // its connection's later requests out of sight).
+        if self.messages == 0 && !starts_message(self.side, head) {
             out.push(Item::NotHttp(OtherProtocol::sniff(head)));
             self.buf.clear();
             self.state = State::NotHttp;

@@ -3,10 +3,20 @@
 
 use std::borrow::Cow;
 
-/// One component decoded (`api%5Fkey` is `api_key`, `a+b` is `a b`); invalid escapes
-/// stay as they are, invalid UTF-8 is replaced.
+/// One query component decoded (`api%5Fkey` is `api_key`, `a+b` is `a b`); invalid
+/// escapes stay as they are, invalid UTF-8 is replaced.
 pub fn decode(component: &str) -> Cow<'_, str> {
-    if !component.contains(['%', '+']) {
+    percent_decode(component, true)
+}
+
+/// A path decoded: like a query component, but `+` is a plus.
+pub fn decode_path(path: &str) -> Cow<'_, str> {
+    percent_decode(path, false)
+}
+
+fn percent_decode(component: &str, plus_is_space: bool) -> Cow<'_, str> {
+    let escaped = component.contains('%') || (plus_is_space && component.contains('+'));
+    if !escaped {
         return Cow::Borrowed(component);
     }
     let bytes = component.as_bytes();
@@ -24,7 +34,11 @@ pub fn decode(component: &str) -> Cow<'_, str> {
                 i += 3;
             }
             None => {
-                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                out.push(if plus_is_space && bytes[i] == b'+' {
+                    b' '
+                } else {
+                    bytes[i]
+                });
                 i += 1;
             }
         }

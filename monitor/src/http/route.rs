@@ -53,21 +53,7 @@ impl Routes {
 
     /// The template for a request target (path and query).
     pub fn template(&self, target: &str) -> String {
-        let path = target.split(['?', '#']).next().unwrap_or("/");
-        // Origin form (`/...`) is nearly every request; only absolute form has a scheme.
-        let scheme_end = if path.starts_with('/') {
-            None
-        } else {
-            path.find("://")
-        };
-        let path = match scheme_end {
-            // absolute-form: drop scheme and authority
-            Some(scheme_end) => {
-                let rest = &path[scheme_end + 3..];
-                rest.find('/').map_or("/", |slash| &rest[slash..])
-            }
-            None => path,
-        };
+        let path = path_of(target);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         for template in &self.templates {
             if template.len() == segments.len()
@@ -89,6 +75,27 @@ impl Routes {
             out.push_str(if is_id(segment) { "{id}" } else { segment });
         }
         if out.is_empty() { "/".to_owned() } else { out }
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    #[test]
+    fn paths_normalise_like_servers_resolve_them() {
+        for (target, path) in [
+            ("/admin", "/admin"),
+            ("//%61dmin/./x/../", "/admin/"),
+            ("/a/b/../../admin?x=1", "/admin"),
+            ("http://victim.example/admin/users", "/admin/users"),
+            ("https://h", "/"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/a+b", "/a+b"),
+            ("", "/"),
+        ] {
+            assert_eq!(normalised_path(target), path, "{target}");
+        }
     }
 }
 
@@ -124,4 +131,47 @@ mod tests {
         );
         assert_eq!(routes.template("/users/alice/other"), "/users/alice/other");
     }
+}
+
+/// The path of a request target: without query and fragment, and without scheme and
+/// authority in absolute form (`http://host/a` is `/a`).
+pub fn path_of(target: &str) -> &str {
+    let path = target.split(['?', '#']).next().unwrap_or("/");
+    // Origin form (`/...`) is nearly every request; only absolute form has a scheme.
+    if path.starts_with('/') {
+        return path;
+    }
+    match path.find("://") {
+        Some(scheme_end) => {
+            let rest = &path[scheme_end + 3..];
+            rest.find('/').map_or("/", |slash| &rest[slash..])
+        }
+        None => path,
+    }
+}
+
+/// The path as the application will see it, for matching: percent-decoded, repeated
+/// slashes collapsed, `.` and `..` segments resolved (`//%61dmin/./x/../` is `/admin/`).
+pub fn normalised_path(target: &str) -> String {
+    let decoded = super::query::decode_path(path_of(target));
+    let mut segments: Vec<&str> = Vec::new();
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    out
 }

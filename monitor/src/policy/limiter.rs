@@ -26,7 +26,18 @@ use super::file::RateLimitDoc;
 pub enum LimitKey {
     Ip(IpAddr),
     IpRoute(IpAddr, String),
-    Value(String),
+    /// A header value or JWT subject, by digest: keys stay 16 bytes whatever clients send.
+    Value([u8; 16]),
+}
+
+impl LimitKey {
+    pub fn of_value(value: &str) -> Self {
+        use sha2::{Digest as _, Sha256};
+        let digest = Sha256::digest(value.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        LimitKey::Value(key)
+    }
 }
 
 /// governor's state store, bounded: least recently seen keys are forgotten first.
@@ -124,10 +135,12 @@ impl<C: Clock> Limiter<C> {
 /// count by, never to trust.
 pub fn jwt_subject(authorization: &str) -> Option<String> {
     use base64::Engine as _;
-    let token = authorization
-        .strip_prefix("Bearer ")
-        .or_else(|| authorization.strip_prefix("bearer "))?
-        .trim();
+    // The scheme is case-insensitive (RFC 9110).
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
@@ -179,7 +192,7 @@ mod tests {
             FakeRelativeClock::default(),
         );
         for i in 0..10_000u32 {
-            let _ = limiter.exceeded(&LimitKey::Value(i.to_string()));
+            let _ = limiter.exceeded(&LimitKey::of_value(&i.to_string()));
         }
         assert_eq!(limiter.keys(), 100);
     }
@@ -189,6 +202,11 @@ mod tests {
         // {"alg":"none"}.{"sub":"user-7","exp":1}.
         let token = "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ1c2VyLTciLCJleHAiOjF9.";
         assert_eq!(jwt_subject(token).as_deref(), Some("user-7"));
+        assert_eq!(
+            jwt_subject(&token.replace("Bearer", "BEARER")).as_deref(),
+            Some("user-7"),
+            "the scheme is case-insensitive"
+        );
         assert_eq!(jwt_subject("Bearer not-a-jwt"), None);
         assert_eq!(jwt_subject("Basic dXNlcjpwYXNz"), None);
         assert_eq!(jwt_subject("Bearer a.!!!.c"), None);

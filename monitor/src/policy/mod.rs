@@ -22,7 +22,7 @@ use self::{
     },
     limiter::{LimitKey, Limiter, jwt_subject},
 };
-use crate::http::{parse::RequestHead, query};
+use crate::http::{parse::RequestHead, query, route};
 
 /// Headers read from a request head for matching, at most.
 const MAX_HEADERS: usize = 100;
@@ -275,11 +275,11 @@ impl Policy {
         match key {
             RateKey::Ip => Some(LimitKey::Ip(client)),
             RateKey::IpRoute => Some(LimitKey::IpRoute(client, view.route.to_owned())),
-            RateKey::Header(name) => view.header(name).map(|v| LimitKey::Value(v.into_owned())),
+            RateKey::Header(name) => view.header(name).map(|v| LimitKey::of_value(&v)),
             RateKey::JwtSub => view
                 .header("authorization")
                 .and_then(|auth| jwt_subject(&auth))
-                .map(LimitKey::Value),
+                .map(|sub| LimitKey::of_value(&sub)),
         }
     }
 }
@@ -290,6 +290,8 @@ struct RequestView<'a> {
     method: std::borrow::Cow<'a, str>,
     host: Option<std::borrow::Cow<'a, str>>,
     target: std::borrow::Cow<'a, str>,
+    /// Normalised for matching (decoded, dot segments resolved, absolute form stripped).
+    path: String,
     route: &'a str,
     headers: Vec<(&'a str, &'a [u8])>,
 }
@@ -309,18 +311,20 @@ impl<'a> RequestView<'a> {
                     .collect();
             }
         }
+        let target = request.head.target();
         Self {
             source: request.source,
             method: request.head.method(),
             host: request.head.host(),
-            target: request.head.target(),
+            path: route::normalised_path(&target),
+            target,
             route: request.route,
             headers,
         }
     }
 
     fn path(&self) -> &str {
-        self.target.split(['?', '#']).next().unwrap_or("")
+        &self.path
     }
 
     fn query(&self) -> &str {

@@ -209,6 +209,19 @@ fn conditions_match_as_documented() {
         )
         .is_empty()
     );
+    // Spellings servers resolve to the same path match the same rules.
+    for target in [
+        "http://api.example/admin/x",
+        "//%61dmin/./x",
+        "/v1/../admin/x",
+    ] {
+        let head = format!("GET {target} HTTP/1.1\r\nX-Admin: 1\r\n\r\n");
+        assert_eq!(
+            ids(&judge(&p, "10.0.0.1", &head, "/admin/x")),
+            ["admin"],
+            "{target}"
+        );
+    }
     // Regex path and a decoded query value; the rule is in dry run.
     assert_eq!(
         judge(
