@@ -106,8 +106,8 @@ fn digest(prev: &str, value: &Value) -> String {
 /// What a message to the writer carries.
 enum Job {
     Write(Arc<Event>),
-    /// Answered once everything sent before is on disk.
-    Sync(mpsc::SyncSender<()>),
+    /// Answered once everything sent before is on disk, or why it is not.
+    Sync(mpsc::SyncSender<Result<(), String>>),
 }
 
 /// The handle the daemon keeps; cheap to clone.
@@ -148,12 +148,15 @@ impl AuditLog {
         }
     }
 
-    /// Blocks until every record queued so far is on disk.
-    pub fn sync(&self) {
+    /// Blocks until every record queued so far is on disk; an error when a write since
+    /// the last sync failed (the records may be missing).
+    pub fn sync(&self) -> Result<(), String> {
         let (done, wait) = mpsc::sync_channel(1);
-        if self.jobs.send(Job::Sync(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        self.jobs
+            .send(Job::Sync(done))
+            .map_err(|_| "the audit writer is gone".to_owned())?;
+        wait.recv()
+            .map_err(|_| "the audit writer is gone".to_owned())?
     }
 }
 
@@ -173,6 +176,8 @@ struct Sink {
     file: File,
     size: u64,
     head: ChainHead,
+    /// The first write failure since the last sync was answered.
+    failure: Option<String>,
 }
 
 impl Sink {
@@ -197,6 +202,7 @@ impl Sink {
             file,
             size,
             head,
+            failure: None,
         })
     }
 
@@ -237,9 +243,16 @@ impl Sink {
             self.write(&lines);
             if let Err(e) = self.file.sync_data() {
                 error!(error = %e, path = %self.options.path.display(), "Audit log fsync failed");
+                self.failed(format!("fsync: {e}"));
             }
-            for done in waiting {
-                let _ = done.send(());
+            if !waiting.is_empty() {
+                let answer = match self.failure.take() {
+                    Some(failure) => Err(failure),
+                    None => Ok(()),
+                };
+                for done in waiting {
+                    let _ = done.send(answer.clone());
+                }
             }
         }
     }
@@ -251,9 +264,15 @@ impl Sink {
         match self.file.write_all(lines.as_bytes()) {
             Ok(()) => self.size += lines.len() as u64,
             Err(e) => {
-                error!(error = %e, path = %self.options.path.display(), "Audit log write failed")
+                error!(error = %e, path = %self.options.path.display(), "Audit log write failed");
+                self.failed(format!("write: {e}"));
             }
         }
+    }
+
+    fn failed(&mut self, why: String) {
+        let path = self.options.path.display();
+        self.failure.get_or_insert_with(|| format!("{path}: {why}"));
     }
 
     /// `audit.jsonl` becomes `.1`, `.1` becomes `.2`, ... up to `keep_files`.
@@ -284,7 +303,10 @@ impl Sink {
                 self.file = file;
                 self.size = 0;
             }
-            Err(e) => error!(error = %e, path = %path.display(), "Opening a new audit log failed"),
+            Err(e) => {
+                error!(error = %e, path = %path.display(), "Opening a new audit log failed");
+                self.failed(format!("opening after rotation: {e}"));
+            }
         }
     }
 }

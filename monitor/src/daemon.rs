@@ -281,7 +281,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     info!("Daemon stopped");
     events.publish(Event::new("event", "process", "daemon_stopped"));
     // Everything recorded is on disk before the process ends.
-    events.sync_audit();
+    if let Err(error) = events.sync_audit() {
+        error!(%error, "Audit records may be missing");
+    }
     drop(events);
     drop(audit_writer);
     result
@@ -466,7 +468,7 @@ fn reload_policy(shared: &Shared) -> Result<Value, ControlError> {
                     .with_field("source", view.source.clone())
                     .with_field("rules", view.rules),
             );
-            shared.events.sync_audit();
+            recorded(shared)?;
             to_value(&view)
         }
         Err(message) => {
@@ -481,6 +483,15 @@ fn reload_policy(shared: &Shared) -> Result<Value, ControlError> {
             )))
         }
     }
+}
+
+/// Waits until what the caller is about to be told is in the audit log on disk.
+fn recorded(shared: &Shared) -> Result<(), ControlError> {
+    shared.events.sync_audit().map_err(|e| {
+        ControlError::failed(format!(
+            "applied, but the audit log could not record it: {e}"
+        ))
+    })
 }
 
 fn policy_view(policy: &Policy) -> PolicyView {
@@ -684,7 +695,7 @@ fn add(
         info!(event.action = %action, cidr = %entry.cidr, reason = %entry.reason, %expires_at, "List entry added");
         shared.events.publish(Event::list_change(&action, entry));
     }
-    shared.events.sync_audit();
+    recorded(shared)?;
     to_value(&added.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
 
@@ -699,7 +710,7 @@ fn remove(shared: &Shared, kind: ListKind, cidrs: &[String]) -> Result<Value, Co
         info!(event.action = %action, cidr = %entry.cidr, "List entry removed");
         shared.events.publish(Event::list_change(&action, entry));
     }
-    shared.events.sync_audit();
+    recorded(shared)?;
     to_value(&removed.iter().map(|e| entry_view(e, 0)).collect::<Vec<_>>())
 }
 

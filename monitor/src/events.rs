@@ -266,9 +266,10 @@ impl Bus {
 
     /// Blocks until every event published so far is in the audit log on disk (what a
     /// CLI caller was told has happened, has been recorded).
-    pub fn sync_audit(&self) {
-        if let Some(audit) = &self.audit {
-            audit.sync();
+    pub fn sync_audit(&self) -> Result<(), String> {
+        match &self.audit {
+            Some(audit) => audit.sync(),
+            None => Ok(()),
         }
     }
 

@@ -36,6 +36,8 @@ pub fn keep_only_runtime_capabilities() -> Result<(), PrivilegeError> {
             }
         }
     }
+    // Nothing executed later can gain privileges back (setuid, file capabilities).
+    nix::sys::prctl::set_no_new_privs().map_err(|e| PrivilegeError::Caps(e.to_string()))?;
     caps::clear(None, CapSet::Ambient).map_err(error)?;
     caps::clear(None, CapSet::Inheritable).map_err(error)?;
     caps::set(None, CapSet::Effective, &keep).map_err(error)?;

@@ -231,6 +231,8 @@ fn the_running_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
         assert_eq!(capabilities(pid, set), CAP_NET_ADMIN | CAP_BPF, "{set}");
     }
     assert_eq!(capabilities(pid, "CapInh"), 0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     // Every thread, not only the main one.
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().file_name().into_string().unwrap();

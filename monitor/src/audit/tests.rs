@@ -19,7 +19,7 @@ fn write(dir: &Path, n: u32, max_file_bytes: u64) -> Vec<PathBuf> {
     for i in 0..n {
         log.record(event(i));
     }
-    log.sync();
+    log.sync().unwrap();
     drop(log);
     writer.finish();
     files(dir)
@@ -181,7 +181,7 @@ fn sync_returns_only_once_records_are_on_disk() {
     for i in 0..100 {
         log.record(event(i));
     }
-    log.sync();
+    log.sync().unwrap();
     assert_eq!(lines(&dir.path().join("audit.jsonl")).len(), 100);
     drop(log);
     writer.finish();

@@ -59,7 +59,9 @@ impl Enforcer {
         };
         let clocks = Clocks::now();
         let mut adopted = 0usize;
-        for kind in [ListKind::Block, ListKind::Allow] {
+        // Throttles are not in the state file: pinned ones are adopted here, so they are
+        // still swept when they expire.
+        for kind in [ListKind::Block, ListKind::Allow, ListKind::Throttle] {
             for (net, kernel) in enforcer.datapath.entries(kind)? {
                 if enforcer.lists.get(kind).contains_key(&net) {
                     continue;
@@ -74,7 +76,7 @@ impl Enforcer {
                         origin: ORIGIN_STATE.into(),
                         created_at: clocks.wall,
                         expires_at,
-                        rate_pps: None,
+                        rate_pps: (kind == ListKind::Throttle).then_some(kernel.rate_pps),
                     },
                 );
                 adopted += 1;
@@ -87,7 +89,7 @@ impl Enforcer {
             );
             enforcer.state.save(&enforcer.lists)?;
         }
-        for kind in [ListKind::Block, ListKind::Allow] {
+        for kind in [ListKind::Block, ListKind::Allow, ListKind::Throttle] {
             let nets: Vec<IpNet> = enforcer.lists.get(kind).keys().copied().collect();
             enforcer.sync(kind, &nets, &clocks)?;
         }
