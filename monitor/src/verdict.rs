@@ -256,39 +256,50 @@ impl Verdicts {
         } else {
             decision.rule_name.clone()
         };
-        let added = {
-            let mut enforcer = self
-                .enforcer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match (kind, decision.throttle_pps) {
-                (ListKind::Throttle, Some(pps)) => {
-                    enforcer.throttle(&[net], pps.get(), ttl, &reason, &origin)
+        // The map update and the state file (an fsync) run off the capture task, which
+        // keeps reading samples meanwhile.
+        let enforcer = self.enforcer.clone();
+        let events = self.events.clone();
+        let pps = decision.throttle_pps;
+        tokio::task::spawn_blocking(move || {
+            let added = {
+                let mut enforcer = enforcer
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match (kind, pps) {
+                    (ListKind::Throttle, Some(pps)) => {
+                        enforcer.throttle(&[net], pps.get(), ttl, &reason, &origin)
+                    }
+                    _ => enforcer.add(ListKind::Block, &[net], Some(ttl), &reason, &origin),
                 }
-                _ => enforcer.add(ListKind::Block, &[net], Some(ttl), &reason, &origin),
+            };
+            match added {
+                Ok(entries) => {
+                    let action = format!("{}_added", kind.noun());
+                    for entry in entries {
+                        info!(event.action = %action, cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy enforced");
+                        let rate = entry.rate_pps.map_or(serde_json::Value::Null, Into::into);
+                        events.publish(
+                            Event::list_change(&action, &entry).with_field("rate_pps", rate),
+                        );
+                    }
+                }
+                Err(error) => {
+                    warn!(cidr = %net, %error, list = kind.name(), "Policy enforcement failed");
+                    events.publish(
+                        Event::new("event", "configuration", &format!("{}_failed", kind.noun()))
+                            .with_field("cidr", net.to_string())
+                            .with_field("origin", origin)
+                            .with_message(error.to_string()),
+                    );
+                }
             }
-        };
-        let mut fields = vec![
+        });
+        let fields = vec![
             ("cidr", net.to_string().into()),
             ("ttl_s", ttl.as_secs().into()),
             ("offence", offence.into()),
         ];
-        match added {
-            Ok(entries) => {
-                let action = format!("{}_added", kind.noun());
-                for entry in entries {
-                    info!(event.action = %action, cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy enforced");
-                    let rate = entry.rate_pps.map_or(serde_json::Value::Null, Into::into);
-                    self.events
-                        .publish(Event::list_change(&action, &entry).with_field("rate_pps", rate));
-                }
-            }
-            Err(error) => {
-                self.active.remove(&key);
-                warn!(cidr = %net, %error, list = kind.name(), "Policy enforcement failed");
-                fields.push(("error", error.to_string().into()));
-            }
-        }
         Some(fields)
     }
 }
