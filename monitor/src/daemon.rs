@@ -268,6 +268,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     control_task.abort();
     sweeper_task.abort();
     capture_task.abort();
+    if let Err(error) = shared.enforcer().flush() {
+        error!(%error, "Writing the lists' state file failed; policy blocks made since the last write are lost on restart");
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -549,6 +552,7 @@ async fn sweep_loop(shared: Arc<Shared>, interval: std::time::Duration) {
             let mut enforcer = upkeep.enforcer();
             let expired = enforcer.sweep(SystemTime::now())?;
             enforcer.settle()?;
+            enforcer.flush()?;
             Ok::<_, EnforceError>(expired)
         })
         .await;

@@ -270,7 +270,7 @@ impl Verdicts {
                     (ListKind::Throttle, Some(pps)) => {
                         enforcer.throttle(&[net], pps.get(), ttl, &reason, &origin)
                     }
-                    _ => enforcer.add(ListKind::Block, &[net], Some(ttl), &reason, &origin),
+                    _ => enforcer.block_for_policy(&[net], ttl, &reason, &origin),
                 }
             };
             match added {

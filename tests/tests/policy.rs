@@ -161,6 +161,20 @@ fn a_client_over_its_limit_is_blocked_in_the_kernel_and_escalates() {
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(ttl_of(&first[0]), 3, "{first:?}");
     assert_eq!(limited[0]["apimon"]["offence"], 1);
+    // Written to the state file shortly after (not once per verdict), so it survives
+    // a restart.
+    let state = s.daemon.paths.state_dir.join("lists.json");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .contains("10.77.0.2/32")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "policy block never saved"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The block ends by itself; the client is still over its limit, so its next
     // request is a second offence: blocked twice as long.

@@ -44,6 +44,8 @@ pub struct Enforcer {
     datapath: Datapath,
     lists: Lists,
     state: StateFile,
+    /// Policy changes in the kernel not yet in the state file (see `flush`).
+    unsaved: bool,
 }
 
 impl Enforcer {
@@ -56,6 +58,7 @@ impl Enforcer {
             datapath,
             lists,
             state,
+            unsaved: false,
         };
         let clocks = Clocks::now();
         let mut adopted = 0usize;
@@ -132,7 +135,36 @@ impl Enforcer {
         reason: &str,
         origin: &str,
     ) -> Result<Vec<Entry>, EnforceError> {
-        self.add_entries(kind, nets, ttl, reason, origin, None)
+        self.add_entries(kind, nets, ttl, reason, origin, None, true)
+    }
+
+    /// Blocks for a policy verdict: in the kernel at once, in the state file at the next
+    /// `flush` (a flood of offenders must not rewrite the file once each).
+    pub fn block_for_policy(
+        &mut self,
+        nets: &[IpNet],
+        ttl: Duration,
+        reason: &str,
+        origin: &str,
+    ) -> Result<Vec<Entry>, EnforceError> {
+        self.add_entries(
+            ListKind::Block,
+            nets,
+            Some(ttl),
+            reason,
+            origin,
+            None,
+            false,
+        )
+    }
+
+    /// Writes the state file if policy blocks changed the lists since it was written.
+    pub fn flush(&mut self) -> Result<(), EnforceError> {
+        if self.unsaved {
+            self.state.save(&self.lists)?;
+            self.unsaved = false;
+        }
+        Ok(())
     }
 
     /// Limits `nets` to `pps` packets per second in the kernel until `ttl` ends.
@@ -151,9 +183,14 @@ impl Enforcer {
             reason,
             origin,
             Some(pps),
+            false,
         )
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private constructor behind three public ones"
+    )]
     fn add_entries(
         &mut self,
         kind: ListKind,
@@ -162,6 +199,7 @@ impl Enforcer {
         reason: &str,
         origin: &str,
         rate_pps: Option<u32>,
+        persist_now: bool,
     ) -> Result<Vec<Entry>, EnforceError> {
         let clocks = Clocks::now();
         let before = self.lists.clone();
@@ -185,7 +223,7 @@ impl Enforcer {
             affected.extend(self.lists.affected_by(kind, net));
             added.push(entry);
         }
-        self.commit(kind, &affected, before, &clocks)?;
+        self.commit(kind, &affected, before, &clocks, persist_now)?;
         Ok(added)
     }
 
@@ -239,7 +277,7 @@ impl Enforcer {
                 removed.push(entry);
             }
         }
-        self.commit(kind, &affected, before, &clocks)?;
+        self.commit(kind, &affected, before, &clocks, true)?;
         Ok(removed)
     }
 
@@ -251,14 +289,19 @@ impl Enforcer {
         affected: &[IpNet],
         before: Lists,
         clocks: &Clocks,
+        persist_now: bool,
     ) -> Result<(), EnforceError> {
-        // Throttles are not persisted: nothing to write (and no fsync in the way of a
-        // policy verdict).
+        // Throttles are not persisted at all; policy blocks at the next flush.
         let result = self.sync(kind, affected, clocks).and_then(|()| {
             if kind == ListKind::Throttle {
                 Ok(())
+            } else if persist_now {
+                self.state.save(&self.lists)?;
+                self.unsaved = false;
+                Ok(())
             } else {
-                self.state.save(&self.lists).map_err(EnforceError::from)
+                self.unsaved = true;
+                Ok(())
             }
         });
         if let Err(error) = result {
