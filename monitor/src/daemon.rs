@@ -208,13 +208,15 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         events: events.clone(),
     });
     let mut sink = PipelineSink {
-        pipeline: Pipeline::new(Limits {
-            max_flows: config.capture.max_flows,
-            max_memory: config.capture.max_flow_memory,
-            idle_timeout: config.capture.flow_idle_timeout,
-        }),
+        pipeline: Pipeline::new(
+            Limits {
+                max_flows: config.capture.max_flows,
+                max_memory: config.capture.max_flow_memory,
+                idle_timeout: config.capture.flow_idle_timeout,
+            },
+            Routes::new(&config.capture.routes),
+        ),
         observers: Observers {
-            routes: Routes::new(&config.capture.routes),
             metrics: metrics.clone(),
             events: events.clone(),
             verdicts: Verdicts::new(
@@ -313,13 +315,12 @@ fn kernel_totals(shared: &Shared) -> Option<metrics::KernelTotals> {
 
 /// Who learns about observed exchanges.
 struct Observers {
-    routes: Routes,
     metrics: Arc<Metrics>,
     events: Bus,
     verdicts: Verdicts,
     secrets: Fingerprinter,
-    /// Metric handles by (method, status) then route: no label lookups per exchange.
-    series: HashMap<(&'static str, Option<u16>), HashMap<String, ExchangeSeries>>,
+    /// Metric handles by (method, status, route): no label lookups per exchange.
+    series: HashMap<(&'static str, Option<u16>, Arc<str>), ExchangeSeries>,
 }
 
 /// Cached series at most (label sets are bounded; this bounds the cache regardless).
@@ -328,39 +329,33 @@ const MAX_CACHED_SERIES: usize = 4096;
 impl Observers {
     fn observe(&mut self, event: &http::Event, clocks: &Clocks) {
         if let http::Event::Request(request) = event {
-            let route = self.routes.template(&request.head.target());
-            self.verdicts.judge(request, &route, clocks);
+            self.verdicts.judge(request, clocks);
             return;
         }
         let http::Event::Exchange(exchange) = event else {
-            self.metrics.record(event, "");
+            self.metrics.parse_problem(event);
             return;
         };
-        let route = self.routes.template(&exchange.request.target());
-        self.series_for(exchange, &route).observe(exchange);
+        self.series_for(exchange).observe(exchange);
         if self.events.wants_http() {
             let at = clocks.to_wall(exchange.started_ns);
             self.events
-                .publish_http(Event::http_exchange(exchange, &route, at, &self.secrets));
+                .publish_http(Event::http_exchange(exchange, at, &self.secrets));
         }
     }
 
-    fn series_for(&mut self, exchange: &http::Exchange, route: &str) -> &ExchangeSeries {
+    fn series_for(&mut self, exchange: &http::Exchange) -> &ExchangeSeries {
         let method = metrics::method_label(&exchange.request.method());
-        if self.series.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED_SERIES {
+        if self.series.len() >= MAX_CACHED_SERIES {
             self.series.clear();
         }
-        let by_route = self.series.entry((method, exchange.status)).or_default();
-        if !by_route.contains_key(route) {
-            let series = self.metrics.exchange_series(method, route, exchange.status);
-            by_route.insert(route.to_owned(), series);
-        }
-        // Present: inserted just above when missing.
-        &by_route[route]
+        let metrics = &self.metrics;
+        self.series
+            .entry((method, exchange.status, exchange.route.clone()))
+            .or_insert_with(|| metrics.exchange_series(method, &exchange.route, exchange.status))
     }
 }
 
-/// Feeds captured segments through reassembly and parsing to the observers.
 /// Feeds captured segments through reassembly and parsing to the observers.
 struct PipelineSink {
     pipeline: Pipeline,

@@ -15,7 +15,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::{audit::AuditLog, clock, http::Exchange, secrets::Fingerprinter};
+use crate::{
+    audit::AuditLog,
+    clock,
+    http::{Exchange, parse::RequestHead},
+    secrets::Fingerprinter,
+};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct Event {
@@ -144,21 +149,53 @@ impl Event {
         self
     }
 
-    /// One observed HTTP exchange; credentials in the query are fingerprinted.
-    pub fn http_exchange(
-        exchange: &Exchange,
-        route: &str,
+    /// An event about one request: its endpoints, method, path, query (credentials
+    /// fingerprinted), host, user agent and route, at `at`.
+    pub fn about_request(
+        kind: &str,
+        action: &str,
+        subject: &Subject<'_>,
         at: SystemTime,
         secrets: &Fingerprinter,
     ) -> Self {
-        let request = &exchange.request;
-        let target = request.target();
+        let head = subject.head;
+        let target = head.target();
         let (path, query) = match target.split_once('?') {
             Some((path, query)) => (path, Some(secrets.redact_query(query))),
             None => (target.as_ref(), None),
         };
-        let mut event = Self::new("event", "web", "http_request");
+        let mut event = Self::new(kind, "web", action);
         event.timestamp = clock::rfc3339_millis(at);
+        event.source = Some(subject.client.into());
+        event.destination = Some(subject.server.into());
+        event.http = Some(Http {
+            version: format!("1.{}", head.version),
+            request: HttpRequest {
+                method: head.method().into_owned(),
+                body: Body::default(),
+            },
+            response: None,
+        });
+        event.url = Some(Url {
+            path: path.into(),
+            query,
+            domain: head.host().map(std::borrow::Cow::into_owned),
+        });
+        event.user_agent = head.user_agent().map(|original| UserAgent {
+            original: original.into_owned(),
+        });
+        event.with_field("route", subject.route)
+    }
+
+    /// One observed HTTP exchange.
+    pub fn http_exchange(exchange: &Exchange, at: SystemTime, secrets: &Fingerprinter) -> Self {
+        let subject = Subject {
+            client: exchange.client,
+            server: exchange.server,
+            head: &exchange.request,
+            route: &exchange.route,
+        };
+        let mut event = Self::about_request("event", "http_request", &subject, at, secrets);
         event.event.outcome = Some(
             match exchange.status {
                 Some(status) if status < 400 => "success",
@@ -170,32 +207,16 @@ impl Event {
         event.event.duration = exchange
             .latency
             .map(|l| u64::try_from(l.as_nanos()).unwrap_or(u64::MAX));
-        event.source = Some(exchange.client.into());
-        event.destination = Some(exchange.server.into());
-        event.http = Some(Http {
-            version: format!("1.{}", request.version),
-            request: HttpRequest {
-                method: request.method().into_owned(),
-                body: Body {
-                    bytes: exchange.request_body_bytes,
-                },
-            },
-            response: exchange.status.map(|status_code| HttpResponse {
+        if let Some(http) = &mut event.http {
+            http.request.body.bytes = exchange.request_body_bytes;
+            http.response = exchange.status.map(|status_code| HttpResponse {
                 status_code,
                 body: Body {
                     bytes: exchange.response_body_bytes,
                 },
-            }),
-        });
-        event.url = Some(Url {
-            path: path.into(),
-            query,
-            domain: request.host().map(std::borrow::Cow::into_owned),
-        });
-        event.user_agent = request.user_agent().map(|original| UserAgent {
-            original: original.into_owned(),
-        });
-        event.with_field("route", route)
+            });
+        }
+        event
     }
 
     /// A blocklist or allowlist change (`block_added`, `block_expired`, ...).
@@ -221,6 +242,14 @@ impl Event {
             ))
             .with_field("lost", count)
     }
+}
+
+/// The request an event is about.
+pub struct Subject<'a> {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub head: &'a RequestHead,
+    pub route: &'a str,
 }
 
 /// Notable events kept for `apimon events` without `--follow`.
@@ -347,6 +376,7 @@ mod tests {
         Exchange {
             client: "10.0.0.2:40000".parse().unwrap(),
             server: "[::ffff:10.0.0.1]:8080".parse().unwrap(),
+            route: "/users/{id}".into(),
             request: request_head(&format!(
                 "POST {target} HTTP/1.1\r\nHost: api.example\r\nUser-Agent: curl/8\r\nContent-Length: 12\r\n\r\n"
             )),
@@ -363,7 +393,6 @@ mod tests {
         let secrets = Fingerprinter::with_key([1; 32]);
         let event = Event::http_exchange(
             &exchange("/users/7?token=s3cret&x=1", Some(201)),
-            "/users/{id}",
             SystemTime::UNIX_EPOCH,
             &secrets,
         );
@@ -399,7 +428,7 @@ mod tests {
     #[test]
     fn unanswered_exchanges_have_no_response() {
         let secrets = Fingerprinter::with_key([1; 32]);
-        let event = Event::http_exchange(&exchange("/a", None), "/a", SystemTime::now(), &secrets);
+        let event = Event::http_exchange(&exchange("/a", None), SystemTime::now(), &secrets);
         assert_eq!(event.event.outcome.as_deref(), Some("unknown"));
         assert!(event.http.unwrap().response.is_none());
         assert!(event.url.unwrap().query.is_none());

@@ -260,23 +260,17 @@ impl Metrics {
         self.policy_decisions.with_label_values(&[rule, action])
     }
 
-    /// Counts what the pipeline reported; `route` is the exchange's template.
-    pub fn record(&self, event: &Event, route: &str) {
+    /// Counts traffic that could not be parsed (exchanges count through
+    /// `exchange_series`, whose handles the pipeline keeps).
+    pub fn parse_problem(&self, event: &Event) {
         match event {
-            Event::Exchange(exchange) => self.exchange(exchange, route),
-            // Counted once its exchange ends.
-            Event::Request(_) => {}
             Event::ParseError(kind) => self.parse_errors.with_label_values(&[kind.name()]).inc(),
             Event::OtherProtocol(protocol) => self
                 .parse_errors
                 .with_label_values(&[&format!("not_http_{}", protocol.name())])
                 .inc(),
+            Event::Request(_) | Event::Exchange(_) => {}
         }
-    }
-
-    fn exchange(&self, exchange: &Exchange, route: &str) {
-        self.exchange_series(&exchange.request.method(), route, exchange.status)
-            .observe(exchange);
     }
 
     /// The series an exchange of this method, route and status counts in.
@@ -372,24 +366,26 @@ mod tests {
     fn exchanges_are_counted_by_template() {
         let metrics = Metrics::new().unwrap();
         let routes = crate::http::route::Routes::default();
-        let exchange = |target: &str, status| {
-            Event::Exchange(Exchange {
-                client: "10.0.0.2:1".parse().unwrap(),
-                server: "10.0.0.1:80".parse().unwrap(),
-                request: request_head(&format!("GET {target} HTTP/1.1\r\n\r\n")),
-                started_ns: 0,
-                request_body_bytes: 0,
-                status,
-                response_body_bytes: 0,
-                latency: Some(Duration::from_millis(3)),
-            })
+        let exchange = |target: &str, status| Exchange {
+            client: "10.0.0.2:1".parse().unwrap(),
+            server: "10.0.0.1:80".parse().unwrap(),
+            request: request_head(&format!("GET {target} HTTP/1.1\r\n\r\n")),
+            route: routes.template(target).into(),
+            started_ns: 0,
+            request_body_bytes: 0,
+            status,
+            response_body_bytes: 0,
+            latency: Some(Duration::from_millis(3)),
         };
         for (target, status) in [
             ("/users/1", Some(200)),
             ("/users/2?x=y", Some(200)),
             ("/users/3", None),
         ] {
-            metrics.record(&exchange(target, status), &routes.template(target));
+            let exchange = exchange(target, status);
+            metrics
+                .exchange_series("GET", &exchange.route, status)
+                .observe(&exchange);
         }
         metrics.sample(Direction::Request);
         metrics.set_samples_lost(5);

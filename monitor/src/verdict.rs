@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::{
-    clock::{self, Clocks},
+    clock::Clocks,
     enforce::{Enforcer, escalation::Escalation},
-    events::{Bus, Event, Rule},
+    events::{Bus, Event, Rule, Subject},
     http::RequestStart,
     maps::ListKind,
     metrics::Metrics,
@@ -84,7 +84,7 @@ impl Verdicts {
     }
 
     /// Judges one request as soon as its head is in.
-    pub fn judge(&mut self, request: &RequestStart, route: &str, clocks: &Clocks) {
+    pub fn judge(&mut self, request: &RequestStart, clocks: &Clocks) {
         let policy = current(&self.policy);
         if !Arc::ptr_eq(&policy, &self.tuned_for) {
             // Reloaded: new escalation settings; what offenders did is kept.
@@ -98,7 +98,7 @@ impl Verdicts {
         let decisions = policy.evaluate(&Request {
             source,
             head: &request.head,
-            route,
+            route: &request.route,
         });
         for decision in &decisions {
             self.count(decision);
@@ -122,7 +122,7 @@ impl Verdicts {
                 _ => 0,
             };
             let at = clocks.to_wall(request.started_ns);
-            let mut event = self.event(request, route, decision, at);
+            let mut event = self.event(request, decision, at);
             for (name, value) in enforced.into_iter().flatten() {
                 event = event.with_field(name, value);
             }
@@ -171,13 +171,7 @@ impl Verdicts {
         }
     }
 
-    fn event(
-        &self,
-        request: &RequestStart,
-        route: &str,
-        decision: &Decision,
-        at: SystemTime,
-    ) -> Event {
+    fn event(&self, request: &RequestStart, decision: &Decision, at: SystemTime) -> Event {
         let kind = match decision.action {
             ActionKind::Log | ActionKind::Allow => "event",
             _ => "alert",
@@ -187,13 +181,13 @@ impl Verdicts {
         } else {
             "rule_match"
         };
-        let target = request.head.target();
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(self.secrets.redact_query(query))),
-            None => (target.as_ref(), None),
+        let subject = Subject {
+            client: request.client,
+            server: request.server,
+            head: &request.head,
+            route: &request.route,
         };
-        let mut event = Event::new(kind, "web", action);
-        event.timestamp = clock::rfc3339_millis(at);
+        let mut event = Event::about_request(kind, action, &subject, at, &self.secrets);
         event.event.severity = decision.severity;
         event.event.outcome = Some(
             if decision.dry_run {
@@ -203,28 +197,12 @@ impl Verdicts {
             }
             .into(),
         );
-        event.source = Some(request.client.into());
-        event.destination = Some(request.server.into());
-        event.http = Some(crate::events::Http {
-            version: format!("1.{}", request.head.version),
-            request: crate::events::HttpRequest {
-                method: request.head.method().into_owned(),
-                body: crate::events::Body::default(),
-            },
-            response: None,
-        });
-        event.url = Some(crate::events::Url {
-            path: path.into(),
-            query,
-            domain: request.head.host().map(std::borrow::Cow::into_owned),
-        });
         event.rule = Some(Rule {
             id: decision.rule_id.clone(),
             name: decision.rule_name.clone(),
             category: None,
         });
         event
-            .with_field("route", route)
             .with_field("action", decision.label())
             .with_field("dry_run", decision.dry_run)
     }

@@ -6,7 +6,7 @@ pub mod query;
 pub mod reassembly;
 pub mod route;
 
-use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
 
 use lru::LruCache;
 use monitor_common::capture::{TCP_FIN, TCP_RST};
@@ -16,6 +16,7 @@ use self::{
         Item, MessageParser, OtherProtocol, ParseErrorKind, RequestHead, Side, starts_message,
     },
     reassembly::{Delivery, Reassembler},
+    route::Routes,
 };
 use crate::capture::{Direction, Segment};
 
@@ -25,6 +26,8 @@ pub struct Exchange {
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub request: RequestHead,
+    /// The request's route template (computed once, when its head arrived).
+    pub route: Arc<str>,
     /// CLOCK_MONOTONIC ns of the request's first byte (kernel timestamp).
     pub started_ns: u64,
     pub request_body_bytes: u64,
@@ -41,6 +44,7 @@ pub struct RequestStart {
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub head: RequestHead,
+    pub route: Arc<str>,
     /// CLOCK_MONOTONIC ns of its first byte.
     pub started_ns: u64,
 }
@@ -77,6 +81,7 @@ struct FlowId {
 #[derive(Debug)]
 struct Pending {
     head: RequestHead,
+    route: Arc<str>,
     started_ns: u64,
     /// Set once the request's body has ended.
     body_bytes: Option<u64>,
@@ -127,6 +132,7 @@ const MAX_PENDING_BYTES_PER_HALF: usize = 256 * 1024;
 
 pub struct Pipeline {
     flows: LruCache<FlowId, Flow>,
+    routes: Routes,
     limits: Limits,
     memory: usize,
     /// Scratch space for one segment's parsed items.
@@ -134,10 +140,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(limits: Limits) -> Self {
+    /// `routes` names each request's route template, once, as its head arrives.
+    pub fn new(limits: Limits, routes: Routes) -> Self {
         let capacity = NonZeroUsize::new(limits.max_flows).unwrap_or(NonZeroUsize::MIN);
         Self {
             flows: LruCache::new(capacity),
+            routes,
             limits,
             memory: 0,
             items: Vec::new(),
@@ -168,7 +176,7 @@ impl Pipeline {
             self.memory = self
                 .memory
                 .saturating_sub(evicted.request.buffered() + evicted.response.buffered());
-            flush(evicted_id, evicted, events);
+            flush(evicted_id, evicted, events, &self.routes);
         }
         true
     }
@@ -236,7 +244,14 @@ impl Pipeline {
         }
         let after = flow.request.buffered() + flow.response.buffered();
         self.memory = (self.memory + after).saturating_sub(before);
-        pair(id, flow, segment.direction, &mut items, events);
+        pair(
+            id,
+            flow,
+            segment.direction,
+            &mut items,
+            events,
+            &self.routes,
+        );
         self.items = items;
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
@@ -249,7 +264,7 @@ impl Pipeline {
             self.memory = self
                 .memory
                 .saturating_sub(flow.request.buffered() + flow.response.buffered());
-            flush(*id, flow, events);
+            flush(*id, flow, events, &self.routes);
         }
     }
 
@@ -289,10 +304,12 @@ fn pair(
     direction: Direction,
     items: &mut Vec<Item>,
     events: &mut Vec<Event>,
+    routes: &Routes,
 ) {
     for item in items.drain(..) {
         match item {
             Item::Request { head, started_ns } => {
+                let route: Arc<str> = routes.template(&head.target()).into();
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
@@ -300,10 +317,12 @@ fn pair(
                     client: id.client,
                     server: id.server,
                     head: head.clone(),
+                    route: route.clone(),
                     started_ns,
                 }));
                 flow.pending.push_back(Pending {
                     head,
+                    route,
                     started_ns,
                     body_bytes: None,
                     response: None,
@@ -371,6 +390,7 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
         client: id.client,
         server: id.server,
         request: pending.head,
+        route: pending.route,
         started_ns: pending.started_ns,
         request_body_bytes: pending.body_bytes.unwrap_or(0),
         status,
@@ -380,10 +400,17 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
 }
 
 /// A connection is gone: report what it still held.
-fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>) {
+fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>, routes: &Routes) {
     let mut items = Vec::new();
     flow.response.parser.close(&mut items);
-    pair(id, &mut flow, Direction::Response, &mut items, events);
+    pair(
+        id,
+        &mut flow,
+        Direction::Response,
+        &mut items,
+        events,
+        routes,
+    );
     for pending in flow.pending.drain(..) {
         events.push(Event::Exchange(exchange(id, pending)));
     }
@@ -411,11 +438,14 @@ mod tests {
     }
 
     fn pipeline() -> Pipeline {
-        Pipeline::new(Limits {
-            max_flows: 16,
-            max_memory: 1 << 20,
-            idle_timeout: Duration::from_secs(60),
-        })
+        Pipeline::new(
+            Limits {
+                max_flows: 16,
+                max_memory: 1 << 20,
+                idle_timeout: Duration::from_secs(60),
+            },
+            Routes::default(),
+        )
     }
 
     fn exchanges(events: &[Event]) -> Vec<&Exchange> {

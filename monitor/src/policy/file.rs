@@ -265,7 +265,7 @@ pub enum ValueMatch {
 }
 
 /// The table form of a match: exactly one key of these.
-#[derive(Deserialize, Serialize)]
+#[derive(Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MatchTable {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,8 +287,23 @@ enum MatchInput {
     Table(MatchTable),
 }
 
-/// One kind of match from its table, or why not.
-fn one_of(table: MatchTable, allowed: &[&str]) -> Result<(&'static str, MatchTable), String> {
+/// A match as written: a bare string, or a table with exactly one key of `allowed`.
+enum Written {
+    Text(String),
+    Table(&'static str, MatchTable),
+}
+
+/// Reads either form of a match; `expected` says what was wanted when neither fits.
+fn read_match<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    allowed: &[&str],
+    expected: &str,
+) -> Result<Written, D::Error> {
+    use serde::de::Error as _;
+    let table = match MatchInput::deserialize(d).map_err(|_| D::Error::custom(expected))? {
+        MatchInput::Text(text) => return Ok(Written::Text(text)),
+        MatchInput::Table(table) => table,
+    };
     let given: Vec<&'static str> = [
         ("exact", table.exact.is_some()),
         ("prefix", table.prefix.is_some()),
@@ -300,54 +315,56 @@ fn one_of(table: MatchTable, allowed: &[&str]) -> Result<(&'static str, MatchTab
     .filter_map(|(name, set)| set.then_some(name))
     .collect();
     match given.as_slice() {
-        [one] if allowed.contains(one) => Ok((one, table)),
-        [one] => Err(format!(
+        [one] if allowed.contains(one) => Ok(Written::Table(one, table)),
+        [one] => Err(D::Error::custom(format!(
             "`{one}` is not allowed here (use one of {})",
             allowed.join(", ")
-        )),
-        _ => Err(format!("expected exactly one of {}", allowed.join(", "))),
+        ))),
+        _ => Err(D::Error::custom(format!(
+            "expected exactly one of {}",
+            allowed.join(", ")
+        ))),
     }
 }
 
 impl<'de> Deserialize<'de> for PathMatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
-        let input = MatchInput::deserialize(d).map_err(|_| {
-            D::Error::custom(
-                "path: expected a string (exact) or a table with prefix, glob or regex",
-            )
-        })?;
-        let table = match input {
-            MatchInput::Text(text) => return Ok(PathMatch::Exact(text)),
-            MatchInput::Table(table) => table,
+        let expected = "path: expected a string (exact) or a table with prefix, glob or regex";
+        let (kind, table) = match read_match(d, &["exact", "prefix", "glob", "regex"], expected)? {
+            Written::Text(text) => return Ok(PathMatch::Exact(text)),
+            Written::Table(kind, table) => (kind, table),
         };
-        let (kind, table) =
-            one_of(table, &["exact", "prefix", "glob", "regex"]).map_err(D::Error::custom)?;
-        let text = |v: Option<String>| v.unwrap_or_default();
         Ok(match kind {
-            "exact" => PathMatch::Exact(text(table.exact)),
-            "prefix" => PathMatch::Prefix(text(table.prefix)),
-            "glob" => PathMatch::Glob(Glob::new(text(table.glob)).map_err(D::Error::custom)?),
-            _ => PathMatch::Regex(Pattern::new(text(table.regex)).map_err(D::Error::custom)?),
+            "exact" => PathMatch::Exact(table.exact.unwrap_or_default()),
+            "prefix" => PathMatch::Prefix(table.prefix.unwrap_or_default()),
+            "glob" => PathMatch::Glob(
+                Glob::new(table.glob.unwrap_or_default()).map_err(D::Error::custom)?,
+            ),
+            _ => PathMatch::Regex(
+                Pattern::new(table.regex.unwrap_or_default()).map_err(D::Error::custom)?,
+            ),
         })
     }
 }
 
 impl Serialize for PathMatch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut table = MatchTable {
-            exact: None,
-            prefix: None,
-            glob: None,
-            regex: None,
-            present: None,
-        };
-        match self {
+        let table = match self {
             PathMatch::Exact(text) => return s.serialize_str(text),
-            PathMatch::Prefix(text) => table.prefix = Some(text.clone()),
-            PathMatch::Glob(glob) => table.glob = Some(glob.source.clone()),
-            PathMatch::Regex(pattern) => table.regex = Some(pattern.source.clone()),
-        }
+            PathMatch::Prefix(text) => MatchTable {
+                prefix: Some(text.clone()),
+                ..MatchTable::default()
+            },
+            PathMatch::Glob(glob) => MatchTable {
+                glob: Some(glob.source.clone()),
+                ..MatchTable::default()
+            },
+            PathMatch::Regex(pattern) => MatchTable {
+                regex: Some(pattern.source.clone()),
+                ..MatchTable::default()
+            },
+        };
         table.serialize(s)
     }
 }
@@ -355,17 +372,12 @@ impl Serialize for PathMatch {
 impl<'de> Deserialize<'de> for ValueMatch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
-        let input = MatchInput::deserialize(d).map_err(|_| {
-            D::Error::custom(
-                "expected a string (equals) or a table with exact, present, prefix or regex",
-            )
-        })?;
-        let table = match input {
-            MatchInput::Text(text) => return Ok(ValueMatch::Equals(text)),
-            MatchInput::Table(table) => table,
+        let expected = "expected a string (equals) or a table with exact, present, prefix or regex";
+        let (kind, table) = match read_match(d, &["exact", "present", "prefix", "regex"], expected)?
+        {
+            Written::Text(text) => return Ok(ValueMatch::Equals(text)),
+            Written::Table(kind, table) => (kind, table),
         };
-        let (kind, table) =
-            one_of(table, &["exact", "present", "prefix", "regex"]).map_err(D::Error::custom)?;
         Ok(match kind {
             "exact" => ValueMatch::Equals(table.exact.unwrap_or_default()),
             "present" => ValueMatch::Present(table.present.unwrap_or(true)),
@@ -379,19 +391,21 @@ impl<'de> Deserialize<'de> for ValueMatch {
 
 impl Serialize for ValueMatch {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut table = MatchTable {
-            exact: None,
-            prefix: None,
-            glob: None,
-            regex: None,
-            present: None,
-        };
-        match self {
+        let table = match self {
             ValueMatch::Equals(text) => return s.serialize_str(text),
-            ValueMatch::Present(present) => table.present = Some(*present),
-            ValueMatch::Prefix(text) => table.prefix = Some(text.clone()),
-            ValueMatch::Regex(pattern) => table.regex = Some(pattern.source.clone()),
-        }
+            ValueMatch::Present(present) => MatchTable {
+                present: Some(*present),
+                ..MatchTable::default()
+            },
+            ValueMatch::Prefix(text) => MatchTable {
+                prefix: Some(text.clone()),
+                ..MatchTable::default()
+            },
+            ValueMatch::Regex(pattern) => MatchTable {
+                regex: Some(pattern.source.clone()),
+                ..MatchTable::default()
+            },
+        };
         table.serialize(s)
     }
 }

@@ -91,11 +91,14 @@ fn timed(f: &mut impl FnMut() -> usize) -> (f64, usize) {
 
 /// The daemon's pipeline over every segment; returns the exchanges it completed.
 fn through_pipeline(segments: &[Segment]) -> usize {
-    let mut pipeline = Pipeline::new(Limits {
-        max_flows: 65_536,
-        max_memory: 256 << 20,
-        idle_timeout: std::time::Duration::from_secs(3600),
-    });
+    let mut pipeline = Pipeline::new(
+        Limits {
+            max_flows: 65_536,
+            max_memory: 256 << 20,
+            idle_timeout: std::time::Duration::from_secs(3600),
+        },
+        monitor::http::route::Routes::default(),
+    );
     let mut events = Vec::new();
     let mut exchanges = 0;
     for segment in segments {
