@@ -360,9 +360,14 @@ fn last_head(path: &Path) -> Option<ChainHead> {
     head
 }
 
+/// A record's `apimon.audit` table, if it has one.
+fn sealed_fields(value: &Value) -> Option<&Value> {
+    value.get("apimon")?.get("audit")
+}
+
 fn record_head(line: &str) -> Option<ChainHead> {
     let value: Value = serde_json::from_str(line).ok()?;
-    let audit = value.get("apimon")?.get("audit")?;
+    let audit = sealed_fields(&value)?;
     Some(ChainHead {
         seq: audit.get("seq")?.as_u64()?,
         hash: audit.get("hash")?.as_str()?.to_owned(),
@@ -398,7 +403,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, AuditError> {
             let value: Option<Value> = serde_json::from_str(&line).ok();
             let seq = value
                 .as_ref()
-                .and_then(|v| v.get("apimon")?.get("audit")?.get("seq")?.as_u64());
+                .and_then(|v| sealed_fields(v)?.get("seq")?.as_u64());
             records.push(Loaded {
                 place: format!("{}:{}", path.display(), index + 1),
                 value,
@@ -422,9 +427,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Verdict, AuditError> {
         let stated = audit_table(&mut unsealed)
             .remove("hash")
             .and_then(|h| h.as_str().map(str::to_owned));
-        let prev = value
-            .get("apimon")
-            .and_then(|a| a.get("audit"))
+        let prev = sealed_fields(value)
             .and_then(|a| a.get("prev"))
             .and_then(Value::as_str)
             .unwrap_or_default();

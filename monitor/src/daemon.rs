@@ -345,7 +345,7 @@ impl Observers {
     }
 
     fn series_for(&mut self, exchange: &http::Exchange) -> &ExchangeSeries {
-        let method = metrics::method_label(&exchange.request.method());
+        let method = metrics::method_label(exchange.request.method());
         if self.series.len() >= MAX_CACHED_SERIES {
             self.series.clear();
         }

@@ -159,11 +159,7 @@ impl Event {
         secrets: &Fingerprinter,
     ) -> Self {
         let head = subject.head;
-        let target = head.target();
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(secrets.redact_query(query))),
-            None => (target.as_ref(), None),
-        };
+        let (path, query) = crate::http::route::split_target(head.target());
         let mut event = Self::new(kind, "web", action);
         event.timestamp = clock::rfc3339_millis(at);
         event.source = Some(subject.client.into());
@@ -171,18 +167,18 @@ impl Event {
         event.http = Some(Http {
             version: format!("1.{}", head.version),
             request: HttpRequest {
-                method: head.method().into_owned(),
+                method: head.method().to_owned(),
                 body: Body::default(),
             },
             response: None,
         });
         event.url = Some(Url {
             path: path.into(),
-            query,
-            domain: head.host().map(std::borrow::Cow::into_owned),
+            query: query.map(|query| secrets.redact_query(query)),
+            domain: head.host().map(str::to_owned),
         });
         event.user_agent = head.user_agent().map(|original| UserAgent {
-            original: original.into_owned(),
+            original: original.to_owned(),
         });
         event.with_field("route", subject.route)
     }

@@ -112,7 +112,7 @@ impl Verdicts {
             // An offender over a limit sends many requests: one event per window (and
             // per enforcement), with the count of those not reported.
             let unreported = match (enforced.is_some(), decision.window) {
-                (false, Some(window)) if decision.rate_limited => {
+                (false, Some(window)) => {
                     let key = (decision.rule_index, policy.offender_net(source));
                     match self.report_due(key, window) {
                         Some(unreported) => unreported,
@@ -176,7 +176,7 @@ impl Verdicts {
             ActionKind::Log | ActionKind::Allow => "event",
             _ => "alert",
         };
-        let action = if decision.rate_limited {
+        let action = if decision.rate_limited() {
             "rate_limited"
         } else {
             "rule_match"

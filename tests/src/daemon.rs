@@ -392,6 +392,15 @@ impl Daemon {
 
 /// The value of the sample whose name and labels are exactly `series` (as printed,
 /// labels sorted), or None.
+/// The sum of every series of a metric family (`name{...} value` lines).
+pub fn metric_sum(text: &str, family: &str) -> f64 {
+    let prefix = format!("{family}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         line.strip_prefix(series)?

@@ -15,7 +15,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, metric, promtool_check},
+    daemon::{Daemon, metric, metric_sum, promtool_check},
     netns::{NetNs, Topology},
     nginx::{BIG_BYTES, Nginx, body_file, curl},
     require_root,
@@ -226,11 +226,7 @@ fn observe_everything(run_args: &[&str], mode: &str) {
             "{method} {route} {status}\n{text}"
         );
     }
-    let total: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("apimon_http_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let total = metric_sum(&text, "apimon_http_requests_total");
     assert_eq!(total, 14.0, "no request counted twice or invented\n{text}");
     assert_eq!(
         metric(&text, "apimon_samples_lost_total"),

@@ -309,7 +309,7 @@ fn pair(
     for item in items.drain(..) {
         match item {
             Item::Request { head, started_ns } => {
-                let route: Arc<str> = routes.template(&head.target()).into();
+                let route: Arc<str> = routes.template(head.target()).into();
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
@@ -473,7 +473,7 @@ mod tests {
         assert_eq!(done.len(), 2);
         assert_eq!(
             (
-                done[0].request.target().as_ref(),
+                done[0].request.target(),
                 done[0].status,
                 done[0].response_body_bytes
             ),
@@ -481,7 +481,7 @@ mod tests {
         );
         assert_eq!(
             (
-                done[1].request.target().as_ref(),
+                done[1].request.target(),
                 done[1].status,
                 done[1].request_body_bytes
             ),

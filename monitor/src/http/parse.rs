@@ -106,30 +106,48 @@ impl RequestHead {
         HeadParse::Complete(head, len)
     }
 
-    fn text(&self, span: Span) -> std::borrow::Cow<'_, str> {
+    fn text(&self, span: Span) -> &str {
         // Spans end at ASCII delimiters, so they are character boundaries.
-        std::borrow::Cow::Borrowed(
-            self.raw
-                .get(span.start as usize..span.end as usize)
-                .unwrap_or_default(),
-        )
+        self.raw
+            .get(span.start as usize..span.end as usize)
+            .unwrap_or_default()
     }
 
-    pub fn method(&self) -> std::borrow::Cow<'_, str> {
+    pub fn method(&self) -> &str {
         self.text(self.method)
     }
 
     /// Path and query as sent (origin form), or the absolute URI.
-    pub fn target(&self) -> std::borrow::Cow<'_, str> {
+    pub fn target(&self) -> &str {
         self.text(self.target)
     }
 
-    pub fn host(&self) -> Option<std::borrow::Cow<'_, str>> {
+    pub fn host(&self) -> Option<&str> {
         self.host.map(|span| self.text(span))
     }
 
-    pub fn user_agent(&self) -> Option<std::borrow::Cow<'_, str>> {
+    pub fn user_agent(&self) -> Option<&str> {
         self.user_agent.map(|span| self.text(span))
+    }
+
+    /// Every header as (name, value), parsed again from the head (only rules that look
+    /// at headers need them, so they are not kept).
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        let mut slots =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut []);
+        if request
+            .parse_with_uninit_headers(self.raw.as_bytes(), &mut slots)
+            .is_err()
+        {
+            return Vec::new();
+        }
+        request
+            .headers
+            .iter()
+            // The head is text and values end at ASCII delimiters: always valid.
+            .filter_map(|h| Some((h.name, std::str::from_utf8(h.value).ok()?)))
+            .collect()
     }
 
     /// The head as received (invalid UTF-8 replaced).
@@ -736,12 +754,9 @@ mod tests {
             panic!("a head with obs-text is a head");
         };
         assert_eq!(len, head.len() - 4, "the length is the original bytes'");
-        assert_eq!(parsed.user_agent().as_deref(), Some("caf\u{fffd} \u{fffd}"));
-        assert_eq!(
-            (parsed.method().as_ref(), parsed.target().as_ref()),
-            ("GET", "/caf")
-        );
-        assert_eq!(parsed.host().as_deref(), Some("h"));
+        assert_eq!(parsed.user_agent(), Some("caf\u{fffd} \u{fffd}"));
+        assert_eq!((parsed.method(), parsed.target()), ("GET", "/caf"));
+        assert_eq!(parsed.host(), Some("h"));
     }
 
     fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
@@ -782,7 +797,7 @@ mod tests {
         let Item::Request { head, .. } = &items[0] else {
             panic!()
         };
-        assert_eq!(head.host().as_deref(), Some("api"));
+        assert_eq!(head.host(), Some("api"));
     }
 
     #[test]

@@ -96,6 +96,9 @@ mod path_tests {
         ] {
             assert_eq!(normalised_path(target), path, "{target}");
         }
+        assert_eq!(split_target("/a?x=1#frag"), ("/a", Some("x=1")));
+        assert_eq!(split_target("http://h:8080/a/b?q"), ("/a/b", Some("q")));
+        assert_eq!(split_target("/a#f?x"), ("/a", None));
     }
 }
 
@@ -133,21 +136,31 @@ mod tests {
     }
 }
 
-/// The path of a request target: without query and fragment, and without scheme and
-/// authority in absolute form (`http://host/a` is `/a`).
-pub fn path_of(target: &str) -> &str {
-    let path = target.split(['?', '#']).next().unwrap_or("/");
+/// A request target's path and query: without fragment, and without scheme and
+/// authority in absolute form (`http://host/a?x` is `/a` and `x`).
+pub fn split_target(target: &str) -> (&str, Option<&str>) {
+    let target = target.split('#').next().unwrap_or("");
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
     // Origin form (`/...`) is nearly every request; only absolute form has a scheme.
     if path.starts_with('/') {
-        return path;
+        return (path, query);
     }
-    match path.find("://") {
+    let path = match path.find("://") {
         Some(scheme_end) => {
             let rest = &path[scheme_end + 3..];
             rest.find('/').map_or("/", |slash| &rest[slash..])
         }
         None => path,
-    }
+    };
+    (path, query)
+}
+
+/// The path of a request target (see `split_target`).
+pub fn path_of(target: &str) -> &str {
+    split_target(target).0
 }
 
 /// The path as the application will see it, for matching: percent-decoded, repeated

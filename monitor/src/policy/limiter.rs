@@ -93,8 +93,6 @@ impl<K: Hash + Eq + Clone> StateStore for LruStore<K> {
 pub struct Limiter<C: Clock = DefaultClock> {
     limiter: RateLimiter<LimitKey, LruStore<LimitKey>, C, NoOpMiddleware<C::Instant>>,
     keys: LruStore<LimitKey>,
-    /// The definition it was built from: a reload keeps it only if unchanged.
-    pub doc: RateLimitDoc,
 }
 
 impl Limiter<DefaultClock> {
@@ -116,7 +114,6 @@ impl<C: Clock> Limiter<C> {
         Self {
             limiter: RateLimiter::new(quota, keys.share(), clock),
             keys,
-            doc: doc.clone(),
         }
     }
 

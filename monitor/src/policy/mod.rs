@@ -24,9 +24,6 @@ use self::{
 };
 use crate::http::{parse::RequestHead, query, route};
 
-/// Headers read from a request head for matching, at most.
-const MAX_HEADERS: usize = 100;
-
 /// Where the active policy came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -58,6 +55,8 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// Whether any rule reads headers (they are parsed only then).
     reads_headers: bool,
+    /// Whether any rule matches on the path (it is normalised only then).
+    reads_path: bool,
 }
 
 /// What one request is judged on.
@@ -75,9 +74,8 @@ pub struct Decision {
     pub rule_id: String,
     pub rule_name: String,
     pub action: ActionKind,
-    /// Over the rule's rate limit (the reason it fired).
-    pub rate_limited: bool,
-    /// The rate limit's period: how often an offender's over-limit requests are
+    /// The rate limit's period (None: the rule has no limit); a rule with a limit fires
+    /// only over it: how often an offender's over-limit requests are
     /// reported as events (each is still counted).
     pub window: Option<Duration>,
     /// Recorded only: the rule or the whole policy is in dry run.
@@ -89,6 +87,11 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Fired because a rate limit was exceeded.
+    pub fn rate_limited(&self) -> bool {
+        self.window.is_some()
+    }
+
     /// The `action` label: what was done, or what would have been.
     pub fn label(&self) -> &'static str {
         if self.dry_run {
@@ -156,12 +159,14 @@ impl Policy {
                     Some(RateKey::Header(_) | RateKey::JwtSub)
                 )
         });
+        let reads_path = rules.iter().any(|r| r.doc.matches.path.is_some());
         Self {
             doc,
             source,
             loaded_at: SystemTime::now(),
             rules,
             reads_headers,
+            reads_path,
         }
     }
 
@@ -195,14 +200,6 @@ impl Policy {
         self.rules.len()
     }
 
-    /// Keys each limited rule tracks now, by rule id.
-    pub fn limiter_keys(&self) -> Vec<(String, usize)> {
-        self.rules
-            .iter()
-            .filter_map(|r| Some((r.doc.id.get_ref().clone(), r.limiter.as_ref()?.keys())))
-            .collect()
-    }
-
     /// The effective policy as TOML (defaults filled in, built-in rules shown).
     pub fn to_toml(&self) -> String {
         let mut doc = self.doc.clone();
@@ -223,7 +220,7 @@ impl Policy {
     /// The rules that fire on `request`, in order. Evaluation stops after an `allow`,
     /// `throttle` or `block` (also in dry run: it records what would have happened).
     pub fn evaluate(&self, request: &Request<'_>) -> Vec<Decision> {
-        let view = RequestView::new(request, self.reads_headers);
+        let view = RequestView::new(request, self.reads_headers, self.reads_path);
         let mut decisions = Vec::new();
         for (rule_index, rule) in self.rules.iter().enumerate() {
             if !matches(&rule.doc.matches, &view) {
@@ -250,7 +247,6 @@ impl Policy {
                 rule_id: rule.doc.id.get_ref().clone(),
                 rule_name: rule.doc.name.clone(),
                 action,
-                rate_limited: rule.doc.rate_limit.is_some(),
                 window: rule.doc.rate_limit.as_ref().map(|limit| limit.per.0),
                 dry_run: self.doc.dry_run || rule.doc.dry_run,
                 ttl: ttl.0,
@@ -275,10 +271,10 @@ impl Policy {
         match key {
             RateKey::Ip => Some(LimitKey::Ip(client)),
             RateKey::IpRoute => Some(LimitKey::IpRoute(client, view.route.to_owned())),
-            RateKey::Header(name) => view.header(name).map(|v| LimitKey::of_value(&v)),
+            RateKey::Header(name) => view.header(name).map(LimitKey::of_value),
             RateKey::JwtSub => view
                 .header("authorization")
-                .and_then(|auth| jwt_subject(&auth))
+                .and_then(jwt_subject)
                 .map(|sub| LimitKey::of_value(&sub)),
         }
     }
@@ -287,39 +283,37 @@ impl Policy {
 /// A request's fields as rules see them.
 struct RequestView<'a> {
     source: IpAddr,
-    method: std::borrow::Cow<'a, str>,
-    host: Option<std::borrow::Cow<'a, str>>,
-    target: std::borrow::Cow<'a, str>,
-    /// Normalised for matching (decoded, dot segments resolved, absolute form stripped).
+    method: &'a str,
+    host: Option<&'a str>,
+    query: &'a str,
+    /// Normalised for matching (decoded, dot segments resolved, absolute form stripped);
+    /// empty unless a rule matches on paths.
     path: String,
     route: &'a str,
-    headers: Vec<(&'a str, &'a [u8])>,
+    headers: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> RequestView<'a> {
-    fn new(request: &Request<'a>, with_headers: bool) -> Self {
-        let mut headers = Vec::new();
-        if with_headers {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Request::new(&mut slots);
-            if parsed.parse(request.head.raw()).is_ok() {
-                headers = parsed
-                    .headers
-                    .iter()
-                    .filter(|h| !h.name.is_empty())
-                    .map(|h| (h.name, h.value))
-                    .collect();
-            }
-        }
-        let target = request.head.target();
+    fn new(request: &Request<'a>, with_headers: bool, with_path: bool) -> Self {
+        let head = request.head;
+        let target = head.target();
+        let (_, query) = route::split_target(target);
         Self {
             source: request.source,
-            method: request.head.method(),
-            host: request.head.host(),
-            path: route::normalised_path(&target),
-            target,
+            method: head.method(),
+            host: head.host(),
+            query: query.unwrap_or_default(),
+            path: if with_path {
+                route::normalised_path(target)
+            } else {
+                String::new()
+            },
             route: request.route,
-            headers,
+            headers: if with_headers {
+                head.headers()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -328,21 +322,19 @@ impl<'a> RequestView<'a> {
     }
 
     fn query(&self) -> &str {
-        self.target
-            .split_once('?')
-            .map_or("", |(_, q)| q.split('#').next().unwrap_or(""))
+        self.query
     }
 
-    fn header(&self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    fn header(&self, name: &str) -> Option<&'a str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| String::from_utf8_lossy(v))
+            .map(|(_, v)| *v)
     }
 
     /// The Host header without its port.
     fn host_name(&self) -> Option<&str> {
-        let host = self.host.as_deref()?;
+        let host = self.host?;
         Some(match host.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or(v6),
             None => host.rsplit_once(':').map_or(host, |(name, _)| name),
@@ -354,7 +346,7 @@ fn matches(m: &MatchDoc, r: &RequestView<'_>) -> bool {
     if !m.source.is_empty() && !m.source.iter().any(|net| net.0.contains(&r.source)) {
         return false;
     }
-    if !m.method.is_empty() && !m.method.iter().any(|x| x.eq_ignore_ascii_case(&r.method)) {
+    if !m.method.is_empty() && !m.method.iter().any(|x| x.eq_ignore_ascii_case(r.method)) {
         return false;
     }
     if let Some(host) = &m.host
@@ -375,7 +367,7 @@ fn matches(m: &MatchDoc, r: &RequestView<'_>) -> bool {
     let header_ok = m
         .header
         .iter()
-        .all(|(name, cond)| value_matches(cond, r.header(name).as_deref()));
+        .all(|(name, cond)| value_matches(cond, r.header(name)));
     if !header_ok {
         return false;
     }

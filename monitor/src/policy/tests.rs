@@ -209,6 +209,10 @@ fn conditions_match_as_documented() {
         )
         .is_empty()
     );
+    // Header rules see every header the parser accepted, however many.
+    let padding: String = (0..150).map(|i| format!("X-Pad-{i}: {i}\r\n")).collect();
+    let crowded = format!("GET /admin/x HTTP/1.1\r\n{padding}X-Admin: 1\r\n\r\n");
+    assert_eq!(ids(&judge(&p, "10.0.0.1", &crowded, "/admin/x")), ["admin"]);
     // Spellings servers resolve to the same path match the same rules.
     for target in [
         "http://api.example/admin/x",

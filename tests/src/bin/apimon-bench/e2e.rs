@@ -5,7 +5,7 @@ use std::{fmt::Write as _, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use apimon_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, metric_sum},
     netns::{NetNs, Topology},
     nginx::Nginx,
 };
@@ -140,12 +140,7 @@ pub struct E2eResult {
 
 /// Requests apimon counted so far (all series).
 fn exchanges_counted(daemon: &Daemon) -> f64 {
-    daemon
-        .scrape()
-        .lines()
-        .filter(|l| l.starts_with("apimon_http_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&daemon.scrape(), "apimon_http_requests_total")
 }
 
 /// One wrk run against a fresh daemon of `setup`, with what it observed.
@@ -336,5 +331,22 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
          Targets (issue 3): at most 5% fewer requests/s and at most 10% higher p99; zero loss at half \
          the maximum rate."
     )?;
+    writeln!(out)?;
+    for ((setup, _), (rps, p99)) in r.max_rate.iter().zip(&r.paired).skip(1) {
+        let lost: u64 = r
+            .at_half
+            .iter()
+            .filter(|(s, _)| s == setup)
+            .map(|(_, o)| o.lost)
+            .sum();
+        writeln!(
+            out,
+            "- {}: requests/s {}, p99 {}, zero loss at half rate {}.",
+            setup.name(),
+            crate::verdict(*rps >= 0.95),
+            crate::verdict(*p99 <= 1.10),
+            crate::verdict(lost == 0)
+        )?;
+    }
     writeln!(out)
 }

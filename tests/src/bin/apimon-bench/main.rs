@@ -157,6 +157,11 @@ fn pin_to_last_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+/// How a report states a target against this run's figure.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
 mod decision;
 mod e2e;
 mod pipeline;
@@ -365,5 +370,15 @@ fn report(rows: &[Row], repeat: u32, machine: &str) -> Result<String> {
         out,
         "Targets (issue 2): pass path at most 4x the empty program at 10k entries, at most 6x at 1M."
     )?;
+    for (entries, limit) in [(10_000, 4.0), (1_000_000, 6.0)] {
+        if let Some(row) = rows.iter().find(|row| row.entries == entries) {
+            writeln!(
+                out,
+                "In this run at {entries} entries: {:.2}x, {}.",
+                row.pass_ratio,
+                verdict(row.pass_ratio <= limit)
+            )?;
+        }
+    }
     Ok(out)
 }
