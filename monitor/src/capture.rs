@@ -50,14 +50,11 @@ impl Direction {
 pub struct Segment<'a> {
     /// CLOCK_MONOTONIC ns.
     pub timestamp_ns: u64,
-    pub ifindex: u32,
     pub direction: Direction,
     pub client: SocketAddr,
     pub server: SocketAddr,
     /// Sequence number of `data[0]`.
     pub seq: u32,
-    /// Payload bytes of the whole segment the sample came from.
-    pub segment_len: u32,
     /// `monitor_common::capture::TCP_*` bits.
     pub flags: u8,
     /// The payload, read in place from the ring buffer (no copy).
@@ -95,12 +92,10 @@ pub fn decode(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
     let addr = |bytes: [u8; 16]| cidr::canonical_addr(IpAddr::V6(Ipv6Addr::from(bytes)));
     let segment = Segment {
         timestamp_ns: header.timestamp_ns,
-        ifindex: header.ifindex,
         direction,
         client: SocketAddr::new(addr(header.client_addr), header.client_port),
         server: SocketAddr::new(addr(header.server_addr), header.server_port),
         seq: header.seq,
-        segment_len: header.segment_len,
         flags: header.tcp_flags,
         data: &record[start..start + data_len],
     };

@@ -564,3 +564,43 @@ fn a_throttle_entry_limits_its_source_until_it_expires() {
         .unwrap();
     assert_eq!(passes(&dp, &inside, 10), 10);
 }
+
+#[test]
+fn a_change_that_cannot_be_saved_changes_nothing() {
+    use monitor::enforce::{Enforcer, state::StateFile};
+    let dp = TestDatapath::load();
+    let TestDatapath {
+        ebpf: _ebpf, maps, ..
+    } = dp;
+    let dir = tempfile::tempdir().unwrap();
+    let mut enforcer = Enforcer::open(maps, StateFile::new(dir.path())).unwrap();
+    let kept = net("198.51.100.0/24");
+    enforcer
+        .add(ListKind::Block, &[kept], None, "kept", "cli")
+        .unwrap();
+    // The state file's place taken by a non-empty directory: the save must fail.
+    let state = dir.path().join("lists.json");
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir_all(state.join("blocker")).unwrap();
+    let renewed = enforcer.add(
+        ListKind::Block,
+        &[kept, net("203.0.113.9")],
+        Some(std::time::Duration::from_secs(60)),
+        "new",
+        "cli",
+    );
+    assert!(renewed.is_err(), "the save failed, so must the change");
+    let entries = enforcer.entries(ListKind::Block).unwrap();
+    assert_eq!(entries.len(), 1, "the new entry was undone");
+    assert_eq!(entries[0].entry.cidr, kept);
+    assert_eq!(
+        entries[0].entry.reason, "kept",
+        "the renewed entry was restored"
+    );
+    assert_eq!(entries[0].entry.expires_at, None);
+    assert!(
+        enforcer
+            .remove(ListKind::Block, &[net("203.0.113.9")])
+            .is_err()
+    );
+}

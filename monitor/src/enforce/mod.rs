@@ -202,7 +202,9 @@ impl Enforcer {
         persist_now: bool,
     ) -> Result<Vec<Entry>, EnforceError> {
         let clocks = Clocks::now();
-        let before = self.lists.clone();
+        // What each changed net held, to undo on failure (not a copy of the lists: they
+        // may hold a million entries and a policy adds one).
+        let mut undo = Vec::with_capacity(nets.len());
         let mut added = Vec::with_capacity(nets.len());
         let mut affected = Vec::new();
         for net in nets {
@@ -219,11 +221,11 @@ impl Enforcer {
                 expires_at: ttl.map(|ttl| clocks.wall + ttl),
                 rate_pps,
             };
-            self.lists.insert(kind, entry.clone());
+            undo.push((*net, self.lists.insert(kind, entry.clone())));
             affected.extend(self.lists.affected_by(kind, net));
             added.push(entry);
         }
-        self.commit(kind, &affected, before, &clocks, persist_now)?;
+        self.commit(kind, &affected, undo, &clocks, persist_now)?;
         Ok(added)
     }
 
@@ -268,16 +270,17 @@ impl Enforcer {
         nets: &[IpNet],
     ) -> Result<Vec<Entry>, EnforceError> {
         let clocks = Clocks::now();
-        let before = self.lists.clone();
+        let mut undo = Vec::with_capacity(nets.len());
         let mut removed = Vec::with_capacity(nets.len());
         let mut affected = Vec::new();
         for net in nets {
             affected.extend(self.lists.affected_by(kind, net));
             if let Some(entry) = self.lists.remove(kind, net) {
+                undo.push((*net, Some(entry.clone())));
                 removed.push(entry);
             }
         }
-        self.commit(kind, &affected, before, &clocks, true)?;
+        self.commit(kind, &affected, undo, &clocks, true)?;
         Ok(removed)
     }
 
@@ -287,7 +290,7 @@ impl Enforcer {
         &mut self,
         kind: ListKind,
         affected: &[IpNet],
-        before: Lists,
+        undo: Vec<(IpNet, Option<Entry>)>,
         clocks: &Clocks,
         persist_now: bool,
     ) -> Result<(), EnforceError> {
@@ -305,7 +308,16 @@ impl Enforcer {
             }
         });
         if let Err(error) = result {
-            self.lists = before;
+            for (net, previous) in undo.into_iter().rev() {
+                match previous {
+                    Some(entry) => {
+                        self.lists.insert(kind, entry);
+                    }
+                    None => {
+                        self.lists.remove(kind, &net);
+                    }
+                }
+            }
             if let Err(rollback) = self.sync(kind, affected, clocks) {
                 warn!(error = %rollback, "Rolling back the datapath failed; maps may differ until restart");
             }

@@ -159,11 +159,13 @@ impl Pipeline {
     /// Starts following a connection, from a message start only (the kernel does the
     /// same). False when this segment does not start one.
     fn open_flow(&mut self, id: FlowId, segment: &Segment, events: &mut Vec<Event>) -> bool {
-        let side = match segment.direction {
-            Direction::Request => Side::Request,
-            Direction::Response => return false,
-        };
-        if !starts_message(side, segment.data) && OtherProtocol::recognise(segment.data).is_none() {
+        // Connections are followed from their client's side.
+        if segment.direction != Direction::Request {
+            return false;
+        }
+        if !starts_message(Side::Request, segment.data)
+            && OtherProtocol::recognise(segment.data).is_none()
+        {
             return false;
         }
         let flow = Flow {
@@ -426,12 +428,10 @@ mod tests {
     fn segment(direction: Direction, seq: u32, data: &[u8], t: u64, flags: u8) -> Segment<'_> {
         Segment {
             timestamp_ns: t,
-            ifindex: 1,
             direction,
             client: CLIENT.parse().unwrap(),
             server: SERVER.parse().unwrap(),
             seq,
-            segment_len: data.len() as u32,
             flags,
             data,
         }

@@ -65,12 +65,10 @@ fn segments(payloads: &[Vec<u8>]) -> Vec<Segment<'_>> {
                     };
                     out.push(Segment {
                         timestamp_ns: t,
-                        ifindex: 1,
                         direction,
                         client,
                         server,
                         seq: *seq,
-                        segment_len: chunk.len() as u32,
                         flags: 0,
                         data,
                     });
