@@ -19,15 +19,19 @@ fn is_id(segment: &str) -> bool {
     if segment.is_empty() {
         return false;
     }
+    // Words (`users`, `orders`) are the common case: without a digit only a UUID of
+    // hex letters could be an id.
     let digits = segment.bytes().filter(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return is_uuid(segment);
+    }
     let all_digits = digits == segment.len();
-    let hex = segment.len() >= 8 && digits > 0 && segment.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = segment.len() >= 8 && segment.bytes().all(|b| b.is_ascii_hexdigit());
     let opaque = segment.len() >= OPAQUE_MIN_LEN
-        && digits > 0
         && segment
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
-    all_digits || is_uuid(segment) || hex || opaque
+    all_digits || hex || opaque || is_uuid(segment)
 }
 
 /// Operator-configured templates (`/users/{id}/posts`), tried before the heuristic.
@@ -54,19 +58,19 @@ impl Routes {
     /// The template for a request target (path and query).
     pub fn template(&self, target: &str) -> String {
         let path = path_of(target);
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let segments = || path.trim_start_matches('/').split('/');
         for template in &self.templates {
-            if template.len() == segments.len()
+            if template.len() == segments().count()
                 && template
                     .iter()
-                    .zip(&segments)
+                    .zip(segments())
                     .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
             {
                 return format!("/{}", template.join("/"));
             }
         }
-        let mut out = String::with_capacity(path.len());
-        for (index, segment) in segments.iter().enumerate() {
+        let mut out = String::with_capacity(path.len() + 1);
+        for (index, segment) in segments().enumerate() {
             if index == MAX_SEGMENTS {
                 out.push_str("/...");
                 break;
@@ -74,7 +78,10 @@ impl Routes {
             out.push('/');
             out.push_str(if is_id(segment) { "{id}" } else { segment });
         }
-        if out.is_empty() { "/".to_owned() } else { out }
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
     }
 }
 

@@ -170,7 +170,7 @@ pub fn report(out: &mut String, result: &PipelineResult) -> std::fmt::Result {
     writeln!(
         out,
         "{} keep-alive connections x {} request/response pairs ({} segments of at most {MSS} bytes), \
-         fed through the daemon's reassembly, parsing and pairing; against a loop that only calls \
+         fed through the daemon's reassembly, parsing, pairing and route templating; against a loop that only calls \
          httparse on the same segments wherever a head starts. Rounds alternate between the two; \
          rates are the fastest of {ROUNDS} rounds, the ratio is the median of the per-round ratios.",
         FLOWS, REQUESTS_PER_FLOW, result.segments
