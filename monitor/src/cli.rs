@@ -582,7 +582,7 @@ pub fn check_policy(path: &std::path::Path) -> Result<(), Failure> {
         Policy::from_config(&config.policy, path, None)
     } else {
         PolicyDoc::read(path)
-            .map(|doc| Policy::new(doc, crate::policy::Source::File(path.to_owned()), None))
+            .and_then(|doc| Policy::new(doc, crate::policy::Source::File(path.to_owned()), None))
     }
     .map_err(|e| Failure::Usage(e.to_string()))?;
     println!(

@@ -125,6 +125,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let mut policy = Policy::from_config(&config.policy, &config.path, None)?;
     policy.doc.dry_run |= dry_run;
     info!(source = %policy.source, rules = policy.rule_count(), dry_run = policy.doc.dry_run, "Policy loaded");
+    // Configured templates first, then the OpenAPI description's (read at start only).
+    let mut route_templates = config.capture.routes.clone();
+    route_templates.extend(policy.detections.route_templates());
     let policy: ActivePolicy = Arc::new(RwLock::new(Arc::new(policy)));
     let listener = control::bind(&daemon.socket)?;
     let secrets = Fingerprinter::open(&daemon.state_dir)?;
@@ -213,8 +216,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
                 max_flows: config.capture.max_flows,
                 max_memory: config.capture.max_flow_memory,
                 idle_timeout: config.capture.flow_idle_timeout,
+                body_inspect_bytes: config.capture.max_bytes_per_request as usize,
             },
-            Routes::new(&config.capture.routes),
+            Routes::new(&route_templates),
         ),
         observers: Observers {
             metrics: metrics.clone(),
@@ -333,9 +337,13 @@ impl Observers {
             return;
         }
         let http::Event::Exchange(exchange) = event else {
+            if let http::Event::ParseError(problem) = event {
+                self.verdicts.inspect_problem(problem);
+            }
             self.metrics.parse_problem(event);
             return;
         };
+        self.verdicts.inspect(exchange, clocks);
         self.series_for(exchange).observe(exchange);
         if self.events.wants_http() {
             let at = clocks.to_wall(exchange.started_ns);

@@ -378,6 +378,7 @@ mod tests {
             )),
             started_ns: 0,
             request_body_bytes: 12,
+            request_body: Vec::new(),
             status,
             response_body_bytes: 3,
             latency: Some(Duration::from_micros(1500)),

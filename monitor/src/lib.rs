@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod detect;
 pub mod enforce;
 pub mod events;
 pub mod http;

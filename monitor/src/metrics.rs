@@ -88,6 +88,7 @@ pub struct Metrics {
     samples_lost: IntCounter,
     parse_errors: IntCounterVec,
     active_flows: IntGauge,
+    detections: IntCounterVec,
 }
 
 impl Metrics {
@@ -184,7 +185,7 @@ impl Metrics {
             Box::new(packets.clone()),
             Box::new(bytes.clone()),
             Box::new(blocklist_entries.clone()),
-            Box::new(detections),
+            Box::new(detections.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector)?;
@@ -193,6 +194,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Self {
+            detections,
             scrape: std::sync::Mutex::new(()),
             packets,
             bytes,
@@ -260,11 +262,19 @@ impl Metrics {
         self.policy_decisions.with_label_values(&[rule, action])
     }
 
+    /// The counter of a detection rule's findings.
+    pub fn detection_counter(&self, category: &str, rule: &str) -> IntCounter {
+        self.detections.with_label_values(&[category, rule])
+    }
+
     /// Counts traffic that could not be parsed (exchanges count through
     /// `exchange_series`, whose handles the pipeline keeps).
     pub fn parse_problem(&self, event: &Event) {
         match event {
-            Event::ParseError(kind) => self.parse_errors.with_label_values(&[kind.name()]).inc(),
+            Event::ParseError(problem) => self
+                .parse_errors
+                .with_label_values(&[problem.kind.name()])
+                .inc(),
             Event::OtherProtocol(protocol) => self
                 .parse_errors
                 .with_label_values(&[&format!("not_http_{}", protocol.name())])
@@ -373,6 +383,7 @@ mod tests {
             route: routes.template(target).into(),
             started_ns: 0,
             request_body_bytes: 0,
+            request_body: Vec::new(),
             status,
             response_body_bytes: 0,
             latency: Some(Duration::from_millis(3)),

@@ -14,9 +14,10 @@ use tracing::{info, warn};
 
 use crate::{
     clock::Clocks,
+    detect::{Finding, Report, behaviour::Tracker},
     enforce::{Enforcer, escalation::Escalation},
-    events::{Bus, Event, Rule, Subject},
-    http::RequestStart,
+    events::{Bus, Endpoint, Event, Rule, Subject},
+    http::{Exchange, Problem, RequestStart, parse::Side},
     maps::ListKind,
     metrics::Metrics,
     policy::{Decision, Policy, Request, file::ActionKind},
@@ -37,6 +38,14 @@ pub fn current(policy: &ActivePolicy) -> Arc<Policy> {
 /// Enforcements remembered as active, at most (older ones are assumed over).
 const MAX_ACTIVE: usize = 100_000;
 
+/// What an event is reported once per window for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Reported {
+    /// A policy rule, by its index.
+    Rule(usize),
+    Detection(&'static str),
+}
+
 pub struct Verdicts {
     pub policy: ActivePolicy,
     pub enforcer: Arc<Mutex<Enforcer>>,
@@ -51,9 +60,12 @@ pub struct Verdicts {
     active: HashMap<(IpNet, ListKind), Instant>,
     /// When each (rule index, offender) over a limit was last reported, and how many of
     /// its verdicts went unreported since. Cleared on reload (indexes change).
-    reported: lru::LruCache<(usize, IpNet), (Instant, u64)>,
+    reported: lru::LruCache<(Reported, IpNet), (Instant, u64)>,
     /// Decision counters by rule index, then label: no label lookup per verdict.
     counters: Vec<Vec<(&'static str, prometheus::IntCounter)>>,
+    /// Behaviour over time, kept across reloads.
+    tracker: Tracker,
+    detection_counters: HashMap<&'static str, prometheus::IntCounter>,
 }
 
 impl Verdicts {
@@ -80,11 +92,13 @@ impl Verdicts {
                 std::num::NonZeroUsize::new(MAX_ACTIVE).unwrap_or(std::num::NonZeroUsize::MIN),
             ),
             counters: Vec::new(),
+            tracker: Tracker::default(),
+            detection_counters: HashMap::new(),
         }
     }
 
-    /// Judges one request as soon as its head is in.
-    pub fn judge(&mut self, request: &RequestStart, clocks: &Clocks) {
+    /// The active policy, with the settings taken from it brought up to date.
+    fn policy(&mut self) -> Arc<Policy> {
         let policy = current(&self.policy);
         if !Arc::ptr_eq(&policy, &self.tuned_for) {
             // Reloaded: new escalation settings; what offenders did is kept.
@@ -94,6 +108,12 @@ impl Verdicts {
             self.reported.clear();
             self.counters.clear();
         }
+        policy
+    }
+
+    /// Judges one request as soon as its head is in.
+    pub fn judge(&mut self, request: &RequestStart, clocks: &Clocks) {
+        let policy = self.policy();
         let source = request.client.ip().to_canonical();
         let decisions = policy.evaluate(&Request {
             source,
@@ -113,7 +133,10 @@ impl Verdicts {
             // per enforcement), with the count of those not reported.
             let unreported = match (enforced.is_some(), decision.window) {
                 (false, Some(window)) => {
-                    let key = (decision.rule_index, policy.offender_net(source));
+                    let key = (
+                        Reported::Rule(decision.rule_index),
+                        policy.offender_net(source),
+                    );
                     match self.report_due(key, window) {
                         Some(unreported) => unreported,
                         None => continue,
@@ -152,7 +175,7 @@ impl Verdicts {
 
     /// Whether an over-limit verdict for `key` is due as an event (Some: with how many
     /// went unreported since the last), or falls within `window` of the last one.
-    fn report_due(&mut self, key: (usize, IpNet), window: std::time::Duration) -> Option<u64> {
+    fn report_due(&mut self, key: (Reported, IpNet), window: std::time::Duration) -> Option<u64> {
         let now = Instant::now();
         match self.reported.get_mut(&key) {
             Some((last, unreported)) if now.duration_since(*last) < window => {
@@ -169,6 +192,156 @@ impl Verdicts {
                 Some(0)
             }
         }
+    }
+
+    /// Runs the policy's detections on a finished exchange.
+    pub fn inspect(&mut self, exchange: &Exchange, clocks: &Clocks) {
+        let policy = self.policy();
+        let at = clocks.to_wall(exchange.started_ns);
+        let report = policy
+            .detections
+            .inspect(exchange, &mut self.tracker, SystemTime::now());
+        if report.findings.is_empty() {
+            return;
+        }
+        let subject = Subject {
+            client: exchange.client,
+            server: exchange.server,
+            head: &exchange.request,
+            route: &exchange.route,
+        };
+        self.act_on(&policy, &report, exchange.client, &|secrets| {
+            let mut event = Event::about_request("alert", "detection", &subject, at, secrets);
+            if let (Some(http), Some(status)) = (event.http.as_mut(), exchange.status) {
+                http.response = Some(crate::events::HttpResponse {
+                    status_code: status,
+                    body: crate::events::Body {
+                        bytes: exchange.response_body_bytes,
+                    },
+                });
+            }
+            event
+        });
+    }
+
+    /// Runs detections on bytes a client sent that could not be parsed.
+    pub fn inspect_problem(&mut self, problem: &Problem) {
+        if problem.side != Side::Request {
+            return;
+        }
+        let policy = self.policy();
+        let report = policy.detections.inspect_problem(problem.kind);
+        self.act_on(&policy, &report, problem.client, &|_| {
+            let mut event = Event::new("alert", "web", "detection");
+            event.source = Some(Endpoint::from(problem.client));
+            event.destination = Some(Endpoint::from(problem.server));
+            event
+        });
+    }
+
+    /// Counts, reports and enforces what detections found about `client`.
+    fn act_on(
+        &mut self,
+        policy: &Policy,
+        report: &Report,
+        client: std::net::SocketAddr,
+        base_event: &dyn Fn(&crate::secrets::Fingerprinter) -> Event,
+    ) {
+        let source = client.ip().to_canonical();
+        let net = policy.offender_net(source);
+        let window = policy.detections.doc.report_window.0;
+        for finding in &report.findings {
+            // `run --dry-run` and a policy-wide dry run cover detections too.
+            let dry_run = finding.dry_run || policy.doc.dry_run;
+            let finding = &Finding {
+                dry_run,
+                ..finding.clone()
+            };
+            let metrics = &self.metrics;
+            self.detection_counters
+                .entry(finding.rule.id)
+                .or_insert_with(|| {
+                    metrics.detection_counter(finding.rule.category.id(), finding.rule.id)
+                })
+                .inc();
+            let enforced = match finding.action {
+                Some(action) if !finding.dry_run => {
+                    let decision = detection_decision(policy, finding, action);
+                    match action {
+                        ActionKind::Block => {
+                            self.enforce(policy, source, &decision, ListKind::Block)
+                        }
+                        ActionKind::Throttle => {
+                            self.enforce(policy, source, &decision, ListKind::Throttle)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let unreported = match enforced {
+                Some(_) => 0,
+                None => {
+                    match self.report_due((Reported::Detection(finding.rule.id), net), window) {
+                        Some(unreported) => unreported,
+                        None => continue,
+                    }
+                }
+            };
+            let mut event = self.detection_event(base_event(&self.secrets), finding, report.score);
+            for (name, value) in enforced.into_iter().flatten() {
+                event = event.with_field(name, value);
+            }
+            if unreported > 0 {
+                event = event.with_field("unreported", unreported);
+            }
+            self.events.publish(event);
+        }
+    }
+
+    fn detection_event(&self, mut event: Event, finding: &Finding, score: u32) -> Event {
+        let rule = finding.rule;
+        event.event.kind = "alert".into();
+        event.event.category = vec!["intrusion_detection".into(), "web".into()];
+        event.event.action = "detection".into();
+        event.event.severity = Some(rule.severity.score() as u8);
+        event.event.outcome = Some(
+            if finding.dry_run {
+                "unknown"
+            } else {
+                "success"
+            }
+            .into(),
+        );
+        event.rule = Some(Rule {
+            id: rule.id.into(),
+            name: rule.name.into(),
+            category: Some(rule.category.id().into()),
+        });
+        let evidence = if finding.secret && !finding.evidence.is_empty() {
+            self.secrets.fingerprint(finding.evidence.as_bytes())
+        } else {
+            finding.evidence.clone()
+        };
+        let action = match finding.action {
+            Some(action) if finding.dry_run => action.dry_run_name(),
+            Some(action) => action.name(),
+            None => "log",
+        };
+        event
+            .with_field(
+                "detection",
+                serde_json::json!({
+                    "class": rule.class.name(),
+                    "category_name": rule.category.title(),
+                    "severity": rule.severity.name(),
+                    "location": finding.location,
+                    "evidence": evidence,
+                    "anomaly_score": score,
+                }),
+            )
+            .with_field("action", action)
+            .with_field("dry_run", finding.dry_run)
     }
 
     fn event(&self, request: &RequestStart, decision: &Decision, at: SystemTime) -> Event {
@@ -279,5 +452,28 @@ impl Verdicts {
             ("offence", offence.into()),
         ];
         Some(fields)
+    }
+}
+
+/// A detection's action as a policy decision, for enforcement.
+fn detection_decision(policy: &Policy, finding: &Finding, action: ActionKind) -> Decision {
+    let settings = finding.settings.as_ref();
+    let ttl = settings
+        .and_then(|s| s.ttl.as_ref())
+        .map(|ttl| ttl.0)
+        .unwrap_or(match action {
+            ActionKind::Throttle => policy.doc.throttle_ttl.0,
+            _ => policy.doc.block_ttl.0,
+        });
+    Decision {
+        rule_index: usize::MAX,
+        rule_id: finding.rule.id.into(),
+        rule_name: finding.rule.name.into(),
+        action,
+        window: None,
+        dry_run: finding.dry_run,
+        ttl,
+        throttle_pps: settings.and_then(|s| s.throttle_pps),
+        severity: Some(finding.rule.severity.score() as u8),
     }
 }

@@ -31,6 +31,9 @@ pub struct Exchange {
     /// CLOCK_MONOTONIC ns of the request's first byte (kernel timestamp).
     pub started_ns: u64,
     pub request_body_bytes: u64,
+    /// The start of the request body kept for inspection (chunking removed); whole
+    /// when its length is `request_body_bytes`.
+    pub request_body: Vec<u8>,
     /// None when the connection ended before a response.
     pub status: Option<u16>,
     pub response_body_bytes: u64,
@@ -59,8 +62,18 @@ pub enum Event {
     /// As soon as a request head is parsed: what policy decisions are made on.
     Request(RequestStart),
     Exchange(Exchange),
-    ParseError(ParseErrorKind),
+    ParseError(Problem),
     OtherProtocol(OtherProtocol),
+}
+
+/// Bytes that could not be parsed as HTTP, and on which connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: ParseErrorKind,
+    /// Which side sent them.
+    pub side: Side,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
 }
 
 /// Limits of the flow table.
@@ -70,6 +83,8 @@ pub struct Limits {
     /// Bytes buffered (early segments, partial heads) across all flows.
     pub max_memory: usize,
     pub idle_timeout: Duration,
+    /// Request body bytes kept per request for detections.
+    pub body_inspect_bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,6 +100,7 @@ struct Pending {
     started_ns: u64,
     /// Set once the request's body has ended.
     body_bytes: Option<u64>,
+    body: Vec<u8>,
     /// Status and first-byte time of the response.
     response: Option<(u16, u64)>,
     /// Set once the response's body has ended.
@@ -106,10 +122,10 @@ struct Half {
 }
 
 impl Half {
-    fn new(side: Side) -> Self {
+    fn new(side: Side, keep_body: usize) -> Self {
         Self {
             reassembler: Reassembler::default(),
-            parser: MessageParser::new(side),
+            parser: MessageParser::new(side).keeping_body(keep_body),
         }
     }
 
@@ -169,8 +185,8 @@ impl Pipeline {
             return false;
         }
         let flow = Flow {
-            request: Half::new(Side::Request),
-            response: Half::new(Side::Response),
+            request: Half::new(Side::Request, self.limits.body_inspect_bytes),
+            response: Half::new(Side::Response, 0),
             pending: VecDeque::new(),
             last_seen_ns: segment.timestamp_ns,
         };
@@ -327,6 +343,7 @@ fn pair(
                     route,
                     started_ns,
                     body_bytes: None,
+                    body: Vec::new(),
                     response: None,
                     response_body_bytes: None,
                 });
@@ -362,6 +379,11 @@ fn pair(
                     }
                 }
             }
+            Item::Body(body) => {
+                if let Some(pending) = flow.pending.back_mut() {
+                    pending.body = body;
+                }
+            }
             Item::Error(kind) => {
                 // A request whose body cannot be followed ends here: later exchanges on
                 // the connection must not wait for it.
@@ -371,7 +393,12 @@ fn pair(
                 {
                     pending.body_bytes = Some(0);
                 }
-                events.push(Event::ParseError(kind));
+                events.push(Event::ParseError(Problem {
+                    kind,
+                    side: side_of(direction),
+                    client: id.client,
+                    server: id.server,
+                }));
             }
             Item::NotHttp(protocol) => events.push(Event::OtherProtocol(protocol)),
         }
@@ -395,6 +422,7 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
         route: pending.route,
         started_ns: pending.started_ns,
         request_body_bytes: pending.body_bytes.unwrap_or(0),
+        request_body: pending.body,
         status,
         response_body_bytes: pending.response_body_bytes.unwrap_or(0),
         latency,
@@ -443,6 +471,7 @@ mod tests {
                 max_flows: 16,
                 max_memory: 1 << 20,
                 idle_timeout: Duration::from_secs(60),
+                body_inspect_bytes: 16 * 1024,
             },
             Routes::default(),
         )

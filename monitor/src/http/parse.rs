@@ -30,6 +30,21 @@ pub struct RequestHead {
     pub content_length: Option<u64>,
     pub chunked: bool,
     pub expect_continue: bool,
+    /// Framing signs detections read (request smuggling and friends).
+    pub framing: Framing,
+    pub header_count: u16,
+}
+
+/// Framing a server might read differently from a proxy: accepted (the last
+/// Transfer-Encoding wins, equal Content-Lengths agree) but remembered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Framing {
+    /// Both Content-Length and Transfer-Encoding.
+    pub length_and_encoding: bool,
+    /// Content-Length more than once (with equal values).
+    pub repeated_length: bool,
+    /// Transfer-Encoding whose last coding is not `chunked`, or given twice.
+    pub odd_encoding: bool,
 }
 
 /// Where a field sits in `RequestHead::raw`.
@@ -58,7 +73,7 @@ pub enum HeadParse<T> {
     /// The head, and how many bytes it took.
     Complete(T, usize),
     Partial,
-    Invalid,
+    Invalid(ParseErrorKind),
     /// A well-formed head with framing that cannot be trusted.
     BadFraming(ParseErrorKind),
 }
@@ -74,7 +89,7 @@ impl RequestHead {
         let len = match request.parse_with_uninit_headers(bytes, &mut headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return HeadParse::Partial,
-            Err(_) => return HeadParse::Invalid,
+            Err(error) => return HeadParse::Invalid(ParseErrorKind::of_request(error, bytes)),
         };
         let raw = &bytes[..len];
         let Ok(text) = std::str::from_utf8(raw) else {
@@ -83,7 +98,7 @@ impl RequestHead {
             let repaired = String::from_utf8_lossy(raw).into_owned();
             return match Self::parse(repaired.as_bytes()) {
                 HeadParse::Complete(head, _) => HeadParse::Complete(head, len),
-                HeadParse::Partial => HeadParse::Invalid,
+                HeadParse::Partial => HeadParse::Invalid(ParseErrorKind::InvalidHead),
                 other => other,
             };
         };
@@ -101,6 +116,8 @@ impl RequestHead {
             content_length: fields.content_length,
             chunked: fields.chunked,
             expect_continue: fields.expect_continue,
+            framing: fields.framing,
+            header_count: request.headers.len().min(usize::from(u16::MAX)) as u16,
             raw: text.into(),
         };
         HeadParse::Complete(head, len)
@@ -173,6 +190,8 @@ struct HeaderFields<'h> {
     content_length: Option<u64>,
     chunked: bool,
     expect_continue: bool,
+    framing: Framing,
+    encodings: u8,
 }
 
 impl<'h> HeaderFields<'h> {
@@ -198,8 +217,10 @@ impl<'h> HeaderFields<'h> {
                         .ok()
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .ok_or(ParseErrorKind::InvalidContentLength)?;
-                    if fields.content_length.is_some_and(|l| l != parsed) {
-                        return Err(ParseErrorKind::InvalidContentLength);
+                    match fields.content_length {
+                        Some(l) if l != parsed => return Err(ParseErrorKind::InvalidContentLength),
+                        Some(_) => fields.framing.repeated_length = true,
+                        None => {}
                     }
                     fields.content_length = Some(parsed);
                 }
@@ -212,10 +233,15 @@ impl<'h> HeaderFields<'h> {
                         .unwrap_or_default()
                         .trim_ascii();
                     fields.chunked = last.eq_ignore_ascii_case(b"chunked");
+                    fields.encodings = fields.encodings.saturating_add(1);
                 }
                 _ => {}
             }
         }
+        fields.framing.length_and_encoding =
+            fields.encodings > 0 && fields.content_length.is_some();
+        fields.framing.odd_encoding =
+            fields.encodings > 1 || (fields.encodings == 1 && !fields.chunked);
         Ok(fields)
     }
 }
@@ -241,7 +267,7 @@ impl ResponseHead {
         ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return HeadParse::Partial,
-            Err(_) => return HeadParse::Invalid,
+            Err(_) => return HeadParse::Invalid(ParseErrorKind::InvalidHead),
         };
         match HeaderFields::scan(response.headers) {
             Ok(fields) => HeadParse::Complete(
@@ -262,6 +288,10 @@ impl ResponseHead {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ParseErrorKind {
     InvalidHead,
+    /// A version other than HTTP/1.0 or HTTP/1.1.
+    InvalidVersion,
+    /// A header line folded onto the next (obsolete line folding, RFC 9112 5.2).
+    ObsFold,
     HeadTooLarge,
     InvalidContentLength,
     InvalidChunk,
@@ -273,10 +303,27 @@ impl ParseErrorKind {
     pub const fn name(self) -> &'static str {
         match self {
             ParseErrorKind::InvalidHead => "invalid_head",
+            ParseErrorKind::InvalidVersion => "invalid_version",
+            ParseErrorKind::ObsFold => "obs_fold",
             ParseErrorKind::HeadTooLarge => "head_too_large",
             ParseErrorKind::InvalidContentLength => "invalid_content_length",
             ParseErrorKind::InvalidChunk => "invalid_chunk",
             ParseErrorKind::Gap => "gap",
+        }
+    }
+
+    /// Why httparse refused a request head, as precisely as apimon reports it.
+    fn of_request(error: httparse::Error, head: &[u8]) -> Self {
+        let folded = || {
+            memchr::memmem::find_iter(head, b"\n")
+                .any(|at| matches!(head.get(at + 1), Some(b' ' | b'\t')))
+        };
+        match error {
+            httparse::Error::Version => ParseErrorKind::InvalidVersion,
+            httparse::Error::HeaderName | httparse::Error::HeaderValue if folded() => {
+                ParseErrorKind::ObsFold
+            }
+            _ => ParseErrorKind::InvalidHead,
         }
     }
 }
@@ -338,6 +385,9 @@ pub enum Item {
         body_bytes: u64,
     },
     Error(ParseErrorKind),
+    /// The request body as far as it is kept for inspection (chunking removed); comes
+    /// before the request's `End`, only when the body is not empty.
+    Body(Vec<u8>),
     /// The stream is not HTTP/1.x; nothing more is parsed on it.
     NotHttp(OtherProtocol),
 }
@@ -382,6 +432,11 @@ pub struct MessageParser {
     messages: u64,
     /// For responses: whether each pending request was a HEAD (no response body).
     head_requests: std::collections::VecDeque<bool>,
+    /// Body bytes kept per message for inspection (0: none, as for responses).
+    keep_body: usize,
+    body: Vec<u8>,
+    /// Bytes of the current body went missing: what follows is not kept.
+    body_cut: bool,
 }
 
 /// True when `bytes` begin an HTTP/1.x message of this side.
@@ -404,12 +459,30 @@ impl MessageParser {
             head_started_ns: 0,
             messages: 0,
             head_requests: std::collections::VecDeque::new(),
+            keep_body: 0,
+            body: Vec::new(),
+            body_cut: false,
+        }
+    }
+
+    /// Keeps up to `bytes` of each message's body (reported as `Item::Body`).
+    pub fn keeping_body(mut self, bytes: usize) -> Self {
+        self.keep_body = bytes;
+        self
+    }
+
+    /// Keeps what fits of a body fragment.
+    fn keep(&mut self, fragment: &[u8]) {
+        let room = self.keep_body.saturating_sub(self.body.len());
+        if room > 0 && !self.body_cut {
+            self.body
+                .extend_from_slice(&fragment[..room.min(fragment.len())]);
         }
     }
 
     /// Bytes buffered (for the flow table's memory bound).
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.body.len()
     }
 
     /// For a response parser: the next request awaiting a response was (not) a HEAD.
@@ -433,6 +506,7 @@ impl MessageParser {
             State::Body { remaining, seen } if missing <= *remaining => {
                 *remaining -= missing;
                 *seen += missing;
+                self.body_cut = true;
                 if *remaining == 0 {
                     let body_bytes = *seen;
                     self.finish(body_bytes, out);
@@ -456,6 +530,10 @@ impl MessageParser {
     }
 
     fn finish(&mut self, body_bytes: u64, out: &mut Vec<Item>) {
+        if !self.body.is_empty() {
+            out.push(Item::Body(std::mem::take(&mut self.body)));
+        }
+        self.body_cut = false;
         out.push(Item::End { body_bytes });
         self.state = State::Head;
     }
@@ -496,7 +574,7 @@ impl MessageParser {
                     let head = std::mem::take(&mut self.buf);
                     if self.parse_head(&head, out).is_none() {
                         // A blank line ends every head: httparse cannot want more.
-                        self.invalid_head(&head, out);
+                        self.invalid_head(&head, ParseErrorKind::InvalidHead, out);
                     }
                     // What follows the head: a body, or the next message (pipelining).
                     if !rest.is_empty() {
@@ -508,9 +586,10 @@ impl MessageParser {
                     let take = (*remaining).min(data.len() as u64) as usize;
                     *remaining -= take as u64;
                     *seen += take as u64;
+                    let done = (*remaining == 0).then_some(*seen);
+                    self.keep(&data[..take]);
                     data = &data[take..];
-                    if *remaining == 0 {
-                        let body_bytes = *seen;
+                    if let Some(body_bytes) = done {
                         self.finish(body_bytes, out);
                     }
                 }
@@ -539,11 +618,13 @@ impl MessageParser {
     fn fail(&mut self, kind: ParseErrorKind, out: &mut Vec<Item>) {
         out.push(Item::Error(kind));
         self.buf.clear();
+        self.body.clear();
+        self.body_cut = false;
         self.state = State::Resync;
     }
 
     /// A head httparse refused: on a fresh stream that means another protocol.
-    fn invalid_head(&mut self, head: &[u8], out: &mut Vec<Item>) {
+    fn invalid_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Vec<Item>) {
         // Something that starts like HTTP stays HTTP (a broken request must not switch
         // its connection's later requests out of sight).
         if self.messages == 0 && !starts_message(self.side, head) {
@@ -551,7 +632,7 @@ impl MessageParser {
             self.buf.clear();
             self.state = State::NotHttp;
         } else {
-            self.fail(ParseErrorKind::InvalidHead, out);
+            self.fail(kind, out);
         }
     }
 
@@ -582,8 +663,8 @@ impl MessageParser {
                 Some(len)
             }
             HeadParse::Partial => None,
-            HeadParse::Invalid => {
-                self.invalid_head(bytes, out);
+            HeadParse::Invalid(kind) => {
+                self.invalid_head(bytes, kind, out);
                 Some(bytes.len())
             }
             HeadParse::BadFraming(kind) => {
@@ -672,10 +753,11 @@ impl MessageParser {
                     let take = (*left).min(data.len() as u64) as usize;
                     *left -= take as u64;
                     *seen += take as u64;
-                    data = &data[take..];
                     if *left == 0 {
                         *state = ChunkState::DataEnd;
                     }
+                    self.keep(&data[..take]);
+                    data = &data[take..];
                 }
                 ChunkState::Size | ChunkState::DataEnd | ChunkState::Trailers => {
                     // Line-oriented states: gather a line in `buf`.

@@ -14,7 +14,7 @@ pub fn decode_path(path: &str) -> Cow<'_, str> {
     percent_decode(path, false)
 }
 
-fn percent_decode(component: &str, plus_is_space: bool) -> Cow<'_, str> {
+pub(crate) fn percent_decode(component: &str, plus_is_space: bool) -> Cow<'_, str> {
     let escaped = component.contains('%') || (plus_is_space && component.contains('+'));
     if !escaped {
         return Cow::Borrowed(component);

