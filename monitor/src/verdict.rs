@@ -17,7 +17,7 @@ use crate::{
     detect::{Finding, Report, behaviour::Tracker},
     enforce::{Enforcer, escalation::Escalation},
     events::{Bus, Endpoint, Event, Rule, Subject},
-    http::{Exchange, Problem, RequestStart, parse::Side},
+    http::{Exchange, Problem, RequestStart},
     maps::ListKind,
     metrics::Metrics,
     policy::{Decision, Policy, Request, file::ActionKind},
@@ -226,11 +226,8 @@ impl Verdicts {
 
     /// Runs detections on bytes a client sent that could not be parsed.
     pub fn inspect_problem(&mut self, problem: &Problem) {
-        if problem.side != Side::Request {
-            return;
-        }
         let policy = self.policy();
-        let report = policy.detections.inspect_problem(problem.kind);
+        let report = policy.detections.inspect_problem(problem);
         self.act_on(&policy, &report, problem.client, &|_| {
             let mut event = Event::new("alert", "web", "detection");
             event.source = Some(Endpoint::from(problem.client));

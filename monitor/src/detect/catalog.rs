@@ -144,6 +144,7 @@ rules! {
     SQLI = "sqli", "SQL injection (libinjection)", Sqli, Api8Misconfiguration, Critical, 1;
     XSS = "xss", "Cross-site scripting (libinjection)", Xss, Api8Misconfiguration, Critical, 1;
     PATH_TRAVERSAL = "path-traversal", "Path traversal", PathTraversal, Api8Misconfiguration, Critical, 1;
+    PATH_TRAVERSAL_RELATIVE = "path-traversal-relative", "One level of relative path (`../`)", PathTraversal, Api8Misconfiguration, Warning, 2;
     FILE_INCLUSION = "file-inclusion", "Local file inclusion: a system or secret file named", PathTraversal, Api8Misconfiguration, Critical, 1;
     COMMAND_INJECTION = "command-injection", "OS command injection", CommandInjection, Api8Misconfiguration, Critical, 1;
     TEMPLATE_INJECTION = "template-injection", "Server-side template or expression injection", TemplateInjection, Api8Misconfiguration, Critical, 1;

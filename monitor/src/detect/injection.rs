@@ -55,8 +55,20 @@ fn xss_candidate(value: &str) -> bool {
 
 pub fn sqli(input: &Input) -> bool {
     sql_candidate(&input.value)
-        && guarded(|| libinjectionrs::detect_sqli(input.value.as_bytes()).is_injection())
+        && (guarded(|| libinjectionrs::detect_sqli(input.value.as_bytes()).is_injection())
+            || STACKED_SQL.is_match(&input.value))
 }
+
+/// A statement stacked after a closed literal or number (`'; DROP TABLE`), which
+/// libinjection's fingerprints leave out for the rarer verbs.
+static STACKED_SQL: LazyLock<Regex> = LazyLock::new(|| {
+    pattern(
+        r"(?ix)
+        (?:^|['\x22\d)])\s*;\s*
+        (?:drop|truncate|create|alter|insert|update|delete|exec(?:ute)?|shutdown|copy|grant|revoke|declare|rename|load\s+data)
+        \s*(?:\w|\(|$|-)",
+    )
+});
 
 pub fn xss(input: &Input) -> bool {
     if !xss_candidate(&input.value) {
@@ -65,13 +77,22 @@ pub fn xss(input: &Input) -> bool {
     if guarded(|| libinjectionrs::detect_xss(input.value.as_bytes()).is_injection()) {
         return true;
     }
-    // libinjection leaves URL-only vectors to the caller.
-    SCRIPT_URL.is_match(&input.value)
+    // libinjection leaves URL-only vectors to the caller, and a script tag broken
+    // up by another (`<scr<script>ipt>`) slips through its tokenizer.
+    SCRIPT_URL.is_match(&input.value) || SCRIPT_TAG.is_match(&input.value)
 }
 
+/// Script URLs, with the whitespace browsers drop inside a scheme (`jav\tascript:`).
 static SCRIPT_URL: LazyLock<Regex> = LazyLock::new(|| {
-    pattern(r"(?i)^\s*(?:javascript|vbscript|livescript)\s*:|^\s*data\s*:\s*text/html")
+    pattern(
+        r#"(?ix)
+        (?:^|[\s"'=(`])
+        (?:j\s*a\s*v\s*a|v\s*b|l\s*i\s*v\s*e)\s*s\s*c\s*r\s*i\s*p\s*t\s*:
+      | ^\s*data\s*:\s*text/html"#,
+    )
 });
+
+static SCRIPT_TAG: LazyLock<Regex> = LazyLock::new(|| pattern(r"(?i)<script[\s/>]"));
 
 #[allow(
     clippy::expect_used,
@@ -81,11 +102,14 @@ fn pattern(source: &str) -> Regex {
     Regex::new(source).expect("detection pattern compiles")
 }
 
+/// Climbing two levels or more (`../../`, `..\..\`, with filler like `....//` or
+/// `..;/`), or dots and slashes in overlong UTF-8: one `../` is common in benign
+/// relative links, so alone it is the paranoia-2 rule `path-traversal-relative`.
 static TRAVERSAL: LazyLock<Regex> = LazyLock::new(|| {
-    // `..` as a whole segment, either slash; overlong UTF-8 dots and slashes as
-    // the lossy decoding leaves them.
-    pattern(r"(?:^|[/\\])\.\.(?:[/\\]|$)|\.\.[/\\]|%c0%a[ef]|%c1%9c|\.\.\x{fffd}")
+    pattern(r"\.\.[./;]*[/\\]+[./;]*\.\.(?:[/\\;]|$)|\.\.\x{fffd}|\x{fffd}\.\.|%c0%a[ef]|%c1%9c")
 });
+
+static RELATIVE_STEP: LazyLock<Regex> = LazyLock::new(|| pattern(r"(?:^|[/\\])\.\.(?:[/\\]|$)"));
 
 static SYSTEM_FILE: LazyLock<Regex> = LazyLock::new(|| {
     pattern(
@@ -110,13 +134,14 @@ static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
         (?:[;|&`\n\r]|\$\(|\|\||&&)\s*
         (?:[\w./-]*/)?
         (?:
-            (?:cat|tac|head|tail|more|less|nl|ls|dir|wget|curl|nc|ncat|netcat|bash|sh|zsh|dash|ksh
+            (?:cat|tac|head|tail|more|less|nl|ls|dir|type|wget|curl|nc|ncat|netcat|bash|sh|zsh|dash|ksh
               |ping|nslookup|dig|host|sleep|echo|printf|rm|cp|mv|chmod|chown|python[23]?|perl|ruby
               |php|node|powershell|pwsh|cmd(?:\.exe)?|telnet|ssh|scp|base64|xxd|find|grep|awk|sed
               |kill|pkill|touch|mkdir|crontab|useradd|nohup|timeout|eval|exec|socat)
-            (?:\s+(?:[-/$~'"\d.<>]|[\w-]+[./:]\S)|\s*\$\{IFS\}|\s*(?:$|[;|&`)\#<>]))
+            (?:\s+(?:[-/$~'"\d.<>]|[\w-]+[./:]\S|[\w-]+\s*[<>|;&])|\s*\$\{IFS\}|\s*(?:$|[;|&`)\#<>]))
           | (?:id|whoami|uname|pwd|ifconfig|ipconfig|hostname|env|printenv|ps|w|who|reboot|shutdown|netstat)
-            (?:\s*(?:$|[;|&`)\#<>])|\s+-)
+            (?:\s*(?:$|[;|&`)\#<>])|\s+[-/])
+          | net\s+(?:user|localgroup|view|share|use|session)\b
         )
         | `[^`]*\b(?:id|whoami|uname|cat|ls|sleep|curl|wget|ping)\b[^`]*`
         | \$\{IFS\}"#,
@@ -126,7 +151,7 @@ static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
 static TEMPLATE: LazyLock<Regex> = LazyLock::new(|| {
     pattern(
         r"(?ix)
-        \{\{[^}]*(?:\d\s*[*+/-]\s*\d|__\w+__|\bconfig\b|\bself\b|\brequest\b|lipsum|cycler|joiner|\bnamespace\b|\[\s*['\x22]|\|\s*attr|\.\s*constructor)
+        \{\{[^}]*(?:\d\s*[*+/-]\s*['\x22]?\d|__\w+__|\bconfig\b|\b_?self\b|\brequest\b|lipsum|cycler|joiner|\bnamespace\b|\[\s*['\x22]|\|\s*attr|\.\s*constructor)
       | \{%\s*(?:import|include|set|for|if|macro|block|extends|raw)\b
       | \$\{\s*\d+\s*[*+/-]\s*\d+\s*\}
       | \#\{\s*\d+\s*[*+/-]\s*\d+\s*\}
@@ -207,6 +232,8 @@ pub fn scan(input: &Input, out: &mut Vec<&'static RuleInfo>) {
     if value.contains("..") || value.contains('%') {
         if TRAVERSAL.is_match(value) {
             out.push(catalog::PATH_TRAVERSAL);
+        } else if RELATIVE_STEP.is_match(value) {
+            out.push(catalog::PATH_TRAVERSAL_RELATIVE);
         }
     }
     if SYSTEM_FILE.is_match(value) {
@@ -264,6 +291,9 @@ mod tests {
     fn patterns_compile() {
         for re in [
             &SCRIPT_URL,
+            &SCRIPT_TAG,
+            &RELATIVE_STEP,
+            &STACKED_SQL,
             &TRAVERSAL,
             &SYSTEM_FILE,
             &COMMAND,

@@ -28,7 +28,7 @@ use self::{
     inputs::{Collector, Location},
 };
 use crate::{
-    http::{Exchange, parse::ParseErrorKind, route},
+    http::{Exchange, Problem, parse::Side, route},
     policy::file::ActionKind,
 };
 
@@ -357,11 +357,13 @@ impl Detections {
         self.report(hits, &exchange.route)
     }
 
-    /// Bytes a client sent that the parser refused (smuggling signs and such).
-    pub fn inspect_problem(&self, kind: ParseErrorKind) -> Report {
-        if !self.doc.enabled {
+    /// Bytes a client sent that the parser refused (smuggling signs and such); what
+    /// servers send is not the client's doing.
+    pub fn inspect_problem(&self, problem: &Problem) -> Report {
+        if !self.doc.enabled || problem.side != Side::Request {
             return Report::default();
         }
+        let kind = problem.kind;
         let hits = protocol::rule_of_problem(kind)
             .map(|rule| Hit {
                 rule,

@@ -122,8 +122,10 @@ pub fn scan(input: &Input) -> Option<&'static RuleInfo> {
         return None;
     }
     let candidate = if let Some(scheme_end) = value.find("://").filter(|at| *at <= 10) {
+        // `jar:http://...` wraps one URL in another scheme.
         let scheme = value[..scheme_end].to_ascii_lowercase();
-        if DANGEROUS_SCHEMES.contains(&scheme.as_str()) {
+        let outer = scheme.split(':').next().unwrap_or_default();
+        if DANGEROUS_SCHEMES.contains(&scheme.as_str()) || DANGEROUS_SCHEMES.contains(&outer) {
             return Some(catalog::SSRF_SCHEME);
         }
         value.to_owned()
