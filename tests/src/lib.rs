@@ -9,6 +9,7 @@
     reason = "test support: failing loudly is the point"
 )]
 
+pub mod corpus;
 pub mod daemon;
 pub mod frames;
 pub mod netns;

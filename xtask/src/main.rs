@@ -51,6 +51,9 @@ enum Task {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Replay the labelled corpus (tests/corpus) through the detections and write the
+    /// table in docs/detections.md.
+    Eval,
     /// rustfmt and clippy (-D warnings), the eBPF crate on its own target.
     Lint,
 }
@@ -82,6 +85,7 @@ fn run_task(cli: Cli) -> Result<()> {
         }
         Task::Test { args } => test(&root, &args),
         Task::Bench { repeat } => bench(&root, repeat),
+        Task::Eval => eval(&root),
         Task::Lint => lint(&root),
     }
 }
@@ -266,6 +270,24 @@ fn bench(root: &Path, repeat: u32) -> Result<()> {
             out.display().to_string(),
         ],
     )
+}
+
+/// Detection quality on the corpus: no privileges or kernel needed (the replay starts
+/// at captured segments), so the eBPF toolchain is only needed because the monitor
+/// crate embeds the kernel object.
+fn eval(root: &Path) -> Result<()> {
+    let tools = toolchain::ensure()?;
+    run(cargo(root, &tools).args([
+        "run",
+        "--release",
+        "-p",
+        "apimon-tests",
+        "--bin",
+        "apimon-eval",
+        "--",
+        "--out",
+        &root.join("docs/detections.md").display().to_string(),
+    ]))
 }
 
 fn lint(root: &Path) -> Result<()> {

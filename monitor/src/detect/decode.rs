@@ -19,15 +19,15 @@ pub fn normalise(value: &str) -> Cow<'_, str> {
         }
         current = Cow::Owned(percent_decode(&current, false).into_owned());
     }
-    if current.contains('&') {
-        if let Cow::Owned(decoded) = html_entities(&current) {
-            current = Cow::Owned(decoded);
-        }
+    if current.contains('&')
+        && let Cow::Owned(decoded) = html_entities(&current)
+    {
+        current = Cow::Owned(decoded);
     }
-    if current.contains('\\') {
-        if let Cow::Owned(decoded) = script_escapes(&current) {
-            current = Cow::Owned(decoded);
-        }
+    if current.contains('\\')
+        && let Cow::Owned(decoded) = script_escapes(&current)
+    {
+        current = Cow::Owned(decoded);
     }
     current
 }

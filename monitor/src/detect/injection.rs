@@ -216,10 +216,8 @@ pub fn scan(input: &Input, out: &mut Vec<&'static RuleInfo>) {
             }
             return;
         }
-        Location::QueryName | Location::FormName => {
-            if bracket_operator(value) {
-                out.push(catalog::NOSQL_INJECTION);
-            }
+        Location::QueryName | Location::FormName if bracket_operator(value) => {
+            out.push(catalog::NOSQL_INJECTION);
         }
         _ => {}
     }

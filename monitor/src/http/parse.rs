@@ -841,6 +841,72 @@ mod tests {
         assert_eq!(parsed.host(), Some("h"));
     }
 
+    #[test]
+    fn request_bodies_are_kept_for_inspection_up_to_the_limit() {
+        let mut parser = MessageParser::new(Side::Request).keeping_body(8);
+        let mut out = Vec::new();
+        parser.feed(
+            b"POST /a HTTP/1.1\r\nContent-Length: 12\r\n\r\nhello ",
+            0,
+            &mut out,
+        );
+        parser.feed(b"world!", 1, &mut out);
+        parser.feed(b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 2, &mut out);
+        let bodies: Vec<&[u8]> = out
+            .iter()
+            .filter_map(|i| match i {
+                Item::Body(body) => Some(body.as_slice()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            [&b"hello wo"[..], b"abcde"],
+            "cut at the limit; chunking removed"
+        );
+        assert!(
+            out.contains(&Item::End { body_bytes: 12 }),
+            "sizes stay whole"
+        );
+        let mut responses = MessageParser::new(Side::Response);
+        let mut out = Vec::new();
+        responses.feed(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            0,
+            &mut out,
+        );
+        assert!(
+            !out.iter().any(|i| matches!(i, Item::Body(_))),
+            "responses keep none"
+        );
+    }
+
+    #[test]
+    fn refused_heads_say_why() {
+        let kind = |head: &[u8]| match RequestHead::parse(head) {
+            HeadParse::Invalid(kind) => kind,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            kind(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n"),
+            ParseErrorKind::ObsFold
+        );
+        assert_eq!(
+            kind(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"),
+            ParseErrorKind::InvalidVersion
+        );
+        assert_eq!(
+            kind(b"GET / HTTP/1.1\r\nBad Header: 1\r\n\r\n"),
+            ParseErrorKind::InvalidHead
+        );
+        let HeadParse::Complete(head, _) = RequestHead::parse(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ) else {
+            panic!("framing signs do not refuse a head");
+        };
+        assert!(head.framing.length_and_encoding && head.framing.odd_encoding);
+    }
+
     fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
         let mut parser = MessageParser::new(side);
         let mut out = Vec::new();
