@@ -71,17 +71,20 @@ impl Setup {
     /// A GET from `source` (one of the client namespace's addresses); false when it
     /// could not complete within a second.
     fn get(&self, source: &str, path: &str) -> bool {
+        self.request(source, path, &[])
+    }
+
+    /// A request with more curl arguments (`--data`, `-H`...).
+    fn request(&self, source: &str, path: &str, extra: &[&str]) -> bool {
         let url = if source.contains(':') {
             format!("http://[fd00:77::1]:8080{path}")
         } else {
             format!("http://10.77.0.1:8080{path}")
         };
-        try_curl(
-            &self.topo.client,
-            "1",
-            &["-g", "-o", "/dev/null", "--interface", source, &url],
-        )
-        .is_ok()
+        let mut args = vec!["-g", "-o", "/dev/null", "--interface", source];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        try_curl(&self.topo.client, "1", &args).is_ok()
     }
 
     fn events_where(&self, action: &str) -> Vec<Value> {
@@ -356,4 +359,119 @@ fn throttle_holds_a_client_near_its_packet_rate() {
     let (b_packets, b_drops) = seen(&s, b);
     assert!(b_packets - b_before >= 195);
     assert_eq!(b_drops, b_drops_before);
+}
+
+const DETECTIONS: &str = r#"
+[policy]
+block_ttl = "1m"
+
+[policy.detections]
+anomaly_action = "alert"
+
+[policy.detections.rules.sqli]
+action = "block"
+
+[[policy.detections.routes]]
+route = "/notes"
+off = ["xss"]
+"#;
+
+#[test]
+fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
+    let s = Setup::new(DETECTIONS);
+    let (attacker, user) = ("10.77.0.2", "10.77.0.3");
+    // Ordinary traffic, and markup where the route allows it, find nothing.
+    assert!(s.get(user, "/search?q=O%27Brien+%22rock+%27n%27+roll%22"));
+    assert!(s.get(user, "/notes?body=%3Cscript%3Ealert(1)%3C/script%3E"));
+    // An SSRF attempt in a JSON body: detected and alerted, not blocked.
+    assert!(s.request(
+        user,
+        "/hooks",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            r#"{"name":"ci","webhook_url":"http://169.254.169.254/latest/meta-data/"}"#,
+        ],
+    ));
+    let detections = s.wait_event("detection", 2);
+    let rules: Vec<&str> = detections
+        .iter()
+        .map(|e| e["rule"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rules,
+        ["ssrf-cloud-metadata", "anomaly-score"],
+        "{detections:?}"
+    );
+    assert_eq!(detections[0]["rule"]["category"], "API7:2023");
+    assert_eq!(
+        detections[0]["apimon"]["detection"]["location"],
+        "json:webhook_url"
+    );
+    assert_eq!(detections[1]["apimon"]["action"], "alert");
+    assert!(s.get(user, "/"), "an alert does not block");
+
+    // SQL injection: blocked at once, in the kernel.
+    s.get(attacker, "/search?q=1%27%20OR%20%271%27%3D%271");
+    let block = s.wait_event("block_added", 1);
+    assert_eq!(block[0]["apimon"]["cidr"], "10.77.0.2/32", "{block:?}");
+    assert_eq!(block[0]["apimon"]["origin"], "policy:sqli");
+    assert!(!s.get(attacker, "/"), "blocked in the kernel");
+    assert!(s.get(user, "/"), "others unaffected");
+    let sqli = s
+        .wait_event("detection", 4)
+        .into_iter()
+        .find(|e| e["rule"]["id"] == "sqli")
+        .unwrap();
+    assert_eq!(sqli["rule"]["category"], "API8:2023");
+    assert_eq!(sqli["source"]["ip"], "10.77.0.2");
+    assert_eq!(sqli["url"]["path"], "/search");
+    assert_eq!(sqli["apimon"]["action"], "block");
+    assert_eq!(sqli["apimon"]["detection"]["evidence"], "1' OR '1'='1");
+    assert_eq!(sqli["http"]["response"]["status_code"], 404);
+    let text = s.daemon.scrape();
+    assert_eq!(
+        metric(
+            &text,
+            "apimon_detections_total{category=\"API8:2023\",rule=\"sqli\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "apimon_detections_total{category=\"API7:2023\",rule=\"ssrf-cloud-metadata\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "apimon_detections_total{category=\"API8:2023\",rule=\"xss\"}"
+        ),
+        None,
+        "off on /notes"
+    );
+
+    // The audit log has the detection with its rule and category.
+    let audit = s.daemon.paths.dir.path().join("audit.jsonl");
+    let start = Instant::now();
+    let audited = loop {
+        let found = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["event"]["action"] == "detection" && e["rule"]["id"] == "sqli");
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no audited detection"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(audited["rule"]["category"], "API8:2023");
+    assert_eq!(audited["event"]["kind"], "alert");
 }
