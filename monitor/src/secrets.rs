@@ -63,14 +63,19 @@ const SECRET_NAMES: &[&str] = &[
 
 /// Whether a parameter or header name names a credential (case, `-` and `_` ignored).
 pub fn is_secret_name(name: &str) -> bool {
-    let normalised: String = name
-        .chars()
-        .map(|c| match c {
-            '-' => '_',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect();
-    SECRET_NAMES.contains(&normalised.as_str())
+    // Called for every parameter of every inspected request: compared in place.
+    let same = |known: &str| {
+        known.len() == name.len()
+            && known.bytes().zip(name.bytes()).all(|(k, n)| {
+                let n = if n == b'-' {
+                    b'_'
+                } else {
+                    n.to_ascii_lowercase()
+                };
+                k == n
+            })
+    };
+    SECRET_NAMES.iter().any(|known| same(known))
 }
 
 #[derive(Clone)]

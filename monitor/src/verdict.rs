@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     clock::Clocks,
-    detect::{Finding, Report, behaviour::Tracker},
+    detect::{Finding, Report, State},
     enforce::{Enforcer, escalation::Escalation},
     events::{Bus, Endpoint, Event, Rule, Subject},
     http::{Exchange, Problem, RequestStart},
@@ -63,8 +63,8 @@ pub struct Verdicts {
     reported: lru::LruCache<(Reported, IpNet), (Instant, u64)>,
     /// Decision counters by rule index, then label: no label lookup per verdict.
     counters: Vec<Vec<(&'static str, prometheus::IntCounter)>>,
-    /// Behaviour over time, kept across reloads.
-    tracker: Tracker,
+    /// Behaviour windows and scan cache, kept across reloads.
+    detection_state: State,
     detection_counters: HashMap<&'static str, prometheus::IntCounter>,
 }
 
@@ -92,7 +92,7 @@ impl Verdicts {
                 std::num::NonZeroUsize::new(MAX_ACTIVE).unwrap_or(std::num::NonZeroUsize::MIN),
             ),
             counters: Vec::new(),
-            tracker: Tracker::default(),
+            detection_state: State::default(),
             detection_counters: HashMap::new(),
         }
     }
@@ -198,9 +198,10 @@ impl Verdicts {
     pub fn inspect(&mut self, exchange: &Exchange, clocks: &Clocks) {
         let policy = self.policy();
         let at = clocks.to_wall(exchange.started_ns);
-        let report = policy
-            .detections
-            .inspect(exchange, &mut self.tracker, SystemTime::now());
+        let report =
+            policy
+                .detections
+                .inspect(exchange, &mut self.detection_state, SystemTime::now());
         if report.findings.is_empty() {
             return;
         }

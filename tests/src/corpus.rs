@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use monitor::{
     capture::{Direction, Segment},
-    detect::{Report, behaviour::Tracker, catalog::Class},
+    detect::{Report, State, catalog::Class},
     http::{Event, Limits, Pipeline, route::Routes},
     policy::Policy,
 };
@@ -265,7 +265,7 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
         },
         Routes::new(&[]),
     );
-    let mut tracker = Tracker::default();
+    let mut state = State::default();
     let mut reports: Vec<Option<Report>> = (0..cases.len()).map(|_| None).collect();
     let mut events = Vec::new();
     for (index, case) in cases.iter().enumerate() {
@@ -298,7 +298,7 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
                     exchange.client,
                     policy
                         .detections
-                        .inspect(exchange, &mut tracker, SystemTime::now()),
+                        .inspect(exchange, &mut state, SystemTime::now()),
                 ),
                 Event::ParseError(problem) => {
                     (problem.client, policy.detections.inspect_problem(problem))

@@ -474,4 +474,24 @@ fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
     };
     assert_eq!(audited["rule"]["category"], "API8:2023");
     assert_eq!(audited["event"]["kind"], "alert");
+
+    // A detection setting that names no rule is refused, by check and by reload.
+    let config = s.daemon.paths.config_file();
+    std::fs::write(
+        &config,
+        DETECTIONS.replace("rules.sqli]", "rules.sqlinjection]"),
+    )
+    .unwrap();
+    for args in [
+        vec!["policy", "check", config.to_str().unwrap()],
+        vec!["policy", "reload"],
+    ] {
+        let output = s.daemon.cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("unknown detection rule \"sqlinjection\""),
+            "{stderr}"
+        );
+    }
 }

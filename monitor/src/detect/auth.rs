@@ -115,6 +115,11 @@ impl Auth {
         })
     }
 
+    /// Whether checks on a request with this response status read its path.
+    pub fn needs_path(&self, status: Option<u16>) -> bool {
+        !self.required.is_empty() || matches!(status, Some(401 | 403))
+    }
+
     pub fn credentials<'a>(&self, headers: &[(&'a str, &'a str)]) -> Credentials<'a> {
         let mut found = Credentials::default();
         for (name, value) in headers {
@@ -144,7 +149,7 @@ impl Auth {
         now: SystemTime,
         out: &mut Vec<(&'static RuleInfo, String)>,
     ) {
-        if !credentials.present() && self.required.is_match(path) {
+        if !credentials.present() && !self.required.is_empty() && self.required.is_match(path) {
             out.push((catalog::AUTH_MISSING, String::new()));
         }
         if let Some(authorization) = credentials.authorization {
@@ -268,7 +273,7 @@ pub fn looks_like_jwt(token: &str) -> bool {
 }
 
 /// A credential in a query parameter: a credential's name, or a JWT as the value.
-pub fn in_query(input: &Input) -> bool {
+pub fn in_query(input: &Input<'_>) -> bool {
     // Signatures of presigned URLs are proofs, not credentials.
     let signature = ["sig", "signature"]
         .iter()

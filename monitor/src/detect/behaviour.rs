@@ -171,7 +171,7 @@ fn fingerprint(id: &str) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
 }
 
-/// Known scanners by their user agent (lowercase substrings).
+/// Known scanners by their user agent (case-insensitive substrings).
 const SCANNERS: &[&str] = &[
     "sqlmap",
     "nikto",
@@ -206,7 +206,17 @@ const SCANNERS: &[&str] = &[
     "medusa",
 ];
 
+/// All names in one automaton: one pass over each user agent.
+static SCANNER_MATCHER: std::sync::LazyLock<Option<aho_corasick::AhoCorasick>> =
+    std::sync::LazyLock::new(|| {
+        aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(SCANNERS)
+            .ok()
+    });
+
 pub fn scanner(user_agent: &str) -> Option<&'static str> {
-    let lower = user_agent.to_ascii_lowercase();
-    SCANNERS.iter().copied().find(|name| lower.contains(name))
+    let matcher = SCANNER_MATCHER.as_ref()?;
+    let found = matcher.find(user_agent)?;
+    SCANNERS.get(found.pattern().as_usize()).copied()
 }

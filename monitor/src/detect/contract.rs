@@ -169,6 +169,11 @@ impl Contract {
         Ok(contract)
     }
 
+    /// Whether an OpenAPI description is loaded (its checks read the path).
+    pub fn has_routes(&self) -> bool {
+        !self.paths.is_empty()
+    }
+
     /// Route templates of the OpenAPI description (for metric labels).
     pub fn templates(&self) -> Vec<String> {
         self.paths.iter().map(|p| p.template.clone()).collect()

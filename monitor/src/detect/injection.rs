@@ -50,10 +50,18 @@ fn xss_candidate(value: &str) -> bool {
     value
         .bytes()
         .any(|b| matches!(b, b'<' | b'>' | b'"' | b'\'' | b'`' | b'='))
-        || value.to_ascii_lowercase().contains("script:")
+        || value
+            .as_bytes()
+            .windows(7)
+            .any(|w| w.eq_ignore_ascii_case(b"script:"))
 }
 
-pub fn sqli(input: &Input) -> bool {
+/// Whether scanning `value` would call libinjection (worth remembering the result).
+pub fn costly(value: &str) -> bool {
+    sql_candidate(value) || xss_candidate(value)
+}
+
+pub fn sqli(input: &Input<'_>) -> bool {
     sql_candidate(&input.value)
         && (guarded(|| libinjectionrs::detect_sqli(input.value.as_bytes()).is_injection())
             || STACKED_SQL.is_match(&input.value))
@@ -70,7 +78,7 @@ static STACKED_SQL: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 
-pub fn xss(input: &Input) -> bool {
+pub fn xss(input: &Input<'_>) -> bool {
     if !xss_candidate(&input.value) {
         return false;
     }
@@ -207,8 +215,8 @@ fn bracket_operator(name: &str) -> bool {
 }
 
 /// The injection rules `input` breaks.
-pub fn scan(input: &Input, out: &mut Vec<&'static RuleInfo>) {
-    let value = input.value.as_str();
+pub fn scan(input: &Input<'_>, out: &mut Vec<&'static RuleInfo>) {
+    let value: &str = &input.value;
     match input.location {
         Location::JsonKey => {
             if nosql_operator(value) {
@@ -234,10 +242,10 @@ pub fn scan(input: &Input, out: &mut Vec<&'static RuleInfo>) {
             out.push(catalog::PATH_TRAVERSAL_RELATIVE);
         }
     }
-    if SYSTEM_FILE.is_match(value) {
+    if value.contains(['/', '\\', ':']) && SYSTEM_FILE.is_match(value) {
         out.push(catalog::FILE_INCLUSION);
     }
-    if COMMAND.is_match(value) {
+    if value.contains([';', '|', '&', '`', '$', '\n', '\r']) && COMMAND.is_match(value) {
         out.push(catalog::COMMAND_INJECTION);
     }
     if value.contains(['{', '%', '#', '*']) && TEMPLATE.is_match(value) {
@@ -262,7 +270,7 @@ mod tests {
         let input = Input {
             location,
             name: "q".into(),
-            value: super::super::decode::normalise(value).into_owned(),
+            value: super::super::decode::normalise(value),
         };
         let mut out = Vec::new();
         scan(&input, &mut out);

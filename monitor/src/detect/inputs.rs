@@ -47,12 +47,12 @@ impl Location {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Input {
+pub struct Input<'a> {
     pub location: Location,
     /// Parameter, cookie or header name; JSON path (`user.emails[0]`).
-    pub name: String,
-    /// Decoded.
-    pub value: String,
+    pub name: Cow<'a, str>,
+    /// Decoded; borrowed from the request when nothing needed decoding.
+    pub value: Cow<'a, str>,
 }
 
 /// How a body is encoded, from its Content-Type.
@@ -89,101 +89,135 @@ pub fn body_kind(content_type: Option<&str>, body: &[u8]) -> BodyKind {
     }
 }
 
-/// Collects a request's inputs. `body` is what was kept of it (maybe a prefix).
-pub struct Collector {
-    pub inputs: Vec<Input>,
-    /// The body parsed as JSON, when it is JSON and whole.
+/// A request body as detections read it.
+pub struct Body<'a> {
+    pub kind: BodyKind,
+    /// The body as text (invalid UTF-8 replaced).
+    pub text: Cow<'a, str>,
+    /// Parsed, when it is JSON and whole.
     pub json: Option<serde_json::Value>,
     /// Declared or sniffed JSON that did not parse (whole bodies only).
     pub malformed_json: bool,
 }
 
-impl Collector {
-    pub fn collect(
-        head: &RequestHead,
-        headers: &[(&str, &str)],
-        body: &[u8],
-        body_whole: bool,
-    ) -> Self {
-        let mut this = Self {
-            inputs: Vec::new(),
-            json: None,
-            malformed_json: false,
+impl<'a> Body<'a> {
+    pub fn read(content_type: Option<&str>, body: &'a [u8], whole: bool) -> Self {
+        let kind = body_kind(content_type, body);
+        let (json, malformed_json) = match kind {
+            BodyKind::Json if whole && !body.is_empty() => match serde_json::from_slice(body) {
+                Ok(json) => (Some(json), false),
+                Err(_) => (None, true),
+            },
+            _ => (None, false),
         };
-        let (path, query_string) = route::split_target(head.target());
-        for segment in query::decode_path(path).split('/') {
-            if !segment.is_empty() {
-                this.push(Location::Path, "", segment);
-            }
+        Self {
+            kind,
+            text: String::from_utf8_lossy(body),
+            json,
+            malformed_json,
         }
-        for (name, value) in query::pairs(query_string.unwrap_or_default()) {
-            this.push(Location::QueryName, "", &name);
-            this.push(Location::Query, &name, &value);
-        }
-        let mut content_type = None;
-        for (name, value) in headers {
-            match name.to_ascii_lowercase().as_str() {
-                "cookie" => {
-                    for pair in value.split(';') {
-                        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                        this.push(Location::Cookie, name.trim(), &query::decode(value.trim()));
-                    }
-                }
-                "user-agent" | "referer" | "x-forwarded-for" | "x-forwarded-host" => {
-                    this.push(Location::Header, name, value);
-                }
-                "content-type" => content_type = Some(*value),
-                _ => {}
-            }
-        }
-        if !body.is_empty() {
-            match body_kind(content_type, body) {
-                BodyKind::Json if body_whole => match serde_json::from_slice(body) {
-                    Ok(json) => {
-                        this.walk_json(&json, &mut String::new(), 0);
-                        this.json = Some(json);
-                    }
-                    Err(_) => {
-                        this.malformed_json = true;
-                        this.push(Location::Json, "", &String::from_utf8_lossy(body));
-                    }
-                },
-                // A cut JSON body cannot parse: its text is still inspected.
-                BodyKind::Json | BodyKind::Other => {
-                    this.push(Location::Json, "", &String::from_utf8_lossy(body));
-                }
-                BodyKind::Form => {
-                    let text = String::from_utf8_lossy(body);
-                    for (name, value) in query::pairs(&text) {
-                        this.push(Location::FormName, "", &name);
-                        this.push(Location::Form, &name, &value);
-                    }
-                }
-            }
-        }
-        this
     }
+}
 
-    fn push(&mut self, location: Location, name: &str, value: &str) {
-        if self.inputs.len() >= MAX_INPUTS || value.is_empty() {
+/// A request's inputs, decoded.
+pub fn collect<'a>(
+    head: &'a RequestHead,
+    headers: &[(&'a str, &'a str)],
+    body: &'a Body<'a>,
+) -> Vec<Input<'a>> {
+    let mut inputs = Inputs(Vec::with_capacity(16));
+    let (path, query_string) = route::split_target(head.target());
+    match query::decode_path(path) {
+        Cow::Borrowed(path) => {
+            for segment in path.split('/') {
+                inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(segment));
+            }
+        }
+        Cow::Owned(path) => {
+            for segment in path.split('/') {
+                inputs.push(
+                    Location::Path,
+                    Cow::Borrowed(""),
+                    Cow::Owned(segment.to_owned()),
+                );
+            }
+        }
+    }
+    for (name, value) in query::pairs(query_string.unwrap_or_default()) {
+        inputs.push(Location::QueryName, Cow::Borrowed(""), name.clone());
+        inputs.push(Location::Query, name, value);
+    }
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("cookie") {
+            for pair in value.split(';') {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                inputs.push(
+                    Location::Cookie,
+                    Cow::Borrowed(name.trim()),
+                    query::decode(value.trim()),
+                );
+            }
+        } else if [
+            "user-agent",
+            "referer",
+            "x-forwarded-for",
+            "x-forwarded-host",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+        {
+            inputs.push(
+                Location::Header,
+                Cow::Borrowed(*name),
+                Cow::Borrowed(*value),
+            );
+        }
+    }
+    if !body.text.is_empty() {
+        match (&body.json, body.kind) {
+            (Some(json), _) => inputs.walk_json(json, &mut String::new(), 0),
+            (None, BodyKind::Form) => {
+                for (name, value) in query::pairs(&body.text) {
+                    inputs.push(Location::FormName, Cow::Borrowed(""), name.clone());
+                    inputs.push(Location::Form, name, value);
+                }
+            }
+            // Other bodies, and JSON cut by the capture limit or broken: as text.
+            (None, _) => inputs.push(Location::Json, Cow::Borrowed(""), Cow::Borrowed(&body.text)),
+        }
+    }
+    inputs.0
+}
+
+struct Inputs<'a>(Vec<Input<'a>>);
+
+impl<'a> Inputs<'a> {
+    fn push(&mut self, location: Location, name: Cow<'a, str>, value: Cow<'a, str>) {
+        if self.0.len() >= MAX_INPUTS || value.is_empty() {
             return;
         }
-        let value = normalise(value);
-        self.inputs.push(Input {
+        let value = match normalise(&value) {
+            Cow::Borrowed(_) => value,
+            Cow::Owned(decoded) => Cow::Owned(decoded),
+        };
+        self.0.push(Input {
             location,
-            name: name.to_owned(),
-            value: value.into_owned(),
+            name,
+            value,
         });
     }
 
-    fn walk_json(&mut self, value: &serde_json::Value, path: &mut String, depth: usize) {
-        if depth > MAX_JSON_DEPTH || self.inputs.len() >= MAX_INPUTS {
+    fn walk_json(&mut self, value: &'a serde_json::Value, path: &mut String, depth: usize) {
+        if depth > MAX_JSON_DEPTH || self.0.len() >= MAX_INPUTS {
             return;
         }
         match value {
             serde_json::Value::String(text) => {
-                let name = path.clone();
-                self.push(Location::Json, &name, text);
+                self.push(
+                    Location::Json,
+                    Cow::Owned(path.clone()),
+                    Cow::Borrowed(text),
+                );
             }
             serde_json::Value::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
@@ -200,7 +234,7 @@ impl Collector {
                         path.push('.');
                     }
                     path.push_str(key);
-                    self.push(Location::JsonKey, "", key);
+                    self.push(Location::JsonKey, Cow::Borrowed(""), Cow::Borrowed(key));
                     self.walk_json(item, path, depth + 1);
                     path.truncate(len);
                 }

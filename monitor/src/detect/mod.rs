@@ -25,7 +25,7 @@ use self::{
     catalog::RuleInfo,
     config::{DetectionsDoc, Mode, RuleSettings},
     contract::{Call, Contract},
-    inputs::{Collector, Location},
+    inputs::Location,
 };
 use crate::{
     http::{Exchange, Problem, parse::Side, route},
@@ -71,6 +71,54 @@ pub(crate) fn glob_set(key: &str, patterns: &[String]) -> Result<GlobSet, Detect
     builder
         .build()
         .map_err(|e| DetectError::Invalid(format!("{key}: {e}")))
+}
+
+/// Input scans remembered (values repeat: user agents, path segments, parameters).
+const SCAN_CACHE: usize = 16 * 1024;
+
+/// What detections keep between requests: behaviour windows, and the rules each
+/// recently seen input broke (scanning a value is a pure function of its place,
+/// name and text, so a repeat is a lookup).
+pub struct State {
+    pub behaviour: Tracker,
+    scans: lru::LruCache<u64, Vec<&'static RuleInfo>>,
+    /// Keyed per process: nobody can aim a value at another's cache slot.
+    hasher: std::hash::RandomState,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            behaviour: Tracker::default(),
+            scans: lru::LruCache::new(
+                std::num::NonZeroUsize::new(SCAN_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl State {
+    /// The injection and SSRF rules `input` breaks.
+    fn scan(&mut self, input: &inputs::Input<'_>) -> Vec<&'static RuleInfo> {
+        use std::hash::BuildHasher;
+        let mut rules = Vec::new();
+        if !injection::costly(&input.value) {
+            injection::scan(input, &mut rules);
+            rules.extend(ssrf::scan(input));
+            return rules;
+        }
+        let key = self
+            .hasher
+            .hash_one((input.location as u8, &input.name, &input.value));
+        if let Some(rules) = self.scans.get(&key) {
+            return rules.clone();
+        }
+        injection::scan(input, &mut rules);
+        rules.extend(ssrf::scan(input));
+        self.scans.put(key, rules.clone());
+        rules
+    }
 }
 
 /// One rule that fired on a request.
@@ -245,28 +293,40 @@ impl Detections {
     }
 
     /// Inspects one exchange (request, body as kept, response status and size).
-    pub fn inspect(&self, exchange: &Exchange, tracker: &mut Tracker, now: SystemTime) -> Report {
+    pub fn inspect(&self, exchange: &Exchange, state: &mut State, now: SystemTime) -> Report {
         if !self.doc.enabled {
             return Report::default();
         }
         let head = &exchange.request;
         let headers = head.headers();
-        let path = route::normalised_path(head.target());
+        // The normalised path is only needed by path globs and the OpenAPI routes.
+        let needs_path = self.auth.needs_path(exchange.status)
+            || !self.admin_routes.is_empty()
+            || self.contract.has_routes();
+        let path = if needs_path {
+            route::normalised_path(head.target())
+        } else {
+            String::new()
+        };
         let (_, query) = route::split_target(head.target());
         let body = &exchange.request_body;
         let body_whole = body.len() as u64 == exchange.request_body_bytes;
-        let collected = Collector::collect(head, &headers, body, body_whole);
+        let content_type = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| *v);
+        let body = inputs::Body::read(content_type, body, body_whole);
+        let collected = inputs::collect(head, &headers, &body);
         let mut hits = Vec::new();
-        let mut rules = Vec::new();
-        for input in &collected.inputs {
-            rules.clear();
-            injection::scan(input, &mut rules);
-            rules.extend(ssrf::scan(input));
+        for input in &collected {
+            let mut rules = state.scan(input);
             if auth::in_query(input) {
                 rules.push(catalog::CREDENTIALS_IN_QUERY);
             }
             if input.location == Location::Query
-                && PAGE_SIZE_NAMES.contains(&input.name.to_ascii_lowercase().as_str())
+                && PAGE_SIZE_NAMES
+                    .iter()
+                    .any(|name| input.name.eq_ignore_ascii_case(name))
                 && input
                     .value
                     .trim()
@@ -274,6 +334,9 @@ impl Detections {
                     .is_ok_and(|n| n < 0 || n.unsigned_abs() > self.doc.limits.max_page_size)
             {
                 rules.push(catalog::UNBOUNDED_PAGE);
+            }
+            if rules.is_empty() {
+                continue;
             }
             let secret = matches!(input.location, Location::Cookie)
                 || crate::secrets::is_secret_name(&input.name);
@@ -285,23 +348,19 @@ impl Detections {
                     } else {
                         format!("{}:{}", input.location.name(), input.name)
                     },
-                    evidence: input.value.clone(),
+                    evidence: input.value.to_string(),
                     secret,
                 });
             }
         }
         let mut found = Vec::new();
         protocol::scan_head(head, &self.doc.limits, &mut found);
-        if collected.malformed_json {
+        if body.malformed_json {
             found.push((catalog::MALFORMED_JSON, String::new()));
         }
         let credentials = self.auth.credentials(&headers);
         let mut auth_found = Vec::new();
         self.auth.scan(&path, &credentials, now, &mut auth_found);
-        let content_type = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
-            .map(|(_, v)| *v);
         self.contract.check(
             &Call {
                 method: head.method(),
@@ -311,7 +370,7 @@ impl Detections {
                 headers: &headers,
                 content_type,
                 body_len: exchange.request_body_bytes,
-                json: collected.json.as_ref(),
+                json: body.json.as_ref(),
             },
             &mut found,
         );
@@ -319,7 +378,8 @@ impl Detections {
             found.push((catalog::SCANNER_AGENT, scanner.to_owned()));
         }
         let client = exchange.client.ip().to_canonical();
-        if self.admin_routes.is_match(&path)
+        if !self.admin_routes.is_empty()
+            && self.admin_routes.is_match(&path)
             && !self.admin_allowed(client, credentials.bearer(), now)
         {
             found.push((catalog::ADMIN_ROUTE, path.clone()));
@@ -330,13 +390,14 @@ impl Detections {
                 format!("{} bytes", exchange.response_body_bytes),
             ));
         }
-        tracker.observe(
+        state.behaviour.observe(
             &Observation {
                 client,
                 route: &exchange.route,
                 object_id: object_id(&exchange.route, head.target()),
                 status: exchange.status,
-                login: self.auth.login.is_match(&path),
+                login: matches!(exchange.status, Some(401 | 403))
+                    && self.auth.login.is_match(&path),
             },
             &self.doc.behaviour,
             exchange.started_ns,

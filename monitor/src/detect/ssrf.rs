@@ -113,7 +113,7 @@ fn host_rule(host: url::Host<&str>) -> Option<&'static RuleInfo> {
 }
 
 /// The SSRF rule `input` breaks, if any.
-pub fn scan(input: &Input) -> Option<&'static RuleInfo> {
+pub fn scan(input: &Input<'_>) -> Option<&'static RuleInfo> {
     if !input.location.is_parameter_value() {
         return None;
     }

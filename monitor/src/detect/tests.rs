@@ -52,7 +52,7 @@ fn ids(report: &Report) -> Vec<&'static str> {
 }
 
 fn inspect(d: &Detections, raw: &str) -> Vec<&'static str> {
-    ids(&d.inspect(&exchange(raw), &mut Tracker::default(), SystemTime::now()))
+    ids(&d.inspect(&exchange(raw), &mut State::default(), SystemTime::now()))
 }
 
 #[test]
@@ -362,7 +362,7 @@ fn json_schema_and_content_type_per_route() {
     );
     let report = d.inspect(
         &exchange("POST /users HTTP/1.1\nHost: a\nContent-Type: application/json\n\n{\"name\":\"secret-value-here\",\"age\":\"x\"}"),
-        &mut Tracker::default(),
+        &mut State::default(),
         SystemTime::now(),
     );
     let evidence = &report.findings[0].evidence;
@@ -457,11 +457,11 @@ fn behaviour_over_a_window() {
     let d = detections(
         "[behaviour]\nenumeration_ids = 5\nfailed_logins = 3\nnot_found = 4\nadmin_routes = [\"/admin/**\"]\nadmin_sources = [\"10.0.0.0/8\"]",
     );
-    let mut tracker = Tracker::default();
+    let mut state = State::default();
     let mut run = |client: &str, raw: &str, status| {
         ids(&d.inspect(
             &exchange_from(client, raw, Some(status)),
-            &mut tracker,
+            &mut state,
             SystemTime::now(),
         ))
     };
@@ -527,11 +527,11 @@ fn controls_switch_off_dry_run_act_and_tune_per_route() {
     assert!(inspect(&detections("enabled = false"), sqli).is_empty());
     assert!(inspect(&detections("[rules.sqli]\nmode = \"off\""), sqli).is_empty());
     let d = detections("[rules.sqli]\nmode = \"dry_run\"");
-    let report = d.inspect(&exchange(sqli), &mut Tracker::default(), SystemTime::now());
+    let report = d.inspect(&exchange(sqli), &mut State::default(), SystemTime::now());
     assert_eq!(ids(&report), ["sqli"], "dry run: reported, not scored");
     assert!(report.findings[0].dry_run && report.score == 0);
     let d = detections("[rules.sqli]\naction = \"block\"\nttl = \"1h\"");
-    let report = d.inspect(&exchange(sqli), &mut Tracker::default(), SystemTime::now());
+    let report = d.inspect(&exchange(sqli), &mut State::default(), SystemTime::now());
     assert_eq!(report.findings[0].action, Some(ActionKind::Block));
     assert_eq!(
         report.findings[0]
@@ -596,13 +596,13 @@ fn secrets_stay_secret_in_findings() {
     let d = detections("");
     let report = d.inspect(
         &exchange("GET / HTTP/1.1\nHost: a\nCookie: session=%27%20OR%201=1--\n\n"),
-        &mut Tracker::default(),
+        &mut State::default(),
         SystemTime::now(),
     );
     assert!(report.findings[0].secret, "cookie values are credentials");
     let report = d.inspect(
         &exchange("GET /x?password=%27%20OR%201=1-- HTTP/1.1\nHost: a\n\n"),
-        &mut Tracker::default(),
+        &mut State::default(),
         SystemTime::now(),
     );
     assert!(

@@ -6,7 +6,9 @@ use std::{fmt::Write as _, net::SocketAddr, time::Instant};
 use anyhow::Result;
 use monitor::{
     capture::{Direction, Segment},
+    detect::State,
     http::{Event, Limits, Pipeline},
+    policy::Policy,
 };
 
 const FLOWS: u32 = 2_000;
@@ -29,6 +31,10 @@ pub struct PipelineResult {
     pub httparse_rps: f64,
     /// Median over rounds of pipeline speed / httparse speed.
     pub ratio: f64,
+    /// The pipeline with the default policy's detections on every exchange.
+    pub detecting_rps: f64,
+    /// Detections' share of that: µs per exchange (fastest rounds compared).
+    pub detection_us: f64,
 }
 
 /// Each segment's payload in its own allocation, as ring records are apart in memory.
@@ -87,8 +93,11 @@ fn timed(f: &mut impl FnMut() -> usize) -> (f64, usize) {
     (start.elapsed().as_secs_f64(), result)
 }
 
-/// The daemon's pipeline over every segment; returns the exchanges it completed.
-fn through_pipeline(segments: &[Segment]) -> usize {
+/// The daemon's pipeline over every segment, with detections on each exchange when
+/// given a policy; returns the exchanges it completed.
+fn through_pipeline(segments: &[Segment], detect: Option<&Policy>) -> usize {
+    let mut state = State::default();
+    let now = std::time::SystemTime::now();
     let mut pipeline = Pipeline::new(
         Limits {
             max_flows: 65_536,
@@ -102,11 +111,14 @@ fn through_pipeline(segments: &[Segment]) -> usize {
     let mut exchanges = 0;
     for segment in segments {
         pipeline.ingest(segment, &mut events);
-        exchanges += events
-            .iter()
-            .filter(|e| matches!(e, Event::Exchange(_)))
-            .count();
-        events.clear();
+        for event in events.drain(..) {
+            if let Event::Exchange(exchange) = event {
+                exchanges += 1;
+                if let Some(policy) = detect {
+                    std::hint::black_box(policy.detections.inspect(&exchange, &mut state, now));
+                }
+            }
+        }
     }
     exchanges
 }
@@ -141,10 +153,14 @@ pub fn run() -> Result<PipelineResult> {
     let requests = (FLOWS * REQUESTS_PER_FLOW) as usize;
     // Rounds alternate between the two, so both see the same machine; the ratio is
     // the median of the per-round ratios.
+    let policy = Policy::builtin();
     let (mut pipeline_best, mut httparse_best) = (f64::INFINITY, f64::INFINITY);
+    let mut detecting_best = f64::INFINITY;
     let mut ratios = Vec::new();
     for _ in 0..ROUNDS {
-        let (pipeline_s, exchanges) = timed(&mut || through_pipeline(&segments));
+        let (detecting_s, _) = timed(&mut || through_pipeline(&segments, Some(&policy)));
+        detecting_best = detecting_best.min(detecting_s);
+        let (pipeline_s, exchanges) = timed(&mut || through_pipeline(&segments, None));
         anyhow::ensure!(
             exchanges == requests,
             "the pipeline paired {exchanges} of {requests} requests"
@@ -162,6 +178,8 @@ pub fn run() -> Result<PipelineResult> {
         pipeline_segments_per_s: segments.len() as f64 / pipeline_best,
         httparse_rps: requests as f64 / httparse_best,
         ratio: ratios[ratios.len() / 2],
+        detecting_rps: requests as f64 / detecting_best,
+        detection_us: (detecting_best - pipeline_best) * 1e6 / requests as f64,
     })
 }
 
@@ -188,6 +206,13 @@ pub fn report(out: &mut String, result: &PipelineResult) -> std::fmt::Result {
         out,
         "| apimon pipeline | {:.0} | {:.0} | {:.2}x |",
         result.pipeline_rps, result.pipeline_segments_per_s, result.ratio
+    )?;
+    writeln!(
+        out,
+        "| apimon pipeline + detections (default policy) | {:.0} | - | {:.2}x of the plain loop; detections {:.2} µs per exchange |",
+        result.detecting_rps,
+        result.detecting_rps / result.httparse_rps,
+        result.detection_us
     )?;
     writeln!(out)?;
     writeln!(
