@@ -78,6 +78,36 @@ pub fn is_secret_name(name: &str) -> bool {
     SECRET_NAMES.iter().any(|known| same(known))
 }
 
+/// Whether a field of this name may hold a credential: a credential's name as its last
+/// part (`user.password`, `auth[token]`), or a name that contains one of the words
+/// credentials go by (`newPassword`, `accessToken`).
+pub fn may_hold_secret(name: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "api_key",
+        "api-key",
+        "credential",
+        "session",
+        "cookie",
+        "authorization",
+    ];
+    let last = name
+        .trim_end_matches(']')
+        .rsplit(['.', '['])
+        .next()
+        .unwrap_or(name);
+    is_secret_name(last)
+        || WORDS.iter().any(|word| {
+            name.as_bytes()
+                .windows(word.len())
+                .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+        })
+}
+
 #[derive(Clone)]
 pub struct Fingerprinter {
     key: [u8; KEY_BYTES],

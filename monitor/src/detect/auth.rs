@@ -54,7 +54,10 @@ struct TimeClaims {
 /// What a request carries by way of credentials.
 #[derive(Default)]
 pub struct Credentials<'a> {
+    /// The first Authorization header (the one most servers read).
     pub authorization: Option<&'a str>,
+    /// Every Authorization header: a server may read another than the first.
+    pub all_authorizations: Vec<&'a str>,
     pub other: bool,
 }
 
@@ -64,9 +67,7 @@ impl<'a> Credentials<'a> {
     }
 
     pub fn bearer(&self) -> Option<&'a str> {
-        let value = self.authorization?.trim();
-        let (scheme, token) = value.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        bearer_token(self.authorization?)
     }
 }
 
@@ -124,7 +125,8 @@ impl Auth {
         let mut found = Credentials::default();
         for (name, value) in headers {
             if name.eq_ignore_ascii_case("authorization") {
-                found.authorization = Some(value);
+                found.authorization.get_or_insert(value);
+                found.all_authorizations.push(value);
             } else if self
                 .credential_headers
                 .iter()
@@ -132,10 +134,8 @@ impl Auth {
             {
                 found.other = true;
             } else if name.eq_ignore_ascii_case("cookie") && !self.credential_cookies.is_empty() {
-                found.other |= value.split(';').any(|pair| {
-                    let cookie = pair.split('=').next().unwrap_or_default().trim();
-                    self.credential_cookies.iter().any(|c| c == cookie)
-                });
+                found.other |= super::inputs::cookies(value)
+                    .any(|(cookie, _)| self.credential_cookies.iter().any(|c| c == cookie));
             }
         }
         found
@@ -158,11 +158,13 @@ impl Auth {
                 out.push((catalog::CLEARTEXT_CREDENTIALS, scheme.to_owned()));
             }
         }
-        if let Some(token) = credentials.bearer()
-            && looks_like_jwt(token)
-            && let Some(problem) = self.check_jwt(token, now)
-        {
-            out.push(problem);
+        for authorization in &credentials.all_authorizations {
+            if let Some(token) = bearer_token(authorization)
+                && looks_like_jwt(token)
+                && let Some(problem) = self.check_jwt(token, now)
+            {
+                out.push(problem);
+            }
         }
     }
 
@@ -204,6 +206,9 @@ impl Auth {
     }
 
     fn verify_signature(&self, token: &str, header: &JwtHeader) -> Result<(), String> {
+        if matches!(self.keys, Keys::None) {
+            return Ok(());
+        }
         let algorithm: Algorithm = header
             .alg
             .parse()
@@ -260,6 +265,12 @@ impl Auth {
     }
 }
 
+/// The token of a `Bearer` Authorization value.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Option<T> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
@@ -274,11 +285,16 @@ pub fn looks_like_jwt(token: &str) -> bool {
 
 /// A credential in a query parameter: a credential's name, or a JWT as the value.
 pub fn in_query(input: &Input<'_>) -> bool {
-    // Signatures of presigned URLs are proofs, not credentials.
-    let signature = ["sig", "signature"]
-        .iter()
-        .any(|name| input.name.eq_ignore_ascii_case(name));
+    // Not `sig`/`signature` (presigned URLs carry proofs, not credentials), nor `key`,
+    // `auth` or `session` (too often something else) unless the value is opaque.
+    const AMBIGUOUS: &[&str] = &["sig", "signature", "key", "auth", "session"];
+    let opaque = input.value.len() >= 20
+        && input
+            .value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(&b));
+    let named = is_secret_name(&input.name)
+        && (opaque || !AMBIGUOUS.iter().any(|n| input.name.eq_ignore_ascii_case(n)));
     input.location == Location::Query
-        && ((is_secret_name(&input.name) && !signature)
-            || (looks_like_jwt(&input.value) && input.value.matches('.').count() == 2))
+        && (named || (looks_like_jwt(&input.value) && input.value.matches('.').count() == 2))
 }

@@ -82,7 +82,8 @@ pub struct Observation<'a> {
 }
 
 pub struct Tracker {
-    ids: Counter<(IpAddr, Arc<str>), HashSet<u64>>,
+    /// By client and a hash of the route (templates can be long: keys stay small).
+    ids: Counter<(IpAddr, u64), HashSet<u64>>,
     failed_logins: Counter<IpNet, u32>,
     not_found: Counter<IpAddr, u32>,
 }
@@ -107,9 +108,8 @@ impl Tracker {
     ) {
         let window_ns = u64::try_from(doc.window.0.as_nanos()).unwrap_or(u64::MAX);
         if let Some(id) = seen.object_id {
-            let window = self
-                .ids
-                .at((seen.client, seen.route.clone()), now_ns, window_ns);
+            let route = fingerprint(seen.route);
+            let window = self.ids.at((seen.client, route), now_ns, window_ns);
             // Bounded per key: past the threshold, only whether it was reached matters.
             if window.state.len() < doc.enumeration_ids as usize {
                 window.state.insert(fingerprint(id));

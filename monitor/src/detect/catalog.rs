@@ -164,6 +164,7 @@ rules! {
     MISSING_HOST = "http-missing-host", "HTTP/1.1 request without Host", Protocol, Api8Misconfiguration, Warning, 1;
     OVERSIZE_URI = "oversize-uri", "Request URI over the limit", Protocol, Api4ResourceConsumption, Warning, 1;
     OVERSIZE_HEADERS = "oversize-headers", "Request head or header count over the limit", Protocol, Api4ResourceConsumption, Warning, 1;
+    INSPECTION_LIMIT = "inspection-limit", "More inputs than inspected (parameters, cookies, body values or JSON depth over the limits)", Protocol, Api4ResourceConsumption, Warning, 1;
     OVERSIZE_BODY = "oversize-body", "Request body over the limit", Protocol, Api4ResourceConsumption, Warning, 1;
     AUTH_MISSING = "auth-missing", "Route that requires credentials called without them", Authentication, Api2Authentication, Error, 1;
     JWT_MALFORMED = "jwt-malformed", "Malformed JWT", Authentication, Api2Authentication, Error, 1;

@@ -19,7 +19,8 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 50 * 1024 * 1024;
 pub const DEFAULT_MAX_PAGE_SIZE: u64 = 1000;
 pub const DEFAULT_BEHAVIOUR_WINDOW: Duration = Duration::from_secs(60);
-pub const DEFAULT_ENUMERATION_IDS: u32 = 50;
+/// High enough for a page that loads a gallery of objects.
+pub const DEFAULT_ENUMERATION_IDS: u32 = 100;
 pub const DEFAULT_FAILED_LOGINS: u32 = 10;
 pub const DEFAULT_NOT_FOUND: u32 = 30;
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(60);

@@ -124,11 +124,17 @@ fn inline_refs(value: &Value, root: &Value, depth: usize) -> Value {
                     _ => Value::Object(serde_json::Map::new()),
                 };
             }
-            Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.clone(), inline_refs(v, root, depth)))
-                    .collect(),
-            )
+            let mut inlined: serde_json::Map<String, Value> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), inline_refs(v, root, depth)))
+                .collect();
+            // OpenAPI 3.0's `nullable: true` is JSON Schema's `null` among the types.
+            if inlined.remove("nullable") == Some(Value::Bool(true))
+                && let Some(Value::String(kind)) = inlined.get("type").cloned()
+            {
+                inlined.insert("type".into(), serde_json::json!([kind, "null"]));
+            }
+            Value::Object(inlined)
         }
         Value::Array(items) => {
             Value::Array(items.iter().map(|v| inline_refs(v, root, depth)).collect())
@@ -204,7 +210,13 @@ impl Contract {
             out.push((catalog::UNKNOWN_ROUTE, call.path.to_owned()));
             return;
         };
-        let Some(operation) = spec.operations.get(call.method) else {
+        // CORS preflights are the browser's, and HEAD is GET without the body.
+        let method = match call.method {
+            "OPTIONS" => return,
+            "HEAD" if !spec.operations.contains_key("HEAD") => "GET",
+            other => other,
+        };
+        let Some(operation) = spec.operations.get(method) else {
             out.push((
                 catalog::METHOD_NOT_ALLOWED,
                 format!("{} {}", call.method, spec.template),
@@ -260,6 +272,18 @@ fn typed_value(text: &str, kind: &str) -> Value {
         "integer" | "number" | "boolean" => {
             serde_json::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.into()))
         }
+        // The default OpenAPI style for query arrays is `form`, exploded or not:
+        // `a,b` here (repeated parameters are read one by one).
+        "array" => Value::Array(
+            text.split(',')
+                .map(|item| {
+                    serde_json::from_str::<Value>(item)
+                        .ok()
+                        .filter(|v| v.is_number() || v.is_boolean())
+                        .unwrap_or_else(|| Value::String(item.into()))
+                })
+                .collect(),
+        ),
         _ => Value::String(text.into()),
     }
 }
@@ -272,7 +296,14 @@ fn check_body(spec: &BodySpec, call: &Call<'_>, out: &mut Vec<(&'static RuleInfo
         return;
     }
     let media = call.content_type.map(media_type).unwrap_or_default();
-    if !spec.content_types.is_empty() && !spec.content_types.contains(&media) {
+    let accepted = |declared: &String| {
+        declared == &media
+            || declared == "*/*"
+            || declared
+                .strip_suffix('*')
+                .is_some_and(|prefix| prefix.ends_with('/') && media.starts_with(prefix))
+    };
+    if !spec.content_types.is_empty() && !spec.content_types.iter().any(accepted) {
         out.push((catalog::CONTENT_TYPE, media));
         return;
     }

@@ -73,8 +73,15 @@ static STACKED_SQL: LazyLock<Regex> = LazyLock::new(|| {
     pattern(
         r"(?ix)
         (?:^|['\x22\d)])\s*;\s*
-        (?:drop|truncate|create|alter|insert|update|delete|exec(?:ute)?|shutdown|copy|grant|revoke|declare|rename|load\s+data)
-        \s*(?:\w|\(|$|-)",
+        (?: drop\s+(?:table|database|schema|user|view|index|function|procedure|trigger)\b
+          | truncate\s+(?:table\s+)?[\w.`\x22\[]
+          | create\s+(?:table|database|schema|user|login|view|function|procedure|trigger|role)\b
+          | alter\s+(?:table|database|user|login|role)\b
+          | insert\s+into\b | update\s+[\w.`\x22\[\]]+\s+set\b | delete\s+from\b
+          | exec(?:ute)?\s+(?:xp_|sp_|master\.|\w+\s*\()
+          | shutdown\b | copy\s*\( | copy\s+[\w.]+\s+(?:to|from)\b
+          | grant\s+\w+(?:\s*,\s*\w+)*\s+on\b | declare\s+@ | load\s+data\b
+        )",
     )
 });
 
@@ -136,24 +143,22 @@ static SYSTEM_FILE: LazyLock<Regex> = LazyLock::new(|| {
     )
 });
 
+/// A shell command after a separator. Commands that take arguments need one (or a
+/// start-of-value separator: `;ls`), so delimited lists (`fields=name;id`,
+/// `tags=dogs;cat`) and prose (`Tom & Jerry; cat videos`) pass; a separator glued
+/// between words counts only before a command with an argument, or after a digit or
+/// quote (`127.0.0.1;id`).
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    pattern(
-        r#"(?ix)
-        (?:[;|&`\n\r]|\$\(|\|\||&&)\s*
-        (?:[\w./-]*/)?
-        (?:
-            (?:cat|tac|head|tail|more|less|nl|ls|dir|type|wget|curl|nc|ncat|netcat|bash|sh|zsh|dash|ksh
-              |ping|nslookup|dig|host|sleep|echo|printf|rm|cp|mv|chmod|chown|python[23]?|perl|ruby
-              |php|node|powershell|pwsh|cmd(?:\.exe)?|telnet|ssh|scp|base64|xxd|find|grep|awk|sed
-              |kill|pkill|touch|mkdir|crontab|useradd|nohup|timeout|eval|exec|socat)
-            (?:\s+(?:[-/$~'"\d.<>]|[\w-]+[./:]\S|[\w-]+\s*[<>|;&])|\s*\$\{IFS\}|\s*(?:$|[;|&`)\#<>]))
-          | (?:id|whoami|uname|pwd|ifconfig|ipconfig|hostname|env|printenv|ps|w|who|reboot|shutdown|netstat)
-            (?:\s*(?:$|[;|&`)\#<>])|\s+[-/])
-          | net\s+(?:user|localgroup|view|share|use|session)\b
-        )
-        | `[^`]*\b(?:id|whoami|uname|cat|ls|sleep|curl|wget|ping)\b[^`]*`
-        | \$\{IFS\}"#,
-    )
+    const ARG_COMMANDS: &str = r"(?:cat|tac|head|tail|more|less|nl|ls|dir|type|wget|curl|nc|ncat|netcat|bash|sh|zsh|dash|ksh|ping|nslookup|dig|host|sleep|echo|printf|rm|cp|mv|chmod|chown|python[23]?|perl|ruby|php|node|powershell|pwsh|cmd(?:\.exe)?|telnet|ssh|scp|base64|xxd|find|grep|awk|sed|kill|pkill|touch|mkdir|crontab|useradd|nohup|timeout|eval|exec|socat)";
+    const BARE_COMMANDS: &str = r"(?:id|whoami|uname|pwd|ifconfig|ipconfig|hostname|env|printenv|ps|w|who|reboot|shutdown|netstat)";
+    const ARGS: &str =
+        r#"(?:\s+(?:[-/$~'"\d.<>]|[\w-]+[./:]\S|[\w-]+\s*[<>|;&])|\s*\$\{IFS\}|\s*[<>])"#;
+    const END: &str = r"\s*(?:$|[;|&`)\#<>])";
+    const PATH: &str = r"(?:[\w./-]*/)?";
+    let net = r"net\s+(?:user|localgroup|view|share|use|session)\b";
+    pattern(&format!(
+        r"(?i)^\s*(?:[;|&`]+|\$\()\s*{PATH}(?:{ARG_COMMANDS}(?:{ARGS}|{END})|{BARE_COMMANDS}(?:{END}|\s+[-/])|{net})|(?:[;|&`]\s+|\$\(|\|\||&&|[\n\r])\s*{PATH}(?:{ARG_COMMANDS}{ARGS}|{BARE_COMMANDS}(?:{END}|\s+[-/])|{net})|[;|&]{PATH}{ARG_COMMANDS}{ARGS}|[\d'\x22)][;|&]{PATH}{BARE_COMMANDS}(?:{END}|\s+[-/])|`[^`]*\b(?:id|whoami|uname|cat|ls|sleep|curl|wget|ping)\b[^`]*`|\$\{{IFS\}}"
+    ))
 });
 
 static TEMPLATE: LazyLock<Regex> = LazyLock::new(|| {
@@ -174,6 +179,7 @@ static TEMPLATE: LazyLock<Regex> = LazyLock::new(|| {
 static JNDI: LazyLock<Regex> =
     LazyLock::new(|| pattern(r"(?i)\$\{[^}]*(?:jndi|\$\{|lower:|upper:|::-|env:|sys:|java:)"));
 
+// Not `$type`: .NET serializers write it on every polymorphic object.
 const NOSQL_OPERATORS: &[&str] = &[
     "$ne",
     "$eq",
@@ -194,7 +200,6 @@ const NOSQL_OPERATORS: &[&str] = &[
     "$function",
     "$accumulator",
     "$elemmatch",
-    "$type",
     "$size",
     "$all",
     "$mod",
@@ -326,6 +331,11 @@ mod tests {
         fires("$(whoami)", "command-injection");
         fires("`id`", "command-injection");
         fires("a;sleep${IFS}5", "command-injection");
+        fires("127.0.0.1;id", "command-injection");
+        fires(";ls", "command-injection");
+        fires("x;cat /etc/hosts", "command-injection");
+        fires("1; DROP TABLE users--", "sqli");
+        fires("'; EXEC master..xp_cmdshell 'dir'--", "sqli");
         fires("{{7*7}}", "template-injection");
         fires("{{ config.items() }}", "template-injection");
         fires(
@@ -358,6 +368,11 @@ mod tests {
             "{{firstName}} welcome",
             "price: $5 * 3",
             "we ran ls on it, then id",
+            "name;id",
+            "name|id",
+            "dogs;cat",
+            "Mozilla/5.0 (Windows NT 6.3; Trident/7.0; Touch; rv:11.0) like Gecko",
+            "Fixed in v2; update now",
             "aGVsbG8gd29ybGQ=",
         ] {
             clean(value);

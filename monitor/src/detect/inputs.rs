@@ -1,14 +1,12 @@
 //! The places of a request an attacker controls, as decoded values: path segments,
 //! query and form parameters (names and values), cookies, a few headers, and the
-//! strings and keys of a JSON body.
+//! strings and keys of a JSON body (other bodies as text).
 
 use std::borrow::Cow;
 
 use super::decode::normalise;
 use crate::http::{parse::RequestHead, query, route};
 
-/// Values taken from one request at most (a body with more is inspected in part).
-const MAX_INPUTS: usize = 512;
 /// JSON nesting followed at most.
 const MAX_JSON_DEPTH: usize = 32;
 
@@ -23,6 +21,8 @@ pub enum Location {
     Form,
     JsonKey,
     Json,
+    /// A body that is neither JSON nor a form (or JSON cut short), as text.
+    Body,
 }
 
 impl Location {
@@ -37,12 +37,28 @@ impl Location {
             Location::Form => "form",
             Location::JsonKey => "json_key",
             Location::Json => "json",
+            Location::Body => "body",
         }
     }
 
     /// A parameter's value (not its name, not the path or a header).
     pub const fn is_parameter_value(self) -> bool {
         matches!(self, Location::Query | Location::Form | Location::Json)
+    }
+
+    /// Inputs taken per group at most: many parameters must not crowd out the
+    /// headers or the body (an attacker would pad a request to hide a payload).
+    const fn budget(self) -> (usize, usize) {
+        match self {
+            Location::Path => (0, 64),
+            Location::QueryName | Location::Query => (1, 256),
+            Location::Cookie | Location::Header => (2, 64),
+            Location::FormName
+            | Location::Form
+            | Location::JsonKey
+            | Location::Json
+            | Location::Body => (3, 512),
+        }
     }
 }
 
@@ -60,6 +76,8 @@ pub struct Input<'a> {
 pub enum BodyKind {
     Json,
     Form,
+    /// Images, audio, archives...: not inspected.
+    Binary,
     Other,
 }
 
@@ -82,9 +100,28 @@ pub fn body_kind(content_type: Option<&str>, body: &[u8]) -> BodyKind {
     if media == "application/x-www-form-urlencoded" {
         return BodyKind::Form;
     }
-    // Clients that send JSON as text/plain (or no type at all) still reach a parser.
+    const BINARY: &[&str] = &["image/", "audio/", "video/", "font/"];
+    const BINARY_APPLICATIONS: &[&str] = &[
+        "application/octet-stream",
+        "application/pdf",
+        "application/zip",
+        "application/gzip",
+        "application/x-tar",
+        "application/protobuf",
+        "application/x-protobuf",
+        "application/grpc",
+        "application/wasm",
+    ];
+    if BINARY.iter().any(|prefix| media.starts_with(prefix))
+        || BINARY_APPLICATIONS.contains(&media.as_str())
+    {
+        return BodyKind::Binary;
+    }
+    // Clients that send JSON as text/plain, or with no type at all, still reach a
+    // JSON parser behind the API.
+    let untyped = media.is_empty() || media == "text/plain";
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{' | b'[') if !media.starts_with("multipart/") => BodyKind::Json,
+        Some(b'{' | b'[') if untyped => BodyKind::Json,
         _ => BodyKind::Other,
     }
 }
@@ -110,9 +147,13 @@ impl<'a> Body<'a> {
             },
             _ => (None, false),
         };
+        let text = match kind {
+            BodyKind::Binary => Cow::Borrowed(""),
+            _ => String::from_utf8_lossy(body),
+        };
         Self {
             kind,
-            text: String::from_utf8_lossy(body),
+            text,
             json,
             malformed_json,
         }
@@ -120,87 +161,109 @@ impl<'a> Body<'a> {
 }
 
 /// A request's inputs, decoded.
-pub fn collect<'a>(
-    head: &'a RequestHead,
-    headers: &[(&'a str, &'a str)],
-    body: &'a Body<'a>,
-) -> Vec<Input<'a>> {
-    let mut inputs = Inputs(Vec::with_capacity(16));
-    let (path, query_string) = route::split_target(head.target());
-    match query::decode_path(path) {
-        Cow::Borrowed(path) => {
-            for segment in path.split('/') {
-                inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(segment));
-            }
-        }
-        Cow::Owned(path) => {
-            for segment in path.split('/') {
-                inputs.push(
-                    Location::Path,
-                    Cow::Borrowed(""),
-                    Cow::Owned(segment.to_owned()),
-                );
-            }
-        }
-    }
-    for (name, value) in query::pairs(query_string.unwrap_or_default()) {
-        inputs.push(Location::QueryName, Cow::Borrowed(""), name.clone());
-        inputs.push(Location::Query, name, value);
-    }
-    for (name, value) in headers {
-        if name.eq_ignore_ascii_case("cookie") {
-            for pair in value.split(';') {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                inputs.push(
-                    Location::Cookie,
-                    Cow::Borrowed(name.trim()),
-                    query::decode(value.trim()),
-                );
-            }
-        } else if [
-            "user-agent",
-            "referer",
-            "x-forwarded-for",
-            "x-forwarded-host",
-        ]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
-        {
-            inputs.push(
-                Location::Header,
-                Cow::Borrowed(*name),
-                Cow::Borrowed(*value),
-            );
-        }
-    }
-    if !body.text.is_empty() {
-        match (&body.json, body.kind) {
-            (Some(json), _) => inputs.walk_json(json, &mut String::new(), 0),
-            (None, BodyKind::Form) => {
-                for (name, value) in query::pairs(&body.text) {
-                    inputs.push(Location::FormName, Cow::Borrowed(""), name.clone());
-                    inputs.push(Location::Form, name, value);
-                }
-            }
-            // Other bodies, and JSON cut by the capture limit or broken: as text.
-            (None, _) => inputs.push(Location::Json, Cow::Borrowed(""), Cow::Borrowed(&body.text)),
-        }
-    }
-    inputs.0
+pub struct Inputs<'a> {
+    pub list: Vec<Input<'a>>,
+    /// Some were left out (a group over its budget, JSON nested too deep).
+    pub truncated: bool,
+    taken: [usize; 4],
 }
 
-struct Inputs<'a>(Vec<Input<'a>>);
-
 impl<'a> Inputs<'a> {
+    pub fn collect(
+        head: &'a RequestHead,
+        headers: &[(&'a str, &'a str)],
+        body: &'a Body<'a>,
+    ) -> Self {
+        let mut inputs = Inputs {
+            list: Vec::with_capacity(16),
+            truncated: false,
+            taken: [0; 4],
+        };
+        let (path, query_string) = route::split_target(head.target());
+        let decoded = query::decode_path(path);
+        // Segments one by one, and the whole path where it climbs (`/a/../../etc`).
+        let whole_too = decoded.contains("..") || decoded.contains('\\');
+        match decoded {
+            Cow::Borrowed(path) => {
+                for segment in path.split('/') {
+                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(segment));
+                }
+                if whole_too {
+                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(path));
+                }
+            }
+            Cow::Owned(path) => {
+                for segment in path.split('/') {
+                    let segment = Cow::Owned(segment.to_owned());
+                    inputs.push(Location::Path, Cow::Borrowed(""), segment);
+                }
+                if whole_too {
+                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Owned(path));
+                }
+            }
+        }
+        for (name, value) in query::pairs(query_string.unwrap_or_default()) {
+            inputs.push(Location::QueryName, Cow::Borrowed(""), name.clone());
+            inputs.push(Location::Query, name, value);
+        }
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case("cookie") {
+                for (cookie, value) in cookies(value) {
+                    inputs.push(
+                        Location::Cookie,
+                        Cow::Borrowed(cookie),
+                        query::decode(value),
+                    );
+                }
+            } else if [
+                "user-agent",
+                "referer",
+                "x-forwarded-for",
+                "x-forwarded-host",
+            ]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+            {
+                inputs.push(
+                    Location::Header,
+                    Cow::Borrowed(*name),
+                    Cow::Borrowed(*value),
+                );
+            }
+        }
+        if !body.text.is_empty() {
+            match (&body.json, body.kind) {
+                (Some(json), _) => inputs.walk_json(json, &mut String::new(), 0),
+                (None, BodyKind::Form) => {
+                    for (name, value) in query::pairs(&body.text) {
+                        inputs.push(Location::FormName, Cow::Borrowed(""), name.clone());
+                        inputs.push(Location::Form, name, value);
+                    }
+                }
+                // Other bodies, and JSON cut by the capture limit or broken: as text.
+                (None, _) => {
+                    inputs.push(Location::Body, Cow::Borrowed(""), Cow::Borrowed(&body.text))
+                }
+            }
+        }
+        inputs
+    }
+
     fn push(&mut self, location: Location, name: Cow<'a, str>, value: Cow<'a, str>) {
-        if self.0.len() >= MAX_INPUTS || value.is_empty() {
+        if value.is_empty() {
             return;
         }
+        let (group, budget) = location.budget();
+        if self.taken[group] >= budget {
+            self.truncated = true;
+            return;
+        }
+        self.taken[group] += 1;
         let value = match normalise(&value) {
             Cow::Borrowed(_) => value,
             Cow::Owned(decoded) => Cow::Owned(decoded),
         };
-        self.0.push(Input {
+        self.list.push(Input {
             location,
             name,
             value,
@@ -208,7 +271,8 @@ impl<'a> Inputs<'a> {
     }
 
     fn walk_json(&mut self, value: &'a serde_json::Value, path: &mut String, depth: usize) {
-        if depth > MAX_JSON_DEPTH || self.0.len() >= MAX_INPUTS {
+        if depth > MAX_JSON_DEPTH {
+            self.truncated = true;
             return;
         }
         match value {
@@ -242,6 +306,14 @@ impl<'a> Inputs<'a> {
             _ => {}
         }
     }
+}
+
+/// The `name=value` pairs of a Cookie header, trimmed.
+pub fn cookies(header: &str) -> impl Iterator<Item = (&str, &str)> {
+    header.split(';').map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (name.trim(), value.trim())
+    })
 }
 
 /// A value as evidence in an event: short, on one line.

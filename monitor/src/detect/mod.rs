@@ -16,7 +16,7 @@ pub mod ssrf;
 
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::SystemTime};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use thiserror::Error;
 
 use self::{
@@ -43,20 +43,16 @@ pub enum DetectError {
     Invalid(String),
 }
 
-/// Query parameters that size a page of results.
+/// Query parameters that size a page of results (not `size` or `max`: image sizes and
+/// price filters use them).
 const PAGE_SIZE_NAMES: &[&str] = &[
     "limit",
     "per_page",
     "perpage",
     "page_size",
     "pagesize",
-    "size",
-    "count",
     "top",
     "take",
-    "first",
-    "last",
-    "max",
     "max_results",
     "maxresults",
 ];
@@ -64,7 +60,10 @@ const PAGE_SIZE_NAMES: &[&str] = &[
 pub(crate) fn glob_set(key: &str, patterns: &[String]) -> Result<GlobSet, DetectError> {
     let mut builder = GlobSetBuilder::new();
     for pattern in patterns {
-        let glob = Glob::new(pattern)
+        // Paths as servers that ignore case see them (`/Admin` is `/admin`).
+        let glob = GlobBuilder::new(pattern)
+            .case_insensitive(true)
+            .build()
             .map_err(|e| DetectError::Invalid(format!("{key}: {pattern:?}: {e}")))?;
         builder.add(glob);
     }
@@ -176,6 +175,30 @@ impl Detections {
                 "detections.paranoia: {} is not a level from 1 to 4",
                 doc.paranoia
             )));
+        }
+        if doc.anomaly_action == ActionKind::Throttle
+            && doc
+                .rules
+                .get(catalog::ANOMALY.id)
+                .and_then(|s| s.throttle_pps)
+                .is_none()
+        {
+            return Err(DetectError::Invalid(
+                "detections.anomaly_action throttle needs detections.rules.anomaly-score.throttle_pps"
+                    .into(),
+            ));
+        }
+        let behaviour = &doc.behaviour;
+        for (key, value) in [
+            ("enumeration_ids", behaviour.enumeration_ids),
+            ("failed_logins", behaviour.failed_logins),
+            ("not_found", behaviour.not_found),
+        ] {
+            if value == 0 {
+                return Err(DetectError::Invalid(format!(
+                    "detections.behaviour.{key}: must be at least 1"
+                )));
+            }
         }
         if doc.anomaly_threshold == 0 {
             return Err(DetectError::Invalid(
@@ -316,9 +339,9 @@ impl Detections {
             .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
             .map(|(_, v)| *v);
         let body = inputs::Body::read(content_type, body, body_whole);
-        let collected = inputs::collect(head, &headers, &body);
+        let collected = inputs::Inputs::collect(head, &headers, &body);
         let mut hits = Vec::new();
-        for input in &collected {
+        for input in &collected.list {
             let mut rules = state.scan(input);
             if auth::in_query(input) {
                 rules.push(catalog::CREDENTIALS_IN_QUERY);
@@ -338,8 +361,11 @@ impl Detections {
             if rules.is_empty() {
                 continue;
             }
-            let secret = matches!(input.location, Location::Cookie)
-                || crate::secrets::is_secret_name(&input.name);
+            let secret = input.location == Location::Cookie
+                || crate::secrets::may_hold_secret(&input.name)
+                || auth::looks_like_jwt(&input.value)
+                || (input.location == Location::Header && input.value.contains('?'))
+                || rules.contains(&catalog::CREDENTIALS_IN_QUERY);
             for rule in &rules {
                 hits.push(Hit {
                     rule,
@@ -355,6 +381,9 @@ impl Detections {
         }
         let mut found = Vec::new();
         protocol::scan_head(head, &self.doc.limits, &mut found);
+        if collected.truncated {
+            found.push((catalog::INSPECTION_LIMIT, String::new()));
+        }
         if body.malformed_json {
             found.push((catalog::MALFORMED_JSON, String::new()));
         }
@@ -409,11 +438,12 @@ impl Detections {
             evidence,
             secret: false,
         }));
+        // Their evidence is apimon's own words (never the token).
         hits.extend(auth_found.into_iter().map(|(rule, evidence)| Hit {
             rule,
             location: "header:authorization".into(),
             evidence,
-            secret: true,
+            secret: false,
         }));
         self.report(hits, &exchange.route)
     }
@@ -460,8 +490,10 @@ struct Hit {
 
 /// The raw path segment the route template calls an id (`{id}`, `{userId}`).
 fn object_id<'a>(route: &str, target: &'a str) -> Option<&'a str> {
-    let path = route::path_of(target);
+    // Both without their leading slashes, as the template was made.
+    let path = route::path_of(target).trim_start_matches('/');
     route
+        .trim_start_matches('/')
         .split('/')
         .zip(path.split('/'))
         .find(|(template, _)| template.starts_with('{'))

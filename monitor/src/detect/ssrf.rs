@@ -16,16 +16,60 @@ const DANGEROUS_SCHEMES: &[&str] = &[
     "expect", "php", "ftp",
 ];
 
-/// Parameter names that carry a URL or host by convention.
+/// Parameter names that carry a URL or host by convention: a word of the name's last
+/// part (`webhook_url`, `callbackUrl`, `target.host`) is one of these, and the name is
+/// not an id (`site_id`).
 fn url_named(name: &str) -> bool {
     const HINTS: &[&str] = &[
-        "url", "uri", "link", "href", "host", "domain", "callback", "webhook", "redirect",
-        "return", "next", "dest", "target", "endpoint", "proxy", "image", "img", "feed", "fetch",
-        "load", "src", "site", "server", "address",
+        "url",
+        "uri",
+        "link",
+        "href",
+        "host",
+        "hostname",
+        "domain",
+        "callback",
+        "webhook",
+        "redirect",
+        "dest",
+        "destination",
+        "target",
+        "endpoint",
+        "proxy",
+        "feed",
+        "fetch",
+        "src",
+        "server",
+        "upstream",
+        "origin",
     ];
-    let name = name.to_ascii_lowercase();
-    let last = name.rsplit(['.', '[']).next().unwrap_or(&name);
-    HINTS.iter().any(|hint| last.contains(hint))
+    let last = name
+        .rsplit(['.', '['])
+        .next()
+        .unwrap_or(name)
+        .trim_end_matches(']');
+    // Words split at `_`, `-` and camelCase humps.
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in last.chars() {
+        if (c == '_' || c == '-' || c.is_ascii_uppercase()) && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        if c != '_' && c != '-' {
+            word.push(c.to_ascii_lowercase());
+        }
+    }
+    words.push(word);
+    words.last().is_none_or(|w| w != "id" && w != "ids")
+        && words.iter().any(|w| HINTS.contains(&w.as_str()))
+}
+
+/// A bare value that names a host: letters (a name), an IPv4 dotted quad, a port or an
+/// IPv6 literal. Plain numbers (`1234`, `0.75`) would parse as IPv4 but are not meant so.
+fn host_like(value: &str) -> bool {
+    value.bytes().any(|b| b.is_ascii_alphabetic())
+        || value.bytes().filter(|b| *b == b'.').count() == 3
+        || value.contains([':', '['])
 }
 
 /// Names that resolve inside (or to a metadata service) wherever they are used.
@@ -91,6 +135,14 @@ fn address_rule(ip: IpAddr) -> Option<&'static RuleInfo> {
             if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
                 return Some(catalog::SSRF_METADATA);
             }
+            let bits = v6.to_bits();
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address.
+            if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+                return v4_rule(Ipv4Addr::from_bits(bits as u32));
+            }
+            if bits >> 112 == 0x2002 {
+                return v4_rule(Ipv4Addr::from_bits((bits >> 80) as u32));
+            }
             let first = v6.segments()[0];
             let internal = v6.is_loopback()
                 || v6.is_unspecified()
@@ -118,10 +170,14 @@ pub fn scan(input: &Input<'_>) -> Option<&'static RuleInfo> {
         return None;
     }
     let value = input.value.trim();
-    if value.len() < 4 || value.len() > 2048 {
+    if value.len() < 4 {
         return None;
     }
-    let candidate = if let Some(scheme_end) = value.find("://").filter(|at| *at <= 10) {
+    let lower_start = value.get(..6).unwrap_or(value).to_ascii_lowercase();
+    let candidate = if lower_start.starts_with("http:") || lower_start.starts_with("https:") {
+        // The URL parser reads `http:/h`, `http:h` and `http:\\h` as `http://h`.
+        value.to_owned()
+    } else if let Some(scheme_end) = value.find("://").filter(|at| *at <= 10) {
         // `jar:http://...` wraps one URL in another scheme.
         let scheme = value[..scheme_end].to_ascii_lowercase();
         let outer = scheme.split(':').next().unwrap_or_default();
@@ -136,7 +192,7 @@ pub fn scan(input: &Input<'_>) -> Option<&'static RuleInfo> {
             .contains(&scheme.to_ascii_lowercase().as_str())
     {
         return Some(catalog::SSRF_SCHEME);
-    } else if url_named(&input.name) && !value.contains(char::is_whitespace) {
+    } else if url_named(&input.name) && !value.contains(char::is_whitespace) && host_like(value) {
         format!("http://{value}")
     } else {
         return None;
@@ -206,6 +262,23 @@ mod tests {
     }
 
     #[test]
+    fn spellings_that_parsers_accept() {
+        let internal = Some("ssrf-internal-address");
+        assert_eq!(rule("q", "http:/127.0.0.1/"), internal, "one slash");
+        assert_eq!(rule("q", "HTTP:127.0.0.1"), internal, "no slash");
+        assert_eq!(rule("q", "http:\\\\127.0.0.1\\"), internal, "backslashes");
+        let long = format!("http://127.0.0.1/{}", "a".repeat(5000));
+        assert_eq!(rule("q", &long), internal, "long");
+        assert_eq!(
+            rule("q", "http://[64:ff9b::a9fe:a9fe]/"),
+            Some("ssrf-cloud-metadata"),
+            "NAT64"
+        );
+        assert_eq!(rule("q", "http://[2002:7f00:1::]/"), internal, "6to4");
+        assert_eq!(rule("callbackUrl", "10.1.2.3"), internal, "camelCase name");
+    }
+
+    #[test]
     fn public_targets_and_plain_text_pass() {
         assert_eq!(rule("q", "https://example.com/a?b=c"), None);
         assert_eq!(rule("url", "https://api.github.com/repos"), None);
@@ -218,5 +291,15 @@ mod tests {
         );
         assert_eq!(rule("note", "see http://example.com for more"), None);
         assert_eq!(rule("time", "10:30"), None);
+        for (name, value) in [
+            ("site_id", "1234"),
+            ("next", "1000"),
+            ("image_scale", "0.75"),
+            ("address_id", "56789"),
+            ("feedback", "localhost is down"),
+            ("server_id", "127"),
+        ] {
+            assert_eq!(rule(name, value), None, "{name}={value}");
+        }
     }
 }

@@ -612,3 +612,135 @@ fn secrets_stay_secret_in_findings() {
             .all(|f| f.secret || f.rule.id == "anomaly-score")
     );
 }
+
+#[test]
+fn evasions_found_in_review_are_closed() {
+    let d = detections("");
+    // A raw path that climbs (clients like curl would have resolved it).
+    let found = inspect(&d, "GET /files/..%2f..%2fetc/passwd HTTP/1.1\nHost: a\n\n");
+    assert!(
+        found.contains(&"path-traversal") && found.contains(&"file-inclusion"),
+        "{found:?}"
+    );
+    assert!(
+        inspect(
+            &d,
+            "GET /static/..;/..;/WEB-INF/web.xml HTTP/1.1\nHost: a\n\n"
+        )
+        .contains(&"path-traversal")
+    );
+    // Padding with parameters does not hide a payload in the body.
+    let padding = (0..300)
+        .map(|i| format!("p{i}=1"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let found = inspect(
+        &d,
+        &format!(
+            "POST /c?{padding} HTTP/1.1\nHost: a\nContent-Type: application/x-www-form-urlencoded\n\nq=%3Cscript%3Ealert(1)%3C/script%3E"
+        ),
+    );
+    assert!(
+        found.contains(&"xss") && found.contains(&"inspection-limit"),
+        "{found:?}"
+    );
+    // A second Authorization header is checked too.
+    let valid = hs256(serde_json::json!({"sub": "a", "exp": now_s() + 600}), b"k");
+    let found = inspect(
+        &d,
+        &format!(
+            "GET / HTTP/1.1\nHost: a\nAuthorization: Bearer {valid}\nAuthorization: Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.\n\n"
+        ),
+    );
+    assert!(found.contains(&"jwt-alg-none"), "{found:?}");
+    // An algorithm jsonwebtoken does not know is no signature problem without keys.
+    let es512 = "eyJhbGciOiJFUzUxMiJ9.eyJzdWIiOiJhIn0.c2ln";
+    assert_eq!(with_bearer(&d, es512), Vec::<&str>::new());
+}
+
+#[test]
+fn ordinary_traffic_found_in_review_passes() {
+    let d = detections("");
+    for raw in [
+        "GET /api/items?fields=name;id&sort=name|id&tags=dogs;cat HTTP/1.1\nHost: a\n\n",
+        "GET /img?site_id=1234&image_scale=0.75&next=1000 HTTP/1.1\nHost: a\n\n",
+        "GET /shop?key=theme&size=2000&max=500 HTTP/1.1\nHost: a\n\n",
+        "GET / HTTP/1.1\nHost: a\nUser-Agent: Mozilla/5.0 (Windows NT 6.3; Trident/7.0; Touch; rv:11.0) like Gecko\n\n",
+        "POST /upload HTTP/1.1\nHost: a\nContent-Type: image/png\n\n\u{89}PNG ../../ \u{fffd}..",
+        "POST /bulk HTTP/1.1\nHost: a\nContent-Type: application/x-ndjson\n\n{\"index\":{}}\n{\"a\":1}\n",
+        "POST /orders HTTP/1.1\nHost: a\nContent-Type: application/json\n\n{\"$type\":\"Shop.Order, Shop\",\"id\":3}",
+    ] {
+        assert_eq!(inspect(&d, raw), Vec::<&str>::new(), "{raw}");
+    }
+}
+
+#[test]
+fn credentials_in_any_spelling_are_fingerprinted() {
+    let d = detections("");
+    for raw in [
+        "POST /u HTTP/1.1\nHost: a\nContent-Type: application/json\n\n{\"user\":{\"password\":\"' OR 1=1--\"}}",
+        "POST /u HTTP/1.1\nHost: a\nContent-Type: application/json\n\n{\"newPassword\":\"' OR 1=1--\"}",
+        "GET /x?accessToken=%27%20OR%201=1-- HTTP/1.1\nHost: a\n\n",
+    ] {
+        let report = d.inspect(&exchange(raw), &mut State::default(), SystemTime::now());
+        let sqli = report
+            .findings
+            .iter()
+            .find(|f| f.rule.id == "sqli")
+            .unwrap();
+        assert!(sqli.secret, "{raw}");
+    }
+}
+
+#[test]
+fn settings_that_cannot_work_are_refused() {
+    let refused = |text: &str| Detections::new(&toml::from_str(text).unwrap()).is_err();
+    assert!(refused("anomaly_action = \"throttle\""));
+    assert!(!refused(
+        "anomaly_action = \"throttle\"\n[rules.anomaly-score]\nthrottle_pps = 10"
+    ));
+    assert!(refused("[behaviour]\nfailed_logins = 0"));
+}
+
+#[test]
+fn openapi_leaves_preflights_heads_arrays_and_nulls_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("openapi.json");
+    std::fs::write(
+        &spec,
+        serde_json::json!({
+            "openapi": "3.0.3",
+            "paths": {
+                "/things": {
+                    "get": {"parameters": [{"name": "tags", "in": "query", "schema": {"type": "array", "items": {"type": "integer"}}}]},
+                    "post": {"requestBody": {"content": {
+                        "application/*": {"schema": {"type": "object"}},
+                        "application/json": {"schema": {"type": "object", "properties": {"note": {"type": "string", "nullable": true}}}}
+                    }}}
+                }
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let d = detections(&format!("openapi = {spec:?}"));
+    assert!(inspect(&d, "OPTIONS /things HTTP/1.1\nHost: a\n\n").is_empty());
+    assert!(inspect(&d, "HEAD /things HTTP/1.1\nHost: a\n\n").is_empty());
+    assert!(inspect(&d, "GET /things?tags=1,2,3 HTTP/1.1\nHost: a\n\n").is_empty());
+    assert_eq!(
+        inspect(&d, "GET /things?tags=1,x HTTP/1.1\nHost: a\n\n"),
+        ["openapi-parameter"]
+    );
+    let post = |content_type: &str, body: &str| {
+        inspect(
+            &d,
+            &format!("POST /things HTTP/1.1\nHost: a\nContent-Type: {content_type}\n\n{body}"),
+        )
+    };
+    assert!(
+        post("application/json", "{\"note\":null}").is_empty(),
+        "nullable"
+    );
+    assert!(post("application/xml", "<a/>").is_empty(), "application/*");
+    assert_eq!(post("text/csv", "a,b"), ["content-type"]);
+}

@@ -140,7 +140,15 @@ struct Flow {
     response: Half,
     /// Requests awaiting (the end of) their response, oldest first.
     pending: VecDeque<Pending>,
+    /// Body bytes the pending requests hold (for the memory bound).
+    pending_body_bytes: usize,
     last_seen_ns: u64,
+}
+
+impl Flow {
+    fn buffered(&self) -> usize {
+        self.request.buffered() + self.response.buffered() + self.pending_body_bytes
+    }
 }
 
 /// Per-direction byte budget for early segments of one flow.
@@ -188,12 +196,11 @@ impl Pipeline {
             request: Half::new(Side::Request, self.limits.body_inspect_bytes),
             response: Half::new(Side::Response, 0),
             pending: VecDeque::new(),
+            pending_body_bytes: 0,
             last_seen_ns: segment.timestamp_ns,
         };
         if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
-            self.memory = self
-                .memory
-                .saturating_sub(evicted.request.buffered() + evicted.response.buffered());
+            self.memory = self.memory.saturating_sub(evicted.buffered());
             flush(evicted_id, evicted, events, &self.routes);
         }
         true
@@ -218,7 +225,7 @@ impl Pipeline {
                 flow
             }
         };
-        let before = flow.request.buffered() + flow.response.buffered();
+        let before = flow.buffered();
         flow.last_seen_ns = flow.last_seen_ns.max(segment.timestamp_ns);
         // Reused across segments: one allocation less per segment.
         let mut items = std::mem::take(&mut self.items);
@@ -260,8 +267,6 @@ impl Pipeline {
             }
             parser.close(&mut items);
         }
-        let after = flow.request.buffered() + flow.response.buffered();
-        self.memory = (self.memory + after).saturating_sub(before);
         pair(
             id,
             flow,
@@ -270,6 +275,9 @@ impl Pipeline {
             events,
             &self.routes,
         );
+        // After pairing: kept bodies move into (and out of) the pending requests.
+        let after = flow.buffered();
+        self.memory = (self.memory + after).saturating_sub(before);
         self.items = items;
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
@@ -279,9 +287,7 @@ impl Pipeline {
 
     fn end_flow(&mut self, id: &FlowId, events: &mut Vec<Event>) {
         if let Some(flow) = self.flows.pop(id) {
-            self.memory = self
-                .memory
-                .saturating_sub(flow.request.buffered() + flow.response.buffered());
+            self.memory = self.memory.saturating_sub(flow.buffered());
             flush(*id, flow, events, &self.routes);
         }
     }
@@ -375,12 +381,15 @@ fn pair(
                 }
                 while flow.pending.front().is_some_and(Pending::complete) {
                     if let Some(done) = flow.pending.pop_front() {
+                        flow.pending_body_bytes =
+                            flow.pending_body_bytes.saturating_sub(done.body.len());
                         events.push(Event::Exchange(exchange(id, done)));
                     }
                 }
             }
             Item::Body(body) => {
                 if let Some(pending) = flow.pending.back_mut() {
+                    flow.pending_body_bytes += body.len();
                     pending.body = body;
                 }
             }

@@ -213,9 +213,11 @@ impl<'h> HeaderFields<'h> {
                     fields.user_agent.get_or_insert(header.value);
                 }
                 14 if name.eq_ignore_ascii_case(b"content-length") => {
-                    let parsed = std::str::from_utf8(header.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<u64>().ok())
+                    // Digits only: Rust's parser takes `+5`, which servers read apart.
+                    let value = header.value.trim_ascii();
+                    let parsed = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+                        .flatten()
                         .ok_or(ParseErrorKind::InvalidContentLength)?;
                     match fields.content_length {
                         Some(l) if l != parsed => return Err(ParseErrorKind::InvalidContentLength),
@@ -314,6 +316,8 @@ impl ParseErrorKind {
 
     /// Why httparse refused a request head, as precisely as apimon reports it.
     fn of_request(error: httparse::Error, head: &[u8]) -> Self {
+        // Within the head only: a body may hold anything.
+        let head = &head[..find_head_end(head).unwrap_or(head.len())];
         let folded = || {
             memchr::memmem::find_iter(head, b"\n")
                 .any(|at| matches!(head.get(at + 1), Some(b' ' | b'\t')))
@@ -514,11 +518,7 @@ impl MessageParser {
             }
             State::UntilClose { seen } => *seen += missing,
             State::Resync | State::NotHttp => {}
-            _ => {
-                out.push(Item::Error(ParseErrorKind::Gap));
-                self.buf.clear();
-                self.state = State::Resync;
-            }
+            _ => self.fail(ParseErrorKind::Gap, out),
         }
     }
 
@@ -779,9 +779,13 @@ impl MessageParser {
                     match state {
                         ChunkState::Size => {
                             let size = line.split(|b| *b == b';').next().unwrap_or_default();
-                            let size = std::str::from_utf8(size)
-                                .ok()
-                                .and_then(|s| u64::from_str_radix(s.trim(), 16).ok());
+                            // Hex digits only (`+5` and inner spaces are smuggling tricks);
+                            // whitespace before an extension is tolerated.
+                            let size = size.trim_ascii();
+                            let size = (!size.is_empty() && size.iter().all(u8::is_ascii_hexdigit))
+                                .then(|| std::str::from_utf8(size).ok())
+                                .flatten()
+                                .and_then(|s| u64::from_str_radix(s, 16).ok());
                             match size {
                                 Some(0) => *state = ChunkState::Trailers,
                                 Some(n) => *state = ChunkState::Data(n),
@@ -905,6 +909,27 @@ mod tests {
             panic!("framing signs do not refuse a head");
         };
         assert!(head.framing.length_and_encoding && head.framing.odd_encoding);
+        for length in ["+5", "5 5", "0x5", ""] {
+            let head = format!("POST / HTTP/1.1\r\nContent-Length: {length}\r\n\r\n");
+            assert!(
+                matches!(
+                    RequestHead::parse(head.as_bytes()),
+                    HeadParse::BadFraming(ParseErrorKind::InvalidContentLength)
+                ),
+                "{length:?}"
+            );
+        }
+        let mut parser = MessageParser::new(Side::Request);
+        let mut out = Vec::new();
+        parser.feed(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+            0,
+            &mut out,
+        );
+        assert!(
+            out.contains(&Item::Error(ParseErrorKind::InvalidChunk)),
+            "{out:?}"
+        );
     }
 
     fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
