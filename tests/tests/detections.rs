@@ -37,4 +37,10 @@ fn corpus_meets_the_detection_and_false_positive_targets() {
             eval.benign.examples
         );
     }
+    let any = apimon_tests::corpus::percent_of(eval.benign.hits, eval.benign.total);
+    assert!(
+        any <= 0.5,
+        "{any:.2} % of benign requests with any finding: {:?}",
+        eval.benign.examples
+    );
 }

@@ -89,12 +89,34 @@ pub fn xss(input: &Input<'_>) -> bool {
     if !xss_candidate(&input.value) {
         return false;
     }
-    if guarded(|| libinjectionrs::detect_xss(input.value.as_bytes()).is_injection()) {
+    // An XML declaration is inert in HTML (a bogus comment) but libinjection flags any
+    // `<?`: the rest of the value is what gets inspected.
+    let markup = strip_xml_declaration(&input.value);
+    if guarded(|| libinjectionrs::detect_xss(markup.as_bytes()).is_injection()) {
         return true;
     }
     // libinjection leaves URL-only vectors to the caller, and a script tag broken
     // up by another (`<scr<script>ipt>`) slips through its tokenizer.
     SCRIPT_URL.is_match(&input.value) || SCRIPT_TAG.is_match(&input.value)
+}
+
+/// `value` without a leading `<?xml ...?>` declaration (only that one: `<?php` is code).
+fn strip_xml_declaration(value: &str) -> &str {
+    let trimmed = value.trim_start();
+    let declaration = trimmed
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("<?xml"))
+        && trimmed
+            .get(5..)
+            .is_some_and(|rest| rest.starts_with([' ', '\t', '\r', '\n', '?']));
+    if !declaration {
+        return value;
+    }
+    match trimmed.find("?>") {
+        // A declaration holds no markup of its own.
+        Some(end) if !trimmed[2..end].contains('<') => &trimmed[end + 2..],
+        _ => value,
+    }
 }
 
 /// Script URLs, with the whitespace browsers drop inside a scheme (`jav\tascript:`).
@@ -323,6 +345,8 @@ mod tests {
         fires("<script>alert(1)</script>", "xss");
         fires("&lt;img src=x onerror=alert(1)&gt;", "xss");
         fires("javascript:alert(document.cookie)", "xss");
+        fires("<?xml version=\"1.0\"?><script>alert(1)</script>", "xss");
+        fires("<?xml <script>alert(1)</script>?>", "xss");
         fires("../../../../etc/passwd", "path-traversal");
         fires("..%252f..%252f..%252fetc%252fpasswd", "file-inclusion");
         fires("..\\..\\windows\\win.ini", "path-traversal");
@@ -373,6 +397,8 @@ mod tests {
             "dogs;cat",
             "Mozilla/5.0 (Windows NT 6.3; Trident/7.0; Touch; rv:11.0) like Gecko",
             "Fixed in v2; update now",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
+            "<?xml version=\"1.0\"?><note><to>Ann</to></note>",
             "aGVsbG8gd29ybGQ=",
         ] {
             clean(value);
