@@ -412,6 +412,38 @@ fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
     assert_eq!(detections[1]["apimon"]["action"], "alert");
     assert!(s.get(user, "/"), "an alert does not block");
 
+    // A request-smuggling sign from a raw socket: the parser refuses it, detections
+    // name it.
+    let answered = s.topo.client.run(|| {
+        use std::io::{Read, Write};
+        let server = "10.77.0.1:8080".parse().unwrap();
+        let mut socket = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1)).unwrap();
+        socket
+            .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde")
+            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut answer = [0u8; 64];
+        socket.read(&mut answer).unwrap_or(0)
+    });
+    assert!(answered > 0, "nginx answers it (with a 400)");
+    let events = s.events.wait_for(Duration::from_secs(5), |events| {
+        events
+            .iter()
+            .any(|e| e["rule"]["id"] == "http-content-length")
+    });
+    let refused = events
+        .iter()
+        .find(|e| e["rule"]["id"] == "http-content-length")
+        .expect("a detection of the conflicting Content-Length");
+    assert_eq!(refused["rule"]["category"], "API8:2023");
+    assert!(
+        refused["source"]["ip"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.77.0."),
+        "{refused}"
+    );
+
     // SQL injection: blocked at once, in the kernel.
     s.get(attacker, "/search?q=1%27%20OR%20%271%27%3D%271");
     let block = s.wait_event("block_added", 1);
