@@ -100,6 +100,8 @@ mod path_tests {
             ("/%2e%2e/admin", "/admin"),
             ("/a+b", "/a+b"),
             ("", "/"),
+            ("/admin;jsessionid=1/users", "/admin/users"),
+            ("/static/..;/admin", "/admin"),
         ] {
             assert_eq!(normalised_path(target), path, "{target}");
         }
@@ -171,12 +173,14 @@ pub fn path_of(target: &str) -> &str {
 }
 
 /// The path as the application will see it, for matching: percent-decoded, repeated
-/// slashes collapsed, `.` and `..` segments resolved (`//%61dmin/./x/../` is `/admin/`).
+/// slashes collapsed, path parameters dropped (Java servers route `/admin;x/` to
+/// `/admin/`), `.` and `..` segments resolved (`//%61dmin/./x/../` is `/admin/`).
 pub fn normalised_path(target: &str) -> String {
     let decoded = super::query::decode_path(path_of(target));
     let mut segments: Vec<&str> = Vec::new();
     let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or_default();
         match segment {
             "" | "." => {}
             ".." => {

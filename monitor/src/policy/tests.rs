@@ -360,3 +360,40 @@ fn global_dry_run_records_only_and_the_builtin_policy_only_alerts() {
             .all(|(id, label)| id == "builtin-client-flood" && *label == "alert")
     );
 }
+
+#[test]
+fn detection_settings_parse_and_show_back_the_same() {
+    let text = r#"
+[detections]
+paranoia = 2
+anomaly_action = "block"
+report_window = "30s"
+
+[detections.rules.sqli]
+action = "block"
+ttl = "1h"
+
+[detections.rules.xss]
+mode = "dry_run"
+
+[[detections.routes]]
+route = "/snippets"
+off = ["sqli"]
+
+[detections.behaviour]
+admin_routes = ["/admin/**"]
+admin_sources = ["10.0.0.0/8"]
+"#;
+    let p = policy(text);
+    let d = &p.detections.doc;
+    assert_eq!((d.paranoia, d.anomaly_action), (2, ActionKind::Block));
+    assert_eq!(d.report_window.0, Duration::from_secs(30));
+    let shown = p.to_toml();
+    let again = PolicyDoc::parse(&shown, Path::new("shown.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{shown}"));
+    assert_eq!(again.detections, p.doc.detections, "{shown}");
+    let error = PolicyDoc::parse("[detections]\nparanoid = 2", Path::new("p.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("p.toml:2:1:"), "{error}");
+}
