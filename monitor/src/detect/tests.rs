@@ -744,3 +744,72 @@ fn openapi_leaves_preflights_heads_arrays_and_nulls_alone() {
     assert!(post("application/xml", "<a/>").is_empty(), "application/*");
     assert_eq!(post("text/csv", "a,b"), ["content-type"]);
 }
+
+/// Mangled requests of every shape through every detector at the highest paranoia:
+/// findings or none, never a panic.
+#[test]
+fn mangled_requests_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("openapi.yaml");
+    std::fs::write(&spec, OPENAPI).unwrap();
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/detect/testdata");
+    let d = detections(&format!(
+        "paranoia = 4\nopenapi = {spec:?}\n[auth]\nrequired = [\"/**\"]\njwks_file = {:?}\n[behaviour]\nadmin_routes = [\"/admin/**\"]",
+        testdata.join("jwks.json")
+    ));
+    let seeds: &[&[u8]] = &[
+        b"GET /v1/items/1?q=%27%20or%201=1&limit=5 HTTP/1.1\r\nHost: a\r\nCookie: a=b; c\r\nAuthorization: Bearer eyJhbGciOiJFUzI1NiJ9.e30.x\r\n\r\n",
+        b"POST /v1/items HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\r\n{\"name\":\"<script>\",\"price\":{\"$gt\":1},\"u\":\"http://[::1]\"}",
+        b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\na=%&b=%zz&c=%c0%ae%c0%ae/&d=&#x;&#99999999;\\u12",
+    ];
+    let mut state = State::default();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    const NOISE: &[u8] = b"%&=;?#/\\.<>'\"{}[]$`|\x00\xff\xc0\xaeaZ09 \r\n:eyJ@";
+    let mut inspected = 0;
+    for _ in 0..1500 {
+        let mut bytes = seeds[next() as usize % seeds.len()].to_vec();
+        for _ in 0..(next() % 8) {
+            let at = next() as usize % (bytes.len() + 1);
+            match next() % 3 {
+                0 => bytes.insert(at, NOISE[next() as usize % NOISE.len()]),
+                1 if at < bytes.len() => {
+                    bytes.remove(at);
+                }
+                _ => bytes.truncate(at.max(20)),
+            }
+        }
+        let head_end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| p + 4);
+        let Some(head_end) = head_end else { continue };
+        let crate::http::parse::HeadParse::Complete(head, _) =
+            crate::http::parse::RequestHead::parse(&bytes[..head_end])
+        else {
+            continue;
+        };
+        let body = bytes[head_end..].to_vec();
+        let route = Routes::new(&["/v1/items/{itemId}".into()]).template(head.target());
+        let exchange = Exchange {
+            client: CLIENT.parse().unwrap(),
+            server: "10.0.0.1:80".parse().unwrap(),
+            request: head,
+            route: route.into(),
+            started_ns: next() % 1_000_000_000,
+            request_body_bytes: body.len() as u64 + next() % 2,
+            request_body: body,
+            status: Some([200, 401, 404, 500][next() as usize % 4]),
+            response_body_bytes: next() % 100_000_000,
+            latency: None,
+        };
+        d.inspect(&exchange, &mut state, SystemTime::now());
+        inspected += 1;
+    }
+    assert!(inspected > 500, "only {inspected} mangled requests parsed");
+}
