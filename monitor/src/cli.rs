@@ -552,6 +552,9 @@ pub fn event_line(event: &Event) -> String {
     }
     if let Some(rule) = &event.rule {
         line.push_str(&format!(" rule={}", rule.id));
+        if let Some(category) = &rule.category {
+            line.push_str(&format!(" category={category}"));
+        }
     }
     for (name, value) in &event.apimon {
         match value {
