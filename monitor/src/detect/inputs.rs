@@ -169,10 +169,13 @@ pub struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
+    /// `every_header`: all header values, not only the few attackers usually use
+    /// (paranoia 2 and up, as in the Core Rule Set).
     pub fn collect(
         head: &'a RequestHead,
         headers: &[(&'a str, &'a str)],
         body: &'a Body<'a>,
+        every_header: bool,
     ) -> Self {
         let mut inputs = Inputs {
             list: Vec::with_capacity(16),
@@ -215,14 +218,15 @@ impl<'a> Inputs<'a> {
                         query::decode(value),
                     );
                 }
-            } else if [
-                "user-agent",
-                "referer",
-                "x-forwarded-for",
-                "x-forwarded-host",
-            ]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h))
+            } else if (every_header && !name.eq_ignore_ascii_case("authorization"))
+                || [
+                    "user-agent",
+                    "referer",
+                    "x-forwarded-for",
+                    "x-forwarded-host",
+                ]
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h))
             {
                 inputs.push(
                     Location::Header,

@@ -339,7 +339,7 @@ impl Detections {
             .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
             .map(|(_, v)| *v);
         let body = inputs::Body::read(content_type, body, body_whole);
-        let collected = inputs::Inputs::collect(head, &headers, &body);
+        let collected = inputs::Inputs::collect(head, &headers, &body, self.doc.paranoia >= 2);
         let mut hits = Vec::new();
         for input in &collected.list {
             let mut rules = state.scan(input);

@@ -565,6 +565,15 @@ fn controls_switch_off_dry_run_act_and_tune_per_route() {
         ["http-method", "anomaly-score"]
     );
     // Paranoia 2 adds the single-level traversal rule.
+    let custom = "GET / HTTP/1.1\nHost: a\nX-Tenant: 1' OR '1'='1\n\n";
+    assert!(
+        inspect(&detections(""), custom).is_empty(),
+        "paranoia 1: the usual headers"
+    );
+    assert_eq!(
+        inspect(&detections("paranoia = 2"), custom),
+        ["sqli", "anomaly-score"]
+    );
     let relative = "GET /f?path=../notes.txt HTTP/1.1\nHost: a\n\n";
     assert!(inspect(&detections(""), relative).is_empty());
     assert_eq!(
