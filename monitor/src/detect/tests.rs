@@ -281,6 +281,26 @@ fn jwt_signatures_with_an_hs256_secret_and_a_jwks() {
         with_bearer(&d, &tampered),
         ["jwt-signature", "anomaly-score"]
     );
+    // RS256 from the same JWKS, chosen by kid.
+    let pem = std::fs::read(testdata.join("rs256-private.pem")).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-rs256".into());
+    let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+    let signed = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    assert_eq!(with_bearer(&d, &signed), Vec::<&str>::new());
+    header.kid = Some("test-es256".into());
+    let wrong_kid = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    assert_eq!(
+        with_bearer(&d, &wrong_kid),
+        ["jwt-signature", "anomaly-score"],
+        "an RSA signature checked with the EC key"
+    );
+    header.kid = Some("unknown".into());
+    let unknown_kid = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    assert_eq!(
+        with_bearer(&d, &unknown_kid),
+        ["jwt-signature", "anomaly-score"]
+    );
     assert_eq!(
         with_bearer(&d, &hs256(claims, b"public key as HMAC secret")),
         ["jwt-signature", "anomaly-score"],
