@@ -468,6 +468,13 @@ fn openapi_routes_methods_parameters_and_bodies() {
         "through $ref"
     );
     assert_eq!(post(""), ["schema-violation"], "required body");
+    // Announced but never seen (the connection ended first): no verdict on its body.
+    let mut cut = exchange(
+        "POST /v1/items HTTP/1.1\nHost: a\nContent-Type: application/json\nContent-Length: 40\n\n",
+    );
+    cut.request_body_bytes = 0;
+    let report = d.inspect(&cut, &mut State::default(), SystemTime::now());
+    assert!(report.findings.is_empty(), "{:?}", ids(&report));
     std::fs::write(&spec, "openapi: 2.0\npaths: {}").unwrap();
     assert!(Detections::new(&toml::from_str(&format!("openapi = {spec:?}")).unwrap()).is_err());
 }
