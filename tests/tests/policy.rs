@@ -411,6 +411,17 @@ fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
     );
     assert_eq!(detections[1]["apimon"]["action"], "alert");
     assert!(s.get(user, "/"), "an alert does not block");
+    // The same again within the report window: counted, not reported again.
+    assert!(s.request(
+        user,
+        "/hooks",
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            r#"{"webhook_url":"http://[::ffff:169.254.169.254]/"}"#,
+        ],
+    ));
 
     // A request-smuggling sign from a raw socket: the parser refuses it, detections
     // name it.
@@ -475,7 +486,16 @@ fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
             &text,
             "apimon_detections_total{category=\"API7:2023\",rule=\"ssrf-cloud-metadata\"}"
         ),
-        Some(1.0)
+        Some(2.0),
+        "both counted"
+    );
+    assert_eq!(
+        s.events_where("detection")
+            .iter()
+            .filter(|e| e["rule"]["id"] == "ssrf-cloud-metadata")
+            .count(),
+        1,
+        "one event per rule and client per window"
     );
     assert_eq!(
         metric(
