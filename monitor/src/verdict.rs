@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use ipnet::IpNet;
@@ -120,40 +120,88 @@ impl Verdicts {
             head: &request.head,
             route: &request.route,
         });
+        let at = clocks.to_wall(request.started_ns);
+        let subject = Subject {
+            client: request.client,
+            server: request.server,
+            head: &request.head,
+            route: &request.route,
+        };
         for decision in &decisions {
             self.count(decision);
             let kind = match decision.action {
-                _ if decision.dry_run => None,
-                ActionKind::Block => Some(ListKind::Block),
-                ActionKind::Throttle => Some(ListKind::Throttle),
-                _ => None,
+                ActionKind::Log | ActionKind::Allow => "event",
+                _ => "alert",
             };
-            let enforced = kind.and_then(|kind| self.enforce(&policy, source, decision, kind));
-            // An offender over a limit sends many requests: one event per window (and
-            // per enforcement), with the count of those not reported.
-            let unreported = match (enforced.is_some(), decision.window) {
-                (false, Some(window)) => {
-                    let key = (
-                        Reported::Rule(decision.rule_index),
-                        policy.offender_net(source),
-                    );
-                    match self.report_due(key, window) {
-                        Some(unreported) => unreported,
-                        None => continue,
-                    }
-                }
-                _ => 0,
+            let action = if decision.rate_limited() {
+                "rate_limited"
+            } else {
+                "rule_match"
             };
-            let at = clocks.to_wall(request.started_ns);
-            let mut event = self.event(request, decision, at);
-            for (name, value) in enforced.into_iter().flatten() {
-                event = event.with_field(name, value);
-            }
-            if unreported > 0 {
-                event = event.with_field("unreported", unreported);
-            }
-            self.events.publish(event);
+            // An offender over a limit sends many requests: reported once per window.
+            self.carry_out(
+                &policy,
+                source,
+                decision,
+                (Reported::Rule(decision.rule_index), decision.window),
+                |this| Event::about_request(kind, action, &subject, at, &this.secrets),
+            );
         }
+    }
+
+    /// Carries out one verdict on `source`: blocks or throttles it in the kernel (not
+    /// in dry run), then publishes its event, built by `event`. Without an enforcement,
+    /// a verdict with a report window is published at most once per window and
+    /// offender, with the count of those not reported.
+    fn carry_out(
+        &mut self,
+        policy: &Policy,
+        source: IpAddr,
+        decision: &Decision,
+        (reported, window): (Reported, Option<std::time::Duration>),
+        event: impl FnOnce(&Self) -> Event,
+    ) {
+        let list = match decision.action {
+            _ if decision.dry_run => None,
+            ActionKind::Block => Some(ListKind::Block),
+            ActionKind::Throttle => Some(ListKind::Throttle),
+            _ => None,
+        };
+        let enforced = list.and_then(|list| self.enforce(policy, source, decision, list));
+        let unreported = match (enforced.is_some(), window) {
+            (false, Some(window)) => {
+                match self.report_due((reported, policy.offender_net(source)), window) {
+                    Some(unreported) => unreported,
+                    None => return,
+                }
+            }
+            _ => 0,
+        };
+        let mut event = event(self);
+        event.event.severity = decision.severity;
+        event.event.outcome = Some(
+            if decision.dry_run {
+                "unknown"
+            } else {
+                "success"
+            }
+            .into(),
+        );
+        event.rule = Some(Rule {
+            id: decision.rule_id.clone(),
+            name: decision.rule_name.clone(),
+            category: decision.category.map(str::to_owned),
+        });
+        let mut event = event
+            .with_field("action", decision.label())
+            .with_field("dry_run", decision.dry_run);
+        for (name, value) in enforced.into_iter().flatten() {
+            event = event.with_field(name, value);
+        }
+        if unreported > 0 {
+            event = event.with_field("unreported", unreported);
+        }
+        self.events.publish(event);
     }
 
     /// Counts a verdict in `apimon_policy_decisions_total`.
@@ -197,11 +245,11 @@ impl Verdicts {
     /// Runs the policy's detections on a finished exchange.
     pub fn inspect(&mut self, exchange: &Exchange, clocks: &Clocks) {
         let policy = self.policy();
+        // Tokens are judged at the time of the request, not of its inspection.
         let at = clocks.to_wall(exchange.started_ns);
-        let report =
-            policy
-                .detections
-                .inspect(exchange, &mut self.detection_state, SystemTime::now());
+        let report = policy
+            .detections
+            .inspect(exchange, &mut self.detection_state, at);
         if report.findings.is_empty() {
             return;
         }
@@ -237,7 +285,9 @@ impl Verdicts {
         });
     }
 
-    /// Counts, reports and enforces what detections found about `client`.
+    /// Counts what detections found about `client`, and carries out each finding as a
+    /// verdict (its rule's action, `log` without one), one event per rule and
+    /// offender per report window.
     fn act_on(
         &mut self,
         policy: &Policy,
@@ -246,136 +296,42 @@ impl Verdicts {
         base_event: &dyn Fn(&crate::secrets::Fingerprinter) -> Event,
     ) {
         let source = client.ip().to_canonical();
-        let net = policy.offender_net(source);
         let window = policy.detections.doc.report_window.0;
         for finding in &report.findings {
-            // `run --dry-run` and a policy-wide dry run cover detections too.
-            let dry_run = finding.dry_run || policy.doc.dry_run;
-            let finding = &Finding {
-                dry_run,
-                ..finding.clone()
-            };
+            let rule = finding.rule;
             let metrics = &self.metrics;
             self.detection_counters
-                .entry(finding.rule.id)
-                .or_insert_with(|| {
-                    metrics.detection_counter(finding.rule.category.id(), finding.rule.id)
-                })
+                .entry(rule.id)
+                .or_insert_with(|| metrics.detection_counter(rule.category.id(), rule.id))
                 .inc();
-            let enforced = match finding.action {
-                Some(action) if !finding.dry_run => {
-                    let decision = detection_decision(policy, finding, action);
-                    match action {
-                        ActionKind::Block => {
-                            self.enforce(policy, source, &decision, ListKind::Block)
-                        }
-                        ActionKind::Throttle => {
-                            self.enforce(policy, source, &decision, ListKind::Throttle)
-                        }
-                        _ => None,
-                    }
-                }
-                _ => None,
-            };
-            let unreported = match enforced {
-                Some(_) => 0,
-                None => {
-                    match self.report_due((Reported::Detection(finding.rule.id), net), window) {
-                        Some(unreported) => unreported,
-                        None => continue,
-                    }
-                }
-            };
-            let mut event = self.detection_event(base_event(&self.secrets), finding, report.score);
-            for (name, value) in enforced.into_iter().flatten() {
-                event = event.with_field(name, value);
-            }
-            if unreported > 0 {
-                event = event.with_field("unreported", unreported);
-            }
-            self.events.publish(event);
+            let decision = detection_decision(policy, finding);
+            self.carry_out(
+                policy,
+                source,
+                &decision,
+                (Reported::Detection(rule.id), Some(window)),
+                |this| {
+                    let evidence = if finding.secret && !finding.evidence.is_empty() {
+                        this.secrets.fingerprint(finding.evidence.as_bytes())
+                    } else {
+                        finding.evidence.clone()
+                    };
+                    let mut event = base_event(&this.secrets).with_field(
+                        "detection",
+                        serde_json::json!({
+                            "class": rule.class.name(),
+                            "category_name": rule.category.title(),
+                            "severity": rule.severity.name(),
+                            "location": finding.location,
+                            "evidence": evidence,
+                            "anomaly_score": report.score,
+                        }),
+                    );
+                    event.event.category = vec!["intrusion_detection".into(), "web".into()];
+                    event
+                },
+            );
         }
-    }
-
-    fn detection_event(&self, mut event: Event, finding: &Finding, score: u32) -> Event {
-        let rule = finding.rule;
-        event.event.kind = "alert".into();
-        event.event.category = vec!["intrusion_detection".into(), "web".into()];
-        event.event.action = "detection".into();
-        event.event.severity = Some(rule.severity.score() as u8);
-        event.event.outcome = Some(
-            if finding.dry_run {
-                "unknown"
-            } else {
-                "success"
-            }
-            .into(),
-        );
-        event.rule = Some(Rule {
-            id: rule.id.into(),
-            name: rule.name.into(),
-            category: Some(rule.category.id().into()),
-        });
-        let evidence = if finding.secret && !finding.evidence.is_empty() {
-            self.secrets.fingerprint(finding.evidence.as_bytes())
-        } else {
-            finding.evidence.clone()
-        };
-        let action = match finding.action {
-            Some(action) if finding.dry_run => action.dry_run_name(),
-            Some(action) => action.name(),
-            None => "log",
-        };
-        event
-            .with_field(
-                "detection",
-                serde_json::json!({
-                    "class": rule.class.name(),
-                    "category_name": rule.category.title(),
-                    "severity": rule.severity.name(),
-                    "location": finding.location,
-                    "evidence": evidence,
-                    "anomaly_score": score,
-                }),
-            )
-            .with_field("action", action)
-            .with_field("dry_run", finding.dry_run)
-    }
-
-    fn event(&self, request: &RequestStart, decision: &Decision, at: SystemTime) -> Event {
-        let kind = match decision.action {
-            ActionKind::Log | ActionKind::Allow => "event",
-            _ => "alert",
-        };
-        let action = if decision.rate_limited() {
-            "rate_limited"
-        } else {
-            "rule_match"
-        };
-        let subject = Subject {
-            client: request.client,
-            server: request.server,
-            head: &request.head,
-            route: &request.route,
-        };
-        let mut event = Event::about_request(kind, action, &subject, at, &self.secrets);
-        event.event.severity = decision.severity;
-        event.event.outcome = Some(
-            if decision.dry_run {
-                "unknown"
-            } else {
-                "success"
-            }
-            .into(),
-        );
-        event.rule = Some(Rule {
-            id: decision.rule_id.clone(),
-            name: decision.rule_name.clone(),
-            category: None,
-        });
-        event
-            .with_field("action", decision.label())
-            .with_field("dry_run", decision.dry_run)
     }
 
     /// Blocks or throttles the offender's network in the kernel, for an escalating TTL;
@@ -453,25 +409,24 @@ impl Verdicts {
     }
 }
 
-/// A detection's action as a policy decision, for enforcement.
-fn detection_decision(policy: &Policy, finding: &Finding, action: ActionKind) -> Decision {
-    let settings = finding.settings.as_ref();
-    let ttl = settings
-        .and_then(|s| s.ttl.as_ref())
-        .map(|ttl| ttl.0)
-        .unwrap_or(match action {
-            ActionKind::Throttle => policy.doc.throttle_ttl.0,
-            _ => policy.doc.block_ttl.0,
-        });
+/// A detection's finding as a verdict: its action (`log` without one), the TTL and
+/// rate its rule sets or the policy's, dry run when the finding or the policy is.
+fn detection_decision(policy: &Policy, finding: &Finding) -> Decision {
+    let action = finding.action.unwrap_or(ActionKind::Log);
+    let settings = policy.detections.settings(finding.rule.id);
     Decision {
         rule_index: usize::MAX,
         rule_id: finding.rule.id.into(),
         rule_name: finding.rule.name.into(),
         action,
         window: None,
-        dry_run: finding.dry_run,
-        ttl,
+        // `run --dry-run` and a policy-wide dry run cover detections too.
+        dry_run: finding.dry_run || policy.doc.dry_run,
+        ttl: settings
+            .and_then(|s| s.ttl.as_ref())
+            .map_or_else(|| policy.default_ttl(action), |ttl| ttl.0),
         throttle_pps: settings.and_then(|s| s.throttle_pps),
         severity: Some(finding.rule.severity.score() as u8),
+        category: Some(finding.rule.category.id()),
     }
 }

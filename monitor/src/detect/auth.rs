@@ -41,33 +41,23 @@ struct JwtHeader {
     kid: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct TimeClaims {
-    #[serde(default)]
-    exp: Option<f64>,
-    #[serde(default)]
-    nbf: Option<f64>,
-    #[serde(default)]
-    iat: Option<f64>,
-}
-
 /// What a request carries by way of credentials.
 #[derive(Default)]
 pub struct Credentials<'a> {
-    /// The first Authorization header (the one most servers read).
-    pub authorization: Option<&'a str>,
-    /// Every Authorization header: a server may read another than the first.
-    pub all_authorizations: Vec<&'a str>,
+    /// Every Authorization header, in order: most servers read the first, some another.
+    pub authorizations: Vec<&'a str>,
+    /// A configured credential header or cookie.
     pub other: bool,
 }
 
 impl<'a> Credentials<'a> {
     pub fn present(&self) -> bool {
-        self.authorization.is_some() || self.other
+        !self.authorizations.is_empty() || self.other
     }
 
+    /// The bearer token of the first Authorization header.
     pub fn bearer(&self) -> Option<&'a str> {
-        bearer_token(self.authorization?)
+        bearer_token(self.authorizations.first()?)
     }
 }
 
@@ -125,8 +115,7 @@ impl Auth {
         let mut found = Credentials::default();
         for (name, value) in headers {
             if name.eq_ignore_ascii_case("authorization") {
-                found.authorization.get_or_insert(value);
-                found.all_authorizations.push(value);
+                found.authorizations.push(value);
             } else if self
                 .credential_headers
                 .iter()
@@ -152,57 +141,61 @@ impl Auth {
         if !credentials.present() && !self.required.is_empty() && self.required.is_match(path) {
             out.push((catalog::AUTH_MISSING, String::new()));
         }
-        if let Some(authorization) = credentials.authorization {
+        if let Some(authorization) = credentials.authorizations.first() {
             let scheme = authorization.split(' ').next().unwrap_or_default();
             if scheme.eq_ignore_ascii_case("basic") || scheme.eq_ignore_ascii_case("bearer") {
                 out.push((catalog::CLEARTEXT_CREDENTIALS, scheme.to_owned()));
             }
         }
-        for authorization in &credentials.all_authorizations {
+        for authorization in &credentials.authorizations {
             if let Some(token) = bearer_token(authorization)
                 && looks_like_jwt(token)
-                && let Some(problem) = self.check_jwt(token, now)
+                && let Err(problem) = self.check_jwt(token, now)
             {
                 out.push(problem);
             }
         }
     }
 
-    fn check_jwt(&self, token: &str, now: SystemTime) -> Option<(&'static RuleInfo, String)> {
-        let malformed = |why: &str| Some((catalog::JWT_MALFORMED, why.to_owned()));
+    /// A JWT's claims, or the first problem with it (malformed, unsigned, out of its
+    /// validity period, or a signature the configured keys do not verify).
+    fn check_jwt(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<serde_json::Value, (&'static RuleInfo, String)> {
+        let malformed = |why: &str| (catalog::JWT_MALFORMED, why.to_owned());
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(_signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return malformed("not three parts");
+            return Err(malformed("not three parts"));
         };
-        let Some(header) = decode_part::<JwtHeader>(header) else {
-            return malformed("header is not base64url JSON");
-        };
+        let header: JwtHeader =
+            decode_part(header).ok_or_else(|| malformed("header is not base64url JSON"))?;
         if header.alg.eq_ignore_ascii_case("none") {
-            return Some((catalog::JWT_ALG_NONE, header.alg));
+            return Err((catalog::JWT_ALG_NONE, header.alg));
         }
-        let Some(claims) = decode_part::<TimeClaims>(payload) else {
-            return malformed("payload is not base64url JSON");
-        };
+        let claims: serde_json::Value =
+            decode_part(payload).ok_or_else(|| malformed("payload is not base64url JSON"))?;
         let now_s = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let leeway = self.leeway_s as f64;
-        if claims.exp.is_some_and(|exp| exp + leeway < now_s) {
-            return Some((catalog::JWT_EXPIRED, String::new()));
+        let time = |claim: &str| claims.get(claim).and_then(serde_json::Value::as_f64);
+        if time("exp").is_some_and(|exp| exp + leeway < now_s) {
+            return Err((catalog::JWT_EXPIRED, String::new()));
         }
-        if claims
-            .nbf
+        if [time("nbf"), time("iat")]
             .into_iter()
-            .chain(claims.iat)
+            .flatten()
             .any(|t| t - leeway > now_s)
         {
-            return Some((catalog::JWT_NOT_YET_VALID, String::new()));
+            return Err((catalog::JWT_NOT_YET_VALID, String::new()));
         }
         self.verify_signature(token, &header)
-            .err()
-            .map(|why| (catalog::JWT_SIGNATURE, why))
+            .map_err(|why| (catalog::JWT_SIGNATURE, why))?;
+        Ok(claims)
     }
 
     fn verify_signature(&self, token: &str, header: &JwtHeader) -> Result<(), String> {
@@ -256,19 +249,20 @@ impl Auth {
         if matches!(self.keys, Keys::None) || !looks_like_jwt(token) {
             return None;
         }
-        if self.check_jwt(token, now).is_some() {
-            return None;
-        }
-        let payload = token.split('.').nth(1)?;
-        let claims: serde_json::Value = decode_part(payload)?;
+        let claims = self.check_jwt(token, now).ok()?;
         claims.get("sub")?.as_str().map(str::to_owned)
     }
 }
 
-/// The token of a `Bearer` Authorization value.
-fn bearer_token(authorization: &str) -> Option<&str> {
+/// The token of a `Bearer` Authorization value (the scheme is case-insensitive).
+pub fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A JWT's claims read without verifying it: good enough to count by, never to trust.
+pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    decode_part(token.split('.').nth(1)?)
 }
 
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Option<T> {

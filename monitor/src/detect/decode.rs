@@ -19,15 +19,10 @@ pub fn normalise(value: &str) -> Cow<'_, str> {
         }
         current = Cow::Owned(percent_decode(&current, false).into_owned());
     }
-    if current.contains('&')
-        && let Cow::Owned(decoded) = html_entities(&current)
-    {
-        current = Cow::Owned(decoded);
-    }
-    if current.contains('\\')
-        && let Cow::Owned(decoded) = script_escapes(&current)
-    {
-        current = Cow::Owned(decoded);
+    for (marker, unescape) in [('&', html_entity as Unescape), ('\\', script_escape)] {
+        if let Cow::Owned(decoded) = replace_escapes(&current, marker, unescape) {
+            current = Cow::Owned(decoded);
+        }
     }
     current
 }
@@ -38,9 +33,40 @@ fn has_percent_escape(text: &str) -> bool {
         .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
 }
 
-/// Named references attackers use, and numeric ones (`&#60;`, `&#x3c;`, with or
-/// without the semicolon, as browsers accept them).
-fn html_entities(text: &str) -> Cow<'_, str> {
+/// Reads one escape from the text after its marker: the character it stands for and
+/// how many bytes (after the marker) it took.
+type Unescape = fn(&str) -> Option<(char, usize)>;
+
+/// `text` with every escape after `marker` that `unescape` reads replaced.
+fn replace_escapes(text: &str, marker: char, unescape: Unescape) -> Cow<'_, str> {
+    let mut out = String::new();
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(at) = rest.find(marker) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + marker.len_utf8()..];
+        match unescape(after) {
+            Some((c, used)) => {
+                out.push(c);
+                rest = &after[used..];
+                changed = true;
+            }
+            None => {
+                out.push(marker);
+                rest = after;
+            }
+        }
+    }
+    if !changed {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
+/// A character reference after `&`: the named ones attackers use, and numeric ones
+/// (`&#60;`, `&#x3c;`), with or without the semicolon, as browsers accept them.
+fn html_entity(after: &str) -> Option<(char, usize)> {
     const NAMED: &[(&str, char)] = &[
         ("lt", '<'),
         ("gt", '>'),
@@ -58,93 +84,45 @@ fn html_entities(text: &str) -> Cow<'_, str> {
         ("newline", '\n'),
         ("nbsp", ' '),
     ];
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut changed = false;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        let after = &rest[amp + 1..];
-        let decoded = if let Some(numeric) = after.strip_prefix('#') {
-            let (digits, radix, skip) = match numeric.strip_prefix(['x', 'X']) {
-                Some(hex) => (hex, 16, 2),
-                None => (numeric, 10, 1),
-            };
-            let len = digits
-                .bytes()
-                .take_while(|b| (*b as char).is_digit(radix))
-                .count()
-                .min(8);
-            (len > 0)
-                .then(|| u32::from_str_radix(&digits[..len], radix).ok())
-                .flatten()
-                .and_then(char::from_u32)
-                .map(|c| {
-                    let semi = usize::from(digits[len..].starts_with(';'));
-                    (c, skip + len + semi)
-                })
-        } else {
-            NAMED.iter().find_map(|(name, c)| {
-                let tail = after.get(..name.len())?;
-                tail.eq_ignore_ascii_case(name).then(|| {
-                    let semi = usize::from(after[name.len()..].starts_with(';'));
-                    (*c, name.len() + semi)
-                })
-            })
+    let with_semicolon = |c: char, len: usize| {
+        let semi = usize::from(after[len..].starts_with(';'));
+        (c, len + semi)
+    };
+    if let Some(numeric) = after.strip_prefix('#') {
+        let (digits, radix, prefix) = match numeric.strip_prefix(['x', 'X']) {
+            Some(hex) => (hex, 16, 2),
+            None => (numeric, 10, 1),
         };
-        match decoded {
-            Some((c, used)) => {
-                out.push(c);
-                rest = &after[used..];
-                changed = true;
-            }
-            None => {
-                out.push('&');
-                rest = after;
-            }
-        }
+        let len = digits
+            .bytes()
+            .take_while(|b| (*b as char).is_digit(radix))
+            .count()
+            .min(8);
+        let c = (len > 0)
+            .then(|| u32::from_str_radix(&digits[..len], radix).ok())
+            .flatten()
+            .and_then(char::from_u32)?;
+        return Some(with_semicolon(c, prefix + len));
     }
-    if !changed {
-        return Cow::Borrowed(text);
-    }
-    out.push_str(rest);
-    Cow::Owned(out)
+    NAMED.iter().find_map(|(name, c)| {
+        let tail = after.get(..name.len())?;
+        tail.eq_ignore_ascii_case(name)
+            .then(|| with_semicolon(*c, name.len()))
+    })
 }
 
-/// `\u003c` and `\x3c` escapes (JavaScript, many template languages).
-fn script_escapes(text: &str) -> Cow<'_, str> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut changed = false;
-    while let Some(slash) = rest.find('\\') {
-        out.push_str(&rest[..slash]);
-        let after = &rest[slash + 1..];
-        let (digits, skip) = match after.as_bytes().first() {
-            Some(b'u') => (4, 1),
-            Some(b'x') => (2, 1),
-            _ => (0, 0),
-        };
-        let decoded = after
-            .get(skip..skip + digits)
-            .filter(|hex| digits > 0 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-            .and_then(char::from_u32);
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &after[skip + digits..];
-                changed = true;
-            }
-            None => {
-                out.push('\\');
-                rest = after;
-            }
-        }
-    }
-    if !changed {
-        return Cow::Borrowed(text);
-    }
-    out.push_str(rest);
-    Cow::Owned(out)
+/// A `\u003c` or `\x3c` escape after `\` (JavaScript, many template languages).
+fn script_escape(after: &str) -> Option<(char, usize)> {
+    let digits = match after.as_bytes().first() {
+        Some(b'u') => 4,
+        Some(b'x') => 2,
+        _ => return None,
+    };
+    let hex = after
+        .get(1..1 + digits)
+        .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let c = u32::from_str_radix(hex, 16).ok().and_then(char::from_u32)?;
+    Some((c, 1 + digits))
 }
 
 #[cfg(test)]

@@ -133,7 +133,6 @@ pub struct Finding {
     pub dry_run: bool,
     /// Acted on at once (the rule's own action, or the anomaly action).
     pub action: Option<ActionKind>,
-    pub settings: Option<RuleSettings>,
 }
 
 /// Everything detections found in one request.
@@ -246,9 +245,14 @@ impl Detections {
         self.contract.templates()
     }
 
+    /// What the policy sets for the rule with this id (its TTL and rate when it acts).
+    pub fn settings(&self, id: &str) -> Option<&RuleSettings> {
+        self.rules.get(id)
+    }
+
     /// Whether `rule` runs on `route`, and if so whether in dry run.
     fn mode(&self, rule: &RuleInfo, route: &str) -> Option<bool> {
-        let settings = self.rules.get(rule.id);
+        let settings = self.settings(rule.id);
         let route_mode = self
             .routes
             .get(route)
@@ -273,7 +277,6 @@ impl Detections {
             let Some(dry_run) = self.mode(hit.rule, route) else {
                 continue;
             };
-            let settings = self.rules.get(hit.rule.id).cloned();
             if !dry_run {
                 report.score += hit.rule.severity.score();
             }
@@ -283,8 +286,7 @@ impl Detections {
                 evidence: inputs::evidence(&hit.evidence).into_owned(),
                 secret: hit.secret,
                 dry_run,
-                action: settings.as_ref().and_then(|s| s.action),
-                settings,
+                action: self.settings(hit.rule.id).and_then(|s| s.action),
             });
         }
         if report.score >= self.doc.anomaly_threshold
@@ -296,7 +298,6 @@ impl Detections {
                 .filter(|f| !f.dry_run)
                 .map(|f| f.rule.id)
                 .collect();
-            let settings = self.rules.get(catalog::ANOMALY.id).cloned();
             report.findings.push(Finding {
                 rule: catalog::ANOMALY,
                 location: String::new(),
@@ -304,12 +305,10 @@ impl Detections {
                 secret: false,
                 dry_run,
                 action: Some(
-                    settings
-                        .as_ref()
+                    self.settings(catalog::ANOMALY.id)
                         .and_then(|s| s.action)
                         .unwrap_or(self.doc.anomaly_action),
                 ),
-                settings,
             });
         }
         report

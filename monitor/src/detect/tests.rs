@@ -561,9 +561,7 @@ fn controls_switch_off_dry_run_act_and_tune_per_route() {
     let report = d.inspect(&exchange(sqli), &mut State::default(), SystemTime::now());
     assert_eq!(report.findings[0].action, Some(ActionKind::Block));
     assert_eq!(
-        report.findings[0]
-            .settings
-            .as_ref()
+        d.settings(report.findings[0].rule.id)
             .and_then(|s| s.ttl.as_ref())
             .map(|t| t.0),
         Some(Duration::from_secs(3600))

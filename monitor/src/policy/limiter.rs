@@ -131,19 +131,8 @@ impl<C: Clock> Limiter<C> {
 /// The `sub` claim of a bearer token, read without verifying the token: good enough to
 /// count by, never to trust.
 pub fn jwt_subject(authorization: &str) -> Option<String> {
-    use base64::Engine as _;
-    // The scheme is case-insensitive (RFC 9110).
-    let (scheme, token) = authorization.trim_start().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let token = token.trim();
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    match claims.get("sub")? {
+    use crate::detect::auth::{bearer_token, unverified_claims};
+    match unverified_claims(bearer_token(authorization)?)?.get("sub")? {
         serde_json::Value::String(sub) => Some(sub.clone()),
         other => Some(other.to_string()),
     }

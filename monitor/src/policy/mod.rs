@@ -88,6 +88,8 @@ pub struct Decision {
     pub ttl: Duration,
     pub throttle_pps: Option<NonZeroU32>,
     pub severity: Option<u8>,
+    /// The OWASP API Top 10 category of a detection's verdict (`API8:2023`).
+    pub category: Option<&'static str>,
 }
 
 impl Decision {
@@ -221,6 +223,14 @@ impl Policy {
         toml::to_string_pretty(&doc).unwrap_or_else(|e| format!("# cannot print the policy: {e}\n"))
     }
 
+    /// How long a block or throttle lasts (before escalation) when its rule says not.
+    pub fn default_ttl(&self, action: ActionKind) -> Duration {
+        match action {
+            ActionKind::Throttle => self.doc.throttle_ttl.0,
+            _ => self.doc.block_ttl.0,
+        }
+    }
+
     /// The network an enforcement covers: IPv6 sources by the policy's prefix.
     pub fn offender_net(&self, source: IpAddr) -> IpNet {
         match source {
@@ -252,10 +262,10 @@ impl Policy {
                 continue;
             }
             let action = rule.doc.action;
-            let ttl = rule.doc.ttl.unwrap_or(match action {
-                ActionKind::Throttle => self.doc.throttle_ttl,
-                _ => self.doc.block_ttl,
-            });
+            let ttl = rule
+                .doc
+                .ttl
+                .map_or_else(|| self.default_ttl(action), |ttl| ttl.0);
             decisions.push(Decision {
                 rule_index,
                 rule_id: rule.doc.id.get_ref().clone(),
@@ -263,9 +273,10 @@ impl Policy {
                 action,
                 window: rule.doc.rate_limit.as_ref().map(|limit| limit.per.0),
                 dry_run: self.doc.dry_run || rule.doc.dry_run,
-                ttl: ttl.0,
+                ttl,
                 throttle_pps: rule.doc.throttle_pps,
                 severity: rule.doc.severity,
+                category: None,
             });
             if matches!(
                 action,
