@@ -34,13 +34,9 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
-const KNOWN_METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
-
 /// OpenTelemetry's rule: known methods as they are, anything else `_OTHER`.
 pub fn method_label(method: &str) -> &'static str {
-    KNOWN_METHODS
+    crate::http::parse::STANDARD_METHODS
         .iter()
         .find(|known| known.eq_ignore_ascii_case(method))
         .copied()

@@ -2,7 +2,7 @@
 //! client and per IPv6 /64, bursts of 404s. Counted in fixed windows, in bounded
 //! memory (the least recently seen clients are forgotten first).
 
-use std::{collections::HashSet, hash::Hash, net::IpAddr, num::NonZeroUsize, sync::Arc};
+use std::{collections::HashSet, hash::Hash, net::IpAddr, num::NonZeroUsize};
 
 use ipnet::{IpNet, Ipv6Net};
 use lru::LruCache;
@@ -74,7 +74,7 @@ fn bump<K: Hash + Eq>(
 /// What one exchange tells the tracker.
 pub struct Observation<'a> {
     pub client: IpAddr,
-    pub route: &'a Arc<str>,
+    pub route: &'a str,
     /// The path segments the route template replaced by `{id}`.
     pub object_id: Option<&'a str>,
     pub status: Option<u16>,

@@ -186,24 +186,15 @@ impl<'a> Inputs<'a> {
         let decoded = query::decode_path(path);
         // Segments one by one, and the whole path where it climbs (`/a/../../etc`).
         let whole_too = decoded.contains("..") || decoded.contains('\\');
-        match decoded {
-            Cow::Borrowed(path) => {
-                for segment in path.split('/') {
-                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(segment));
-                }
-                if whole_too {
-                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(path));
-                }
-            }
-            Cow::Owned(path) => {
-                for segment in path.split('/') {
-                    let segment = Cow::Owned(segment.to_owned());
-                    inputs.push(Location::Path, Cow::Borrowed(""), segment);
-                }
-                if whole_too {
-                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Owned(path));
-                }
-            }
+        let segments: Vec<Cow<'a, str>> = match &decoded {
+            Cow::Borrowed(path) => path.split('/').map(Cow::Borrowed).collect(),
+            Cow::Owned(path) => path.split('/').map(|s| Cow::Owned(s.to_owned())).collect(),
+        };
+        for segment in segments {
+            inputs.push(Location::Path, Cow::Borrowed(""), segment);
+        }
+        if whole_too {
+            inputs.push(Location::Path, Cow::Borrowed(""), decoded);
         }
         for (name, value) in query::pairs(query_string.unwrap_or_default()) {
             inputs.push(Location::QueryName, Cow::Borrowed(""), name.clone());

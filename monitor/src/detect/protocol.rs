@@ -5,19 +5,10 @@ use super::{
     catalog::{self, RuleInfo},
     config::LimitsDoc,
 };
-use crate::http::parse::{ParseErrorKind, RequestHead};
+use crate::http::parse::{ParseErrorKind, RequestHead, STANDARD_METHODS};
 
-/// RFC 9110 methods, PATCH, and WebDAV's (still served by many APIs).
-const KNOWN_METHODS: &[&str] = &[
-    "GET",
-    "HEAD",
-    "POST",
-    "PUT",
-    "DELETE",
-    "CONNECT",
-    "OPTIONS",
-    "TRACE",
-    "PATCH",
+/// WebDAV's methods, which many APIs still serve besides the standard ones.
+const WEBDAV_METHODS: &[&str] = &[
     "PROPFIND",
     "PROPPATCH",
     "MKCOL",
@@ -53,7 +44,7 @@ pub fn scan_head(
         ));
     }
     let method = head.method();
-    if !KNOWN_METHODS.contains(&method) {
+    if !STANDARD_METHODS.contains(&method) && !WEBDAV_METHODS.contains(&method) {
         out.push((catalog::UNKNOWN_METHOD, method.to_owned()));
     }
     if head.version == 1 && head.host().is_none() {

@@ -2,6 +2,11 @@
 //! heads over any number of segments, Content-Length and chunked bodies, keep-alive
 //! and pipelining, bodies the kernel did not capture, resynchronisation after gaps.
 
+/// The methods of RFC 9110, and PATCH (case-sensitive, as methods are).
+pub const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 /// Head bytes we wait for before calling a message broken.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Header slots per request head (uninitialised, so many cost nothing).
