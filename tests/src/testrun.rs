@@ -50,32 +50,38 @@ impl TestDatapath {
         }
     }
 
-    fn program(&self, name: &str) -> &Xdp {
-        self.ebpf
-            .program(name)
-            .and_then(|p| <&Xdp>::try_from(p).ok())
-            .unwrap_or_else(|| panic!("program {name}"))
-    }
-
     /// Runs the ingress program once on `frame`; returns the XDP action.
     pub fn run(&self, frame: &[u8]) -> u32 {
-        self.run_program(loader::INGRESS_PROGRAM, frame, 1).0
+        run_ingress(&self.ebpf, frame)
     }
 
     /// Runs a program `repeat` times; returns the action and the kernel's mean ns per run.
     pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
-        let result = self
-            .program(name)
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {}", loader::error_chain(&e)));
-        (result.return_value, result.duration.as_nanos() as f64)
+        run_program(&self.ebpf, name, frame, repeat)
     }
 
     pub fn counter(&self, action: Action) -> ActionCounter {
         self.traffic.counters().expect("counters")[action as usize]
     }
+}
+
+/// Runs the ingress program of `ebpf` once on `frame` (for tests that handed the
+/// maps to an `Enforcer`); returns the XDP action.
+pub fn run_ingress(ebpf: &Ebpf, frame: &[u8]) -> u32 {
+    run_program(ebpf, loader::INGRESS_PROGRAM, frame, 1).0
+}
+
+fn run_program(ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
+    let program = ebpf
+        .program(name)
+        .and_then(|p| <&Xdp>::try_from(p).ok())
+        .unwrap_or_else(|| panic!("program {name}"));
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {}", loader::error_chain(&e)));
+    (result.return_value, result.duration.as_nanos() as f64)
 }

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use apimon_tests::{
     frames::{self, ETH_P_8021AD, ETH_P_8021Q, Ext, Frame, L4},
-    testrun::{TestDatapath, XDP_DROP, XDP_PASS},
+    testrun::{TestDatapath, XDP_DROP, XDP_PASS, run_ingress},
 };
 use ipnet::IpNet;
 use monitor::{clock, maps::ListKind};
@@ -569,9 +569,8 @@ fn a_throttle_entry_limits_its_source_until_it_expires() {
 fn a_change_that_cannot_be_saved_changes_nothing() {
     use monitor::enforce::{Enforcer, state::StateFile};
     let dp = TestDatapath::load();
-    let TestDatapath {
-        ebpf: _ebpf, maps, ..
-    } = dp;
+    let TestDatapath { ebpf, maps, .. } = dp;
+    let verdict = |source: [u8; 4]| run_ingress(&ebpf, &Frame::v4(source).build());
     let dir = tempfile::tempdir().unwrap();
     let mut enforcer = Enforcer::open(maps, StateFile::new(dir.path())).unwrap();
     let kept = net("198.51.100.0/24");
@@ -598,9 +597,11 @@ fn a_change_that_cannot_be_saved_changes_nothing() {
         "the renewed entry was restored"
     );
     assert_eq!(entries[0].entry.expires_at, None);
-    assert!(
-        enforcer
-            .remove(ListKind::Block, &[net("203.0.113.9")])
-            .is_err()
-    );
+    // The kernel agrees: the new network passes, the kept one is still dropped.
+    assert_eq!(verdict([203, 0, 113, 9]), XDP_PASS);
+    assert_eq!(verdict([198, 51, 100, 7]), XDP_DROP);
+    // A removal that cannot be saved is undone too.
+    assert!(enforcer.remove(ListKind::Block, &[kept]).is_err());
+    assert_eq!(enforcer.entries(ListKind::Block).unwrap().len(), 1);
+    assert_eq!(verdict([198, 51, 100, 7]), XDP_DROP);
 }

@@ -252,8 +252,13 @@ fn the_running_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
         .args(["-n", &topo.server.name, "link", "show", &topo.server_if])
         .output()
         .unwrap();
+    let shown = String::from_utf8_lossy(&link.stdout);
     assert!(
-        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        link.status.success() && shown.contains(&topo.server_if),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("xdp"),
         "detached on SIGTERM without its other capabilities"
     );
 }

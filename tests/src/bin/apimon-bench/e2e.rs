@@ -151,14 +151,17 @@ fn observed_run(
     delay_ms: Option<u32>,
 ) -> Result<Observed> {
     let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if, setup.run_args());
-    let samples = |daemon: &Daemon| {
+    // A missing figure must not read as zero loss.
+    let samples = |daemon: &Daemon| -> Result<(u64, u64)> {
         let stats = daemon.cli_json(&["stats"]);
-        (
-            stats["samples"]["captured"].as_u64().unwrap_or(0),
-            stats["samples"]["lost"].as_u64().unwrap_or(0),
-        )
+        let read = |field: &str| {
+            stats["samples"][field]
+                .as_u64()
+                .with_context(|| format!("apimon stats has no samples.{field}"))
+        };
+        Ok((read("captured")?, read("lost")?))
     };
-    let (captured_before, lost_before) = samples(&daemon);
+    let (captured_before, lost_before) = samples(&daemon)?;
     let counted_before = exchanges_counted(&daemon);
     let cpu = |daemon: &Daemon| daemon.cpu_time().map_or(f64::NAN, |t| t.as_secs_f64());
     let cpu_before = cpu(&daemon);
@@ -166,7 +169,7 @@ fn observed_run(
     let daemon_cpu_s = cpu(&daemon) - cpu_before;
     // wrk closes its connections at the end; give the pipeline a moment to finish them.
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let (captured, lost) = samples(&daemon);
+    let (captured, lost) = samples(&daemon)?;
     Ok(Observed {
         wrk,
         samples: captured - captured_before,
