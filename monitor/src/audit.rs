@@ -116,7 +116,9 @@ pub struct AuditLog {
     jobs: mpsc::Sender<Job>,
 }
 
-/// Owns the writer thread; dropping it (after the last `AuditLog`) flushes everything.
+/// Owns the writer thread. Dropping it leaves the thread to end once the last
+/// `AuditLog` is gone; `finish` waits for that (the daemon, whose handles may outlive
+/// it in tasks, syncs with `AuditLog::sync` instead).
 pub struct AuditWriter {
     thread: Option<JoinHandle<()>>,
 }

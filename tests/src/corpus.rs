@@ -266,7 +266,7 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
         Routes::new(&[]),
     );
     let mut state = State::default();
-    let mut reports: Vec<Option<Report>> = (0..cases.len()).map(|_| None).collect();
+    let mut reports = Vec::with_capacity(cases.len());
     let mut events = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let client = client_of(index);
@@ -292,47 +292,42 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
                 seq = seq.wrapping_add(chunk.len() as u32);
             }
         }
+        // Each case ends with a whole response: what its segments produced is its own.
+        let mut report = Report::default();
+        let mut exchanged = false;
         for event in events.drain(..) {
-            let (client, report) = match &event {
-                Event::Exchange(exchange) => (
-                    exchange.client,
-                    policy
-                        .detections
-                        .inspect(exchange, &mut state, SystemTime::now()),
-                ),
+            let (from, found) = match &event {
+                Event::Exchange(exchange) => {
+                    exchanged = true;
+                    let at = SystemTime::now();
+                    (
+                        exchange.client,
+                        policy.detections.inspect(exchange, &mut state, at),
+                    )
+                }
                 Event::ParseError(problem) => {
                     (problem.client, policy.detections.inspect_problem(problem))
                 }
                 _ => continue,
             };
-            let IpAddr::V4(v4) = client.ip() else {
-                continue;
-            };
-            let [_, a, b, c] = v4.octets();
-            let at = (usize::from(a - 200) << 16) | (usize::from(b) << 8) | usize::from(c);
-            if let Some(slot) = reports.get_mut(at) {
-                match slot {
-                    Some(existing) => {
-                        existing.score += report.score;
-                        existing.findings.extend(report.findings);
-                    }
-                    None => *slot = Some(report),
-                }
+            if from != client {
+                bail!(
+                    "case {:?}: an event from another connection ({from})",
+                    case.label
+                );
             }
+            report.score += found.score;
+            report.findings.extend(found.findings);
         }
+        if !exchanged {
+            bail!(
+                "corpus request {:?} produced no exchange: the corpus or the pipeline is broken",
+                case.label
+            );
+        }
+        reports.push(report);
     }
-    let missing: Vec<&str> = reports
-        .iter()
-        .zip(cases)
-        .filter(|(r, _)| r.is_none())
-        .map(|(_, case)| case.label.as_str())
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "corpus requests that produced no exchange (the corpus or the pipeline is broken): {missing:?}"
-        );
-    }
-    Ok(reports.into_iter().flatten().collect())
+    Ok(reports)
 }
 
 /// The corpus shipped with the tests.
