@@ -332,16 +332,16 @@ const MAX_CACHED_SERIES: usize = 4096;
 
 impl Observers {
     fn observe(&mut self, event: &http::Event, clocks: &Clocks) {
-        if let http::Event::Request(request) = event {
-            self.verdicts.judge(request, clocks);
-            return;
-        }
-        let http::Event::Exchange(exchange) = event else {
-            if let http::Event::ParseError(problem) = event {
+        let exchange = match event {
+            http::Event::Request(request) => return self.verdicts.judge(request, clocks),
+            http::Event::ParseError(problem) => {
                 self.verdicts.inspect_problem(problem);
+                return self.metrics.parse_problem(problem.kind.name());
             }
-            self.metrics.parse_problem(event);
-            return;
+            http::Event::OtherProtocol(protocol) => {
+                return self.metrics.parse_problem(protocol.metric_label());
+            }
+            http::Event::Exchange(exchange) => exchange,
         };
         self.verdicts.inspect(exchange, clocks);
         self.series_for(exchange).observe(exchange);

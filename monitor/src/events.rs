@@ -183,15 +183,30 @@ impl Event {
         event.with_field("route", subject.route)
     }
 
+    /// An event about a whole exchange: `about_request`, and the body sizes and status.
+    pub fn about_exchange(
+        kind: &str,
+        action: &str,
+        exchange: &Exchange,
+        at: SystemTime,
+        secrets: &Fingerprinter,
+    ) -> Self {
+        let mut event = Self::about_request(kind, action, &exchange.into(), at, secrets);
+        if let Some(http) = &mut event.http {
+            http.request.body.bytes = exchange.request_body_bytes;
+            http.response = exchange.status.map(|status_code| HttpResponse {
+                status_code,
+                body: Body {
+                    bytes: exchange.response_body_bytes,
+                },
+            });
+        }
+        event
+    }
+
     /// One observed HTTP exchange.
     pub fn http_exchange(exchange: &Exchange, at: SystemTime, secrets: &Fingerprinter) -> Self {
-        let subject = Subject {
-            client: exchange.client,
-            server: exchange.server,
-            head: &exchange.request,
-            route: &exchange.route,
-        };
-        let mut event = Self::about_request("event", "http_request", &subject, at, secrets);
+        let mut event = Self::about_exchange("event", "http_request", exchange, at, secrets);
         event.event.outcome = Some(
             match exchange.status {
                 Some(status) if status < 400 => "success",
@@ -203,15 +218,6 @@ impl Event {
         event.event.duration = exchange
             .latency
             .map(|l| u64::try_from(l.as_nanos()).unwrap_or(u64::MAX));
-        if let Some(http) = &mut event.http {
-            http.request.body.bytes = exchange.request_body_bytes;
-            http.response = exchange.status.map(|status_code| HttpResponse {
-                status_code,
-                body: Body {
-                    bytes: exchange.response_body_bytes,
-                },
-            });
-        }
         event
     }
 
@@ -246,6 +252,28 @@ pub struct Subject<'a> {
     pub server: SocketAddr,
     pub head: &'a RequestHead,
     pub route: &'a str,
+}
+
+impl<'a> From<&'a Exchange> for Subject<'a> {
+    fn from(exchange: &'a Exchange) -> Self {
+        Self {
+            client: exchange.client,
+            server: exchange.server,
+            head: &exchange.request,
+            route: &exchange.route,
+        }
+    }
+}
+
+impl<'a> From<&'a crate::http::RequestStart> for Subject<'a> {
+    fn from(request: &'a crate::http::RequestStart) -> Self {
+        Self {
+            client: request.client,
+            server: request.server,
+            head: &request.head,
+            route: &request.route,
+        }
+    }
 }
 
 /// Notable events kept for `apimon events` without `--follow`.

@@ -13,10 +13,7 @@ use tracing::{info, warn};
 
 use monitor_common::datapath::{Action, ActionCounter};
 
-use crate::{
-    capture::Direction,
-    http::{Event, Exchange},
-};
+use crate::{capture::Direction, http::Exchange};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -263,20 +260,10 @@ impl Metrics {
         self.detections.with_label_values(&[category, rule])
     }
 
-    /// Counts traffic that could not be parsed (exchanges count through
+    /// Counts traffic that could not be parsed, by kind (exchanges count through
     /// `exchange_series`, whose handles the pipeline keeps).
-    pub fn parse_problem(&self, event: &Event) {
-        match event {
-            Event::ParseError(problem) => self
-                .parse_errors
-                .with_label_values(&[problem.kind.name()])
-                .inc(),
-            Event::OtherProtocol(protocol) => self
-                .parse_errors
-                .with_label_values(&[&format!("not_http_{}", protocol.name())])
-                .inc(),
-            Event::Request(_) | Event::Exchange(_) => {}
-        }
+    pub fn parse_problem(&self, kind: &str) {
+        self.parse_errors.with_label_values(&[kind]).inc();
     }
 
     /// The series an exchange of this method, route and status counts in.

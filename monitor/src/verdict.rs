@@ -121,12 +121,7 @@ impl Verdicts {
             route: &request.route,
         });
         let at = clocks.to_wall(request.started_ns);
-        let subject = Subject {
-            client: request.client,
-            server: request.server,
-            head: &request.head,
-            route: &request.route,
-        };
+        let subject = Subject::from(request);
         for decision in &decisions {
             self.count(decision);
             let kind = match decision.action {
@@ -253,23 +248,8 @@ impl Verdicts {
         if report.findings.is_empty() {
             return;
         }
-        let subject = Subject {
-            client: exchange.client,
-            server: exchange.server,
-            head: &exchange.request,
-            route: &exchange.route,
-        };
         self.act_on(&policy, &report, exchange.client, &|secrets| {
-            let mut event = Event::about_request("alert", "detection", &subject, at, secrets);
-            if let (Some(http), Some(status)) = (event.http.as_mut(), exchange.status) {
-                http.response = Some(crate::events::HttpResponse {
-                    status_code: status,
-                    body: crate::events::Body {
-                        bytes: exchange.response_body_bytes,
-                    },
-                });
-            }
-            event
+            Event::about_exchange("alert", "detection", exchange, at, secrets)
         });
     }
 

@@ -355,7 +355,7 @@ fn pair(
                 });
             }
             Item::Response { head, started_ns } => {
-                if (100..200).contains(&head.status) && head.status != 101 {
+                if head.is_interim() {
                     continue;
                 }
                 if let Some(pending) = flow.pending.iter_mut().find(|p| p.response.is_none()) {

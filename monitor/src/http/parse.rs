@@ -262,6 +262,12 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
+    /// An interim response (100 Continue, 103 Early Hints...): no body, and it answers
+    /// nothing yet. 101 Switching Protocols is final.
+    pub fn is_interim(&self) -> bool {
+        (100..200).contains(&self.status) && self.status != 101
+    }
+
     /// Parses a response head at the start of `bytes`.
     pub fn parse(bytes: &[u8]) -> HeadParse<Self> {
         let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
@@ -347,12 +353,13 @@ pub enum OtherProtocol {
 }
 
 impl OtherProtocol {
-    pub const fn name(self) -> &'static str {
+    /// The `apimon_parse_errors_total` kind of a stream of this protocol.
+    pub const fn metric_label(self) -> &'static str {
         match self {
-            OtherProtocol::Tls => "tls",
-            OtherProtocol::Http2 => "http2",
-            OtherProtocol::Binary => "binary",
-            OtherProtocol::Text => "text",
+            OtherProtocol::Tls => "not_http_tls",
+            OtherProtocol::Http2 => "not_http_http2",
+            OtherProtocol::Binary => "not_http_binary",
+            OtherProtocol::Text => "not_http_text",
         }
     }
 
@@ -707,14 +714,14 @@ impl MessageParser {
 
     fn response_head(&mut self, head: ResponseHead, out: &mut Vec<Item>) {
         let status = head.status;
+        let interim = head.is_interim();
         let (content_length, chunked) = (head.content_length, head.chunked);
         self.messages += 1;
         out.push(Item::Response {
             head,
             started_ns: self.head_started_ns,
         });
-        // Interim responses (100 Continue, ...) have no body and answer nothing yet.
-        if (100..200).contains(&status) && status != 101 {
+        if interim {
             out.push(Item::End { body_bytes: 0 });
             self.state = State::Head;
             return;
