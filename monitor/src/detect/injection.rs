@@ -375,6 +375,45 @@ mod tests {
         );
     }
 
+    /// libinjection is a machine port of C: random and mutated hostile inputs (quotes,
+    /// comments, tags, NUL, invalid UTF-8) must come back with an answer, never a
+    /// panic (which `guarded` would turn into a silent miss).
+    #[test]
+    fn libinjection_answers_every_input() {
+        let seeds: &[&[u8]] = &[
+            b"1' OR '1'='1",
+            b"<script>alert(1)</script>",
+            b"admin'--",
+            b"1 UNION SELECT null,version()--",
+            b"<img src=x onerror=alert(1)>",
+            b"\"><svg/onload=alert(1)>",
+            b"1) or sleep(5)#",
+        ];
+        const ALPHABET: &[u8] =
+            b"'\"<>/\\-#;()=*&|`$!{}[] ,.aAsSeElLcCtT01 orunion select script on=%\x00\xff\n";
+        let mut x: u64 = 0x1234_5678;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut input = Vec::new();
+            if next() % 2 == 0 {
+                input.extend_from_slice(seeds[next() as usize % seeds.len()]);
+            }
+            for _ in 0..next() % 64 {
+                input.push(ALPHABET[next() as usize % ALPHABET.len()]);
+            }
+            let answered = std::panic::catch_unwind(|| {
+                libinjectionrs::detect_sqli(&input).is_injection();
+                libinjectionrs::detect_xss(&input).is_injection();
+            });
+            assert!(answered.is_ok(), "libinjection panicked on {input:?}");
+        }
+    }
+
     #[test]
     fn leaves_ordinary_values_alone() {
         for value in [

@@ -158,8 +158,8 @@ pub fn report(out: &mut String, r: &DecisionResult) -> std::fmt::Result {
     writeln!(
         out,
         "{} clients, each from its own address, send one request within a limit of one per hour and \
-         then the request that breaks it, over real TCP across the veth pair to nginx. Measured from \
-         the client writing that request to the block being in the kernel map the XDP program reads \
+         then the request that breaks it, over real TCP across the veth pair to nginx. Measured from just before \
+         the client connects and writes that request (thread start and TCP handshake included) to the block being in the kernel map the XDP program reads \
          (polled in a tight loop from userspace): capture, ring buffer, reassembly, parsing, policy, \
          map update.",
         r.latencies_us.len()
