@@ -212,18 +212,7 @@ pub struct TopArgs {
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let ttl =
-        humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))?;
-    if ttl.is_zero() {
-        return Err("duration must be positive".into());
-    }
-    if ttl > clock::MAX_TTL {
-        return Err(format!(
-            "duration {text:?} is longer than the maximum of {}; omit --ttl for a permanent entry",
-            humantime::format_duration(clock::MAX_TTL)
-        ));
-    }
-    Ok(ttl)
+    clock::parse_duration(text).map_err(|e| format!("{e} (omit --ttl for a permanent entry)"))
 }
 
 /// A client command's failure, with the contract's exit code.

@@ -57,6 +57,27 @@ impl Clocks {
 /// year 9999) and far from overflow.
 pub const MAX_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
+/// A TTL accepted anywhere: positive and at most `MAX_TTL` (why not, otherwise).
+pub fn check_ttl(ttl: Duration) -> Result<Duration, String> {
+    if ttl.is_zero() {
+        return Err("must be positive".into());
+    }
+    if ttl > MAX_TTL {
+        return Err(format!(
+            "is longer than the maximum of {}",
+            humantime::format_duration(MAX_TTL)
+        ));
+    }
+    Ok(ttl)
+}
+
+/// A duration as operators write it (`90s`, `15m`, `7d`), checked as a TTL.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    check_ttl(duration).map_err(|why| format!("duration {why}"))
+}
+
 /// The latest time RFC 3339 can print, 9999-12-31T23:59:59Z.
 fn latest() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)

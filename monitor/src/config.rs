@@ -284,19 +284,21 @@ impl<'de> Deserialize<'de> for MetricsAddr {
     }
 }
 
-/// Durations in the config are humantime strings (`500ms`, `15m`).
+/// Durations in the config read and print as the policy's (`500ms`, `15m`: positive,
+/// bounded), kept as plain `Duration`s.
 mod humantime_serde_compat {
     use std::time::Duration;
 
-    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+    use serde::{Deserialize as _, Deserializer, Serialize as _, Serializer};
+
+    use crate::policy::file::HumanDuration;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
+        HumanDuration(*d).serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(D::Error::custom)
+        HumanDuration::deserialize(d).map(|duration| duration.0)
     }
 }
 
@@ -383,9 +385,6 @@ impl Config {
         if self.audit.max_file_bytes < 4096 {
             return Err(invalid("audit.max_file_bytes must be at least 4096".into()));
         }
-        if self.daemon.sweep_interval.is_zero() {
-            return Err(invalid("daemon.sweep_interval must be positive".into()));
-        }
         let c = &self.capture;
         if !c.ring_bytes.is_power_of_two() || c.ring_bytes < 4096 {
             return Err(invalid(format!(
@@ -401,9 +400,9 @@ impl Config {
         if c.ports.contains(&0) {
             return Err(invalid("capture.ports cannot contain 0".into()));
         }
-        if c.max_flows == 0 || c.max_flow_memory == 0 || c.flow_idle_timeout.is_zero() {
+        if c.max_flows == 0 || c.max_flow_memory == 0 {
             return Err(invalid(
-                "capture.max_flows, max_flow_memory and flow_idle_timeout must be positive".into(),
+                "capture.max_flows and max_flow_memory must be positive".into(),
             ));
         }
         Ok(())
@@ -563,6 +562,17 @@ mod tests {
 
         let err = parse("[daemon\n").unwrap_err();
         assert!(err.contains("invalid config"), "{err}");
+
+        for zero in [
+            "[daemon]\nsweep_interval = \"0s\"\n",
+            "[capture]\nflow_idle_timeout = \"0s\"\n",
+        ] {
+            let err = parse(zero).unwrap_err();
+            assert!(
+                err.starts_with("invalid config apimon.toml:2:") && err.contains("positive"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

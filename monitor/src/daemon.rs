@@ -653,18 +653,10 @@ fn handle(shared: &Shared, request: Request) -> Result<Value, ControlError> {
             ttl_ms,
             reason,
         } => {
-            let ttl = match ttl_ms.map(std::time::Duration::from_millis) {
-                Some(ttl) if ttl.is_zero() => {
-                    return Err(ControlError::bad_request("ttl must be positive"));
-                }
-                Some(ttl) if ttl > clock::MAX_TTL => {
-                    return Err(ControlError::bad_request(format!(
-                        "ttl longer than the maximum of {}",
-                        humantime::format_duration(clock::MAX_TTL)
-                    )));
-                }
-                ttl => ttl,
-            };
+            let ttl = ttl_ms
+                .map(|ms| clock::check_ttl(std::time::Duration::from_millis(ms)))
+                .transpose()
+                .map_err(|why| ControlError::bad_request(format!("ttl {why}")))?;
             add(shared, ListKind::Block, &cidrs, ttl, reason)
         }
         Request::AllowAdd { cidrs, reason } => add(shared, ListKind::Allow, &cidrs, None, reason),

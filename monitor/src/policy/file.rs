@@ -488,17 +488,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
         let text = String::deserialize(d)?;
-        let duration = humantime::parse_duration(&text)
-            .map_err(|e| D::Error::custom(format!("invalid duration {text:?}: {e}")))?;
-        if duration.is_zero() {
-            return Err(D::Error::custom("duration must be positive"));
-        }
-        if duration > crate::clock::MAX_TTL {
-            return Err(D::Error::custom(format!(
-                "duration {text:?} is longer than the maximum of {}",
-                humantime::format_duration(crate::clock::MAX_TTL)
-            )));
-        }
+        let duration = crate::clock::parse_duration(&text).map_err(D::Error::custom)?;
         Ok(HumanDuration(duration))
     }
 }
