@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::{
     clock::Clocks,
     detect::{Finding, Report, State},
-    enforce::{Enforcer, escalation::Escalation},
+    enforce::{Enforcer, PolicyEnforcement, escalation::Escalation},
     events::{Bus, Endpoint, Event, Rule, Subject},
     http::{Exchange, Problem, RequestStart},
     maps::ListKind,
@@ -156,13 +156,14 @@ impl Verdicts {
         (reported, window): (Reported, Option<std::time::Duration>),
         event: impl FnOnce(&Self) -> Event,
     ) {
-        let list = match decision.action {
+        // A throttle always has a rate: policies without one are refused at load.
+        let enforcement = match (decision.action, decision.throttle_pps) {
             _ if decision.dry_run => None,
-            ActionKind::Block => Some(ListKind::Block),
-            ActionKind::Throttle => Some(ListKind::Throttle),
+            (ActionKind::Block, _) => Some(PolicyEnforcement::Block),
+            (ActionKind::Throttle, Some(pps)) => Some(PolicyEnforcement::Throttle(pps)),
             _ => None,
         };
-        let enforced = list.and_then(|list| self.enforce(policy, source, decision, list));
+        let enforced = enforcement.and_then(|what| self.enforce(policy, source, decision, what));
         let unreported = match (enforced.is_some(), window) {
             (false, Some(window)) => {
                 match self.report_due((reported, policy.offender_net(source)), window) {
@@ -322,8 +323,9 @@ impl Verdicts {
         policy: &Policy,
         source: IpAddr,
         decision: &Decision,
-        kind: ListKind,
+        enforcement: PolicyEnforcement,
     ) -> Option<Vec<(&'static str, serde_json::Value)>> {
+        let kind = enforcement.list();
         let net = policy.offender_net(source);
         let now = Instant::now();
         let key = (net, kind);
@@ -345,18 +347,12 @@ impl Verdicts {
         // keeps reading samples meanwhile.
         let enforcer = self.enforcer.clone();
         let events = self.events.clone();
-        let pps = decision.throttle_pps;
         tokio::task::spawn_blocking(move || {
             let added = {
                 let mut enforcer = enforcer
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match (kind, pps) {
-                    (ListKind::Throttle, Some(pps)) => {
-                        enforcer.throttle(&[net], pps.get(), ttl, &reason, &origin)
-                    }
-                    _ => enforcer.block_for_policy(&[net], ttl, &reason, &origin),
-                }
+                enforcer.enforce_for_policy(enforcement, &[net], ttl, &reason, &origin)
             };
             match added {
                 Ok(entries) => {

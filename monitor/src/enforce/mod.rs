@@ -40,6 +40,23 @@ pub struct EntryWithHits {
     pub hits: u64,
 }
 
+/// What a policy verdict does in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyEnforcement {
+    Block,
+    /// At most this many packets per second.
+    Throttle(std::num::NonZeroU32),
+}
+
+impl PolicyEnforcement {
+    pub const fn list(self) -> ListKind {
+        match self {
+            PolicyEnforcement::Block => ListKind::Block,
+            PolicyEnforcement::Throttle(_) => ListKind::Throttle,
+        }
+    }
+}
+
 pub struct Enforcer {
     datapath: Datapath,
     lists: Lists,
@@ -138,22 +155,28 @@ impl Enforcer {
         self.add_entries(kind, nets, ttl, reason, origin, None, true)
     }
 
-    /// Blocks for a policy verdict: in the kernel at once, in the state file at the next
-    /// `flush` (a flood of offenders must not rewrite the file once each).
-    pub fn block_for_policy(
+    /// Carries out a policy verdict: in the kernel at once; a block reaches the state
+    /// file at the next `flush` (a flood of offenders must not rewrite it once each),
+    /// a throttle never (it ends with its TTL).
+    pub fn enforce_for_policy(
         &mut self,
+        enforcement: PolicyEnforcement,
         nets: &[IpNet],
         ttl: Duration,
         reason: &str,
         origin: &str,
     ) -> Result<Vec<Entry>, EnforceError> {
+        let rate_pps = match enforcement {
+            PolicyEnforcement::Block => None,
+            PolicyEnforcement::Throttle(pps) => Some(pps.get()),
+        };
         self.add_entries(
-            ListKind::Block,
+            enforcement.list(),
             nets,
             Some(ttl),
             reason,
             origin,
-            None,
+            rate_pps,
             false,
         )
     }
@@ -167,29 +190,9 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Limits `nets` to `pps` packets per second in the kernel until `ttl` ends.
-    pub fn throttle(
-        &mut self,
-        nets: &[IpNet],
-        pps: u32,
-        ttl: Duration,
-        reason: &str,
-        origin: &str,
-    ) -> Result<Vec<Entry>, EnforceError> {
-        self.add_entries(
-            ListKind::Throttle,
-            nets,
-            Some(ttl),
-            reason,
-            origin,
-            Some(pps),
-            false,
-        )
-    }
-
     #[allow(
         clippy::too_many_arguments,
-        reason = "one private constructor behind three public ones"
+        reason = "one private constructor behind the public ones"
     )]
     fn add_entries(
         &mut self,
