@@ -221,9 +221,14 @@ impl Event {
         event
     }
 
-    /// A blocklist or allowlist change (`block_added`, `block_expired`, ...).
+    /// A list change (`block_added`, `throttle_expired`, ...); a throttle's carries its
+    /// packet rate (`rate_pps`, null otherwise).
     pub fn list_change(action: &str, entry: &crate::enforce::Entry) -> Self {
         Self::new("event", "configuration", action)
+            .with_field(
+                "rate_pps",
+                entry.rate_pps.map_or(serde_json::Value::Null, Into::into),
+            )
             .with_field("cidr", entry.cidr.to_string())
             .with_field("reason", entry.reason.clone())
             .with_field("origin", entry.origin.clone())

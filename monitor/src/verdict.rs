@@ -359,10 +359,7 @@ impl Verdicts {
                     let action = format!("{}_added", kind.noun());
                     for entry in entries {
                         info!(event.action = %action, cidr = %entry.cidr, %origin, ttl_s = ttl.as_secs(), offence, "Policy enforced");
-                        let rate = entry.rate_pps.map_or(serde_json::Value::Null, Into::into);
-                        events.publish(
-                            Event::list_change(&action, &entry).with_field("rate_pps", rate),
-                        );
+                        events.publish(Event::list_change(&action, &entry));
                     }
                 }
                 Err(error) => {
