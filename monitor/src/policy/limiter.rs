@@ -81,9 +81,15 @@ impl<K: Hash + Eq + Clone> StateStore for LruStore<K> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // One lock around read and write: no lost updates between threads.
+        // One lock around read and write: no lost updates between threads. A known key
+        // is updated in place (one lookup, no key clone).
         let mut cells = self.lock();
-        let (result, new) = f(cells.get(key).copied())?;
+        if let Some(cell) = cells.get_mut(key) {
+            let (result, new) = f(Some(*cell))?;
+            *cell = new;
+            return Ok(result);
+        }
+        let (result, new) = f(None)?;
         cells.put(key.clone(), new);
         Ok(result)
     }
