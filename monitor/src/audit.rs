@@ -193,10 +193,10 @@ impl Sink {
         }
         // The chain continues from the newest record on disk (this file, else the last
         // rotated one).
-        let head = last_head(&options.path)
+        let current = complete_records(&options.path).map_err(io)?;
+        let head = last_head_in(&current)
             .or_else(|| last_head(&rotated(&options.path, 1)))
             .unwrap_or_default();
-        cut_torn_tail(&options.path).map_err(io)?;
         let file = open_append(&options.path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         Ok(Self {
@@ -316,21 +316,33 @@ impl Sink {
 /// A crash can leave a last line half written; new records must not be glued to it
 /// (that would make the first of them unreadable). Cuts the file back to its last
 /// newline; the cut record was never acknowledged as written.
-fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+/// The file's bytes up to its last complete record, read once; a half-written last
+/// record (a crash mid-write) is cut off on disk too.
+fn complete_records(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    if text.is_empty() || text.ends_with(b"\n") {
-        return Ok(());
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(bytes);
     }
-    let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    warn!(path = %path.display(), bytes = text.len() - keep, "Cutting a half-written last audit record");
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    warn!(path = %path.display(), bytes = bytes.len() - keep, "Cutting a half-written last audit record");
     OpenOptions::new()
         .write(true)
         .open(path)?
-        .set_len(keep as u64)
+        .set_len(keep as u64)?;
+    bytes.truncate(keep);
+    Ok(bytes)
+}
+
+/// The chain head of the newest record in `records` (searched from the end).
+fn last_head_in(records: &[u8]) -> Option<ChainHead> {
+    records
+        .split(|b| *b == b'\n')
+        .rev()
+        .find_map(|line| record_head(std::str::from_utf8(line).ok()?))
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
