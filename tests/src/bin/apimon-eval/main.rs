@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use apimon_tests::corpus::{self, Evaluation, TARGET_CLASSES, percent_of};
+use apimon_tests::corpus::{
+    self, DETECTION_TARGET, Evaluation, FALSE_POSITIVE_TARGET, TARGET_CLASSES, percent_of,
+};
 use monitor::policy::Policy;
 
 fn main() -> Result<()> {
@@ -45,7 +47,7 @@ fn main() -> Result<()> {
         let rate = eval.detection_rate(*class);
         let fp_rate = eval.false_positive_rate(*class);
         let target = if TARGET_CLASSES.contains(class) {
-            let met = rate >= 95.0 && fp_rate <= 0.5;
+            let met = rate >= DETECTION_TARGET && fp_rate <= FALSE_POSITIVE_TARGET;
             format!(
                 "≥ 95 %, ≤ 0.5 %: {}",
                 if met { "met" } else { "**missed**" }
@@ -70,7 +72,11 @@ fn main() -> Result<()> {
         benign.total,
         benign.over_threshold,
         percent_of(benign.over_threshold, benign.total),
-        if any_rate <= 0.5 { "met" } else { "**missed**" },
+        if any_rate <= FALSE_POSITIVE_TARGET {
+            "met"
+        } else {
+            "**missed**"
+        },
     );
     let mut report = String::new();
     let _ = writeln!(
