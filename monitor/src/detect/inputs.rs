@@ -186,12 +186,18 @@ impl<'a> Inputs<'a> {
         let decoded = query::decode_path(path);
         // Segments one by one, and the whole path where it climbs (`/a/../../etc`).
         let whole_too = decoded.contains("..") || decoded.contains('\\');
-        let segments: Vec<Cow<'a, str>> = match &decoded {
-            Cow::Borrowed(path) => path.split('/').map(Cow::Borrowed).collect(),
-            Cow::Owned(path) => path.split('/').map(|s| Cow::Owned(s.to_owned())).collect(),
-        };
-        for segment in segments {
-            inputs.push(Location::Path, Cow::Borrowed(""), segment);
+        match &decoded {
+            Cow::Borrowed(path) => {
+                for segment in path.split('/') {
+                    inputs.push(Location::Path, Cow::Borrowed(""), Cow::Borrowed(segment));
+                }
+            }
+            Cow::Owned(path) => {
+                for segment in path.split('/') {
+                    let segment = Cow::Owned(segment.to_owned());
+                    inputs.push(Location::Path, Cow::Borrowed(""), segment);
+                }
+            }
         }
         if whole_too {
             inputs.push(Location::Path, Cow::Borrowed(""), decoded);
