@@ -50,6 +50,8 @@ pub struct Sample {
 }
 const _: () = assert!(core::mem::size_of::<Sample>() == 64 + SAMPLE_DATA_LEN);
 const _: () = assert!(core::mem::size_of::<Sample>().is_multiple_of(8));
+/// Ring bytes one sample takes: the record and the ring's 8-byte record header.
+pub const SAMPLE_RING_BYTES: u32 = (core::mem::size_of::<Sample>() + 8) as u32;
 
 /// Capture settings the daemon writes into the one-slot `CAPTURE_CONFIG` array.
 #[repr(C)]
@@ -58,7 +60,9 @@ pub struct CaptureConfig {
     /// Payload bytes captured per message, counted from each request (or response)
     /// start; 0 disables capture.
     pub max_bytes_per_message: u32,
-    pub _pad: u32,
+    /// Unread ring bytes whose crossing wakes the daemon early (it also polls on a
+    /// timer); 0 never wakes it.
+    pub wakeup_bytes: u32,
 }
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
 

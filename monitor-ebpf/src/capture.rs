@@ -13,7 +13,8 @@ use aya_ebpf::{
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
-        Sample, SampleHeader, TCP_FIN, TCP_RST, TCP_SYN, starts_request, starts_response,
+        SAMPLE_RING_BYTES, Sample, SampleHeader, TCP_FIN, TCP_RST, TCP_SYN, starts_request,
+        starts_response,
     },
     datapath::IpKey,
     maps::{DEFAULT_CAPTURE_FLOWS, DEFAULT_SAMPLES_RING_BYTES},
@@ -34,9 +35,6 @@ static CAPTURE_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0)
 #[map]
 static CAPTURE_FLOWS: LruHashMap<FlowKey, FlowBudget> =
     LruHashMap::with_max_entries(DEFAULT_CAPTURE_FLOWS, 0);
-
-/// Unread ring bytes past which a sample wakes the daemon (1/64 of the default ring).
-const WAKEUP_BYTES: u64 = 256 * 1024;
 
 /// Bytes of a new connection captured before any message start is seen.
 const FIRST_BYTES: u32 = 64;
@@ -162,7 +160,7 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
             let _ = CAPTURE_FLOWS.insert(key, sniff, 0);
         } else if tcp.flags & (TCP_FIN | TCP_RST) != 0 && CAPTURE_FLOWS.get_ptr(key).is_some() {
             // Connection ends are worth telling the daemon, for connections it follows.
-            emit(ctx, segment, 0, 0, 0);
+            emit(ctx, config, segment, 0, 0, 0);
         }
         return;
     }
@@ -210,14 +208,14 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
             break;
         }
         let len = (left - done).min(SAMPLE_DATA_LEN);
-        if !emit(ctx, segment, done, len, tcp.payload_len) {
+        if !emit(ctx, config, segment, done, len, tcp.payload_len) {
             break;
         }
         done += len;
     }
     if done < tcp.payload_len && tcp.flags & (TCP_FIN | TCP_RST) != 0 {
         // The daemon learns where an uncaptured stream ended (exact body sizes).
-        emit(ctx, segment, tcp.payload_len, 0, 0);
+        emit(ctx, config, segment, tcp.payload_len, 0, 0);
     }
 }
 
@@ -226,6 +224,7 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
 #[inline(always)]
 fn emit<P: Payload>(
     ctx: &P,
+    config: &CaptureConfig,
     segment: &Segment<'_>,
     skip: usize,
     len: usize,
@@ -265,9 +264,15 @@ fn emit<P: Payload>(
             return false;
         }
     }
-    // Waking the daemon per sample would cost it a context switch per segment; it
-    // polls on a short timer instead, and is woken early only when the ring fills up.
-    let wakeup = if SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+    // A wake-up costs an interrupt here and a context switch in the daemon, which
+    // polls on a short timer anyway: only the sample whose record crosses the
+    // threshold (unread bytes include it, as it is reserved) wakes it early.
+    let unread = SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA));
+    let threshold = u64::from(config.wakeup_bytes);
+    let wakeup = if threshold > 0
+        && unread >= threshold
+        && unread < threshold + u64::from(SAMPLE_RING_BYTES)
+    {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -13,7 +13,7 @@ use aya::{
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, DIRECTION_RESPONSE, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
-        Sample, SampleHeader,
+        SAMPLE_RING_BYTES, Sample, SampleHeader,
     },
     maps,
 };
@@ -149,7 +149,7 @@ impl CaptureMaps {
                 0,
                 CaptureConfig {
                     max_bytes_per_message: max,
-                    _pad: 0,
+                    wakeup_bytes: wakeup_bytes(settings.ring_bytes),
                 },
                 0,
             )
@@ -167,6 +167,13 @@ impl CaptureMaps {
             lost: sum(&self.lost, maps::SAMPLES_LOST)?,
         })
     }
+}
+
+/// Unread bytes at which the kernel wakes the reader early: a quarter of the ring, so
+/// that a burst between two polls still finds three quarters free. At least one
+/// sample, so that a tiny ring still wakes it.
+fn wakeup_bytes(ring_bytes: u32) -> u32 {
+    (ring_bytes / 4).max(SAMPLE_RING_BYTES)
 }
 
 pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>, MapsError> {
@@ -205,7 +212,8 @@ pub async fn read_samples(ring: RingBuf<MapData>, sink: &mut impl SampleSink) {
             return;
         }
     };
-    // The kernel wakes us only when the ring fills up; otherwise we look every tick.
+    // The kernel wakes us only when a quarter of the ring is unread; otherwise we look
+    // every tick.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle = tokio::time::interval(IDLE_INTERVAL);
@@ -297,6 +305,13 @@ mod tests {
             (segment.seq, segment.flags, segment.direction),
             (1000, TCP_FIN, Direction::Request)
         );
+    }
+
+    #[test]
+    fn the_kernel_wakes_the_reader_at_a_quarter_of_the_ring() {
+        assert_eq!(wakeup_bytes(16 << 20), 4 << 20);
+        // A ring too small for a quarter to hold a sample wakes at every sample.
+        assert_eq!(wakeup_bytes(4096), SAMPLE_RING_BYTES);
     }
 
     #[test]
