@@ -184,8 +184,8 @@ impl Verdicts {
             .into(),
         );
         event.rule = Some(Rule {
-            id: decision.rule_id.clone(),
-            name: decision.rule_name.clone(),
+            id: decision.rule_id.to_owned(),
+            name: decision.rule_name.to_owned(),
             category: decision.category.map(str::to_owned),
         });
         let mut event = event
@@ -210,7 +210,7 @@ impl Verdicts {
         match by_label.iter().find(|(l, _)| *l == label) {
             Some((_, counter)) => counter.inc(),
             None => {
-                let counter = self.metrics.decision_counter(&decision.rule_id, label);
+                let counter = self.metrics.decision_counter(decision.rule_id, label);
                 counter.inc();
                 by_label.push((label, counter));
             }
@@ -339,9 +339,9 @@ impl Verdicts {
         self.active.insert(key, now + ttl);
         let origin = format!("policy:{}", decision.rule_id);
         let reason = if decision.rule_name.is_empty() {
-            decision.rule_id.clone()
+            decision.rule_id.to_owned()
         } else {
-            decision.rule_name.clone()
+            decision.rule_name.to_owned()
         };
         // The map update and the state file (an fsync) run off the capture task, which
         // keeps reading samples meanwhile.
@@ -384,13 +384,13 @@ impl Verdicts {
 
 /// A detection's finding as a verdict: its action (`log` without one), the TTL and
 /// rate its rule sets or the policy's, dry run when the finding or the policy is.
-fn detection_decision(policy: &Policy, finding: &Finding) -> Decision {
+fn detection_decision<'p>(policy: &'p Policy, finding: &Finding) -> Decision<'p> {
     let action = finding.action.unwrap_or(ActionKind::Log);
     let settings = policy.detections.settings(finding.rule.id);
     Decision {
         rule_index: usize::MAX,
-        rule_id: finding.rule.id.into(),
-        rule_name: finding.rule.name.into(),
+        rule_id: finding.rule.id,
+        rule_name: finding.rule.name,
         action,
         window: None,
         // `run --dry-run` and a policy-wide dry run cover detections too.

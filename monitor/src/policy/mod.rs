@@ -70,13 +70,14 @@ pub struct Request<'a> {
     pub route: &'a str,
 }
 
-/// A rule that fired on a request.
+/// A rule that fired on a request (borrowing its names from the policy: an offender
+/// over a limit makes one per request).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Decision {
+pub struct Decision<'p> {
     /// The rule's position in the policy (stable until the next reload).
     pub rule_index: usize,
-    pub rule_id: String,
-    pub rule_name: String,
+    pub rule_id: &'p str,
+    pub rule_name: &'p str,
     pub action: ActionKind,
     /// The rate limit's period (None: the rule has no limit); a rule with a limit fires
     /// only over it: how often an offender's over-limit requests are
@@ -92,7 +93,7 @@ pub struct Decision {
     pub category: Option<&'static str>,
 }
 
-impl Decision {
+impl Decision<'_> {
     /// Fired because a rate limit was exceeded.
     pub fn rate_limited(&self) -> bool {
         self.window.is_some()
@@ -243,7 +244,7 @@ impl Policy {
 
     /// The rules that fire on `request`, in order. Evaluation stops after an `allow`,
     /// `throttle` or `block` (also in dry run: it records what would have happened).
-    pub fn evaluate(&self, request: &Request<'_>) -> Vec<Decision> {
+    pub fn evaluate(&self, request: &Request<'_>) -> Vec<Decision<'_>> {
         let view = RequestView::new(request, self.reads_headers, self.reads_path);
         let mut decisions = Vec::new();
         for (rule_index, rule) in self.rules.iter().enumerate() {
@@ -268,8 +269,8 @@ impl Policy {
                 .map_or_else(|| self.default_ttl(action), |ttl| ttl.0);
             decisions.push(Decision {
                 rule_index,
-                rule_id: rule.doc.id.get_ref().clone(),
-                rule_name: rule.doc.name.clone(),
+                rule_id: rule.doc.id.get_ref(),
+                rule_name: &rule.doc.name,
                 action,
                 window: rule.doc.rate_limit.as_ref().map(|limit| limit.per.0),
                 dry_run: self.doc.dry_run || rule.doc.dry_run,

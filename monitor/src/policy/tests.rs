@@ -78,7 +78,7 @@ fn judge(policy: &Policy, source: &str, head: &str, route: &str) -> Vec<(String,
             route,
         })
         .into_iter()
-        .map(|d| (d.rule_id.clone(), d.label()))
+        .map(|d| (d.rule_id.to_owned(), d.label()))
         .collect()
 }
 
