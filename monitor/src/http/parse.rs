@@ -21,7 +21,7 @@ pub enum Side {
 }
 
 /// A request's head: the bytes as received, kept in one allocation, with the places of
-/// the fields apimon reads. Detections can re-read any header from `raw`.
+/// the fields apimon reads and of every header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
     /// The head as text (invalid UTF-8 replaced), shared: the policy sees the head when
@@ -31,6 +31,9 @@ pub struct RequestHead {
     target: Span,
     host: Option<Span>,
     user_agent: Option<Span>,
+    /// Every header's name and value, found once by the parse (rules that read
+    /// headers would otherwise parse the head again).
+    headers: std::sync::Arc<[(Span, Span)]>,
     pub version: u8,
     pub content_length: Option<u64>,
     pub chunked: bool,
@@ -117,6 +120,11 @@ impl RequestHead {
             target: span(request.path.unwrap_or_default().as_bytes()),
             host: fields.host.map(span),
             user_agent: fields.user_agent.map(span),
+            headers: request
+                .headers
+                .iter()
+                .map(|h| (span(h.name.as_bytes()), span(h.value)))
+                .collect(),
             version: request.version.unwrap_or(1),
             content_length: fields.content_length,
             chunked: fields.chunked,
@@ -152,23 +160,11 @@ impl RequestHead {
         self.user_agent.map(|span| self.text(span))
     }
 
-    /// Every header as (name, value), parsed again from the head (only rules that look
-    /// at headers need them, so they are not kept).
+    /// Every header as (name, value), in order.
     pub fn headers(&self) -> Vec<(&str, &str)> {
-        let mut slots =
-            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut []);
-        if request
-            .parse_with_uninit_headers(self.raw.as_bytes(), &mut slots)
-            .is_err()
-        {
-            return Vec::new();
-        }
-        request
-            .headers
+        self.headers
             .iter()
-            // The head is text and values end at ASCII delimiters: always valid.
-            .filter_map(|h| Some((h.name, std::str::from_utf8(h.value).ok()?)))
+            .map(|(name, value)| (self.text(*name), self.text(*value)))
             .collect()
     }
 
@@ -855,6 +851,10 @@ mod tests {
         assert_eq!(parsed.user_agent(), Some("caf\u{fffd} \u{fffd}"));
         assert_eq!((parsed.method(), parsed.target()), ("GET", "/caf"));
         assert_eq!(parsed.host(), Some("h"));
+        assert_eq!(
+            parsed.headers(),
+            [("Host", "h"), ("User-Agent", "caf\u{fffd} \u{fffd}")]
+        );
     }
 
     #[test]
