@@ -2,7 +2,7 @@
 //! signals. Kernel state outlives the process on purpose (pinned maps and links).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, RwLock},
@@ -231,7 +231,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
                 secrets.clone(),
             ),
             secrets,
-            series: HashMap::new(),
+            series: foldhash::HashMap::default(),
         },
         events: Vec::new(),
         latest_ns: 0,
@@ -324,7 +324,7 @@ struct Observers {
     verdicts: Verdicts,
     secrets: Fingerprinter,
     /// Metric handles by (method, status, route): no label lookups per exchange.
-    series: HashMap<(&'static str, Option<u16>, Arc<str>), ExchangeSeries>,
+    series: foldhash::HashMap<(&'static str, Option<u16>, Arc<str>), ExchangeSeries>,
 }
 
 /// Cached series at most (label sets are bounded; this bounds the cache regardless).

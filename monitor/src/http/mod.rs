@@ -201,7 +201,7 @@ impl Pipeline {
         };
         if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
             self.memory = self.memory.saturating_sub(evicted.buffered());
-            flush(evicted_id, evicted, events, &self.routes);
+            flush(evicted_id, evicted, events, &mut self.routes);
         }
         true
     }
@@ -273,7 +273,7 @@ impl Pipeline {
             segment.direction,
             &mut items,
             events,
-            &self.routes,
+            &mut self.routes,
         );
         // After pairing: kept bodies move into (and out of) the pending requests.
         let after = flow.buffered();
@@ -288,7 +288,7 @@ impl Pipeline {
     fn end_flow(&mut self, id: &FlowId, events: &mut Vec<Event>) {
         if let Some(flow) = self.flows.pop(id) {
             self.memory = self.memory.saturating_sub(flow.buffered());
-            flush(*id, flow, events, &self.routes);
+            flush(*id, flow, events, &mut self.routes);
         }
     }
 
@@ -328,12 +328,12 @@ fn pair(
     direction: Direction,
     items: &mut Vec<Item>,
     events: &mut Vec<Event>,
-    routes: &Routes,
+    routes: &mut Routes,
 ) {
     for item in items.drain(..) {
         match item {
             Item::Request { head, started_ns } => {
-                let route: Arc<str> = routes.template(head.target()).into();
+                let route = routes.route(head.target());
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
@@ -439,7 +439,7 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
 }
 
 /// A connection is gone: report what it still held.
-fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>, routes: &Routes) {
+fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>, routes: &mut Routes) {
     let mut items = Vec::new();
     flow.response.parser.close(&mut items);
     pair(

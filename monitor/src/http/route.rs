@@ -1,6 +1,8 @@
 //! Route templates: bounded metric labels from raw paths. Numeric, UUID, hex and long
 //! opaque segments become `{id}`; configured templates win over the heuristic.
 
+use std::{hash::BuildHasher as _, sync::Arc};
+
 /// Segments longer than this that mix letters and digits are taken for opaque ids.
 const OPAQUE_MIN_LEN: usize = 20;
 /// Paths deeper than this are cut, to bound the label space further.
@@ -16,28 +18,44 @@ fn is_uuid(segment: &str) -> bool {
 }
 
 fn is_id(segment: &str) -> bool {
-    if segment.is_empty() {
-        return false;
+    // One pass: digits, and whether every byte is hex or an opaque-token byte.
+    let (mut digits, mut hex, mut opaque) = (0, true, true);
+    for b in segment.bytes() {
+        digits += usize::from(b.is_ascii_digit());
+        hex &= b.is_ascii_hexdigit();
+        opaque &= b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=');
     }
     // Words (`users`, `orders`) are the common case: without a digit only a UUID of
     // hex letters could be an id.
-    let digits = segment.bytes().filter(u8::is_ascii_digit).count();
     if digits == 0 {
         return is_uuid(segment);
     }
     let all_digits = digits == segment.len();
-    let hex = segment.len() >= 8 && segment.bytes().all(|b| b.is_ascii_hexdigit());
-    let opaque = segment.len() >= OPAQUE_MIN_LEN
-        && segment
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=');
-    all_digits || hex || opaque || is_uuid(segment)
+    all_digits
+        || (hex && segment.len() >= 8)
+        || (opaque && segment.len() >= OPAQUE_MIN_LEN)
+        || is_uuid(segment)
 }
+
+/// Distinct templates kept shared at most; past this the cache starts over (templates
+/// are bounded by design, this bounds the cache whatever the traffic).
+const MAX_INTERNED: usize = 4096;
+
+/// Slots of the cache of recent paths' routes (direct-mapped by the path's hash).
+const RECENT_SLOTS: usize = 512;
 
 /// Operator-configured templates (`/users/{id}/posts`), tried before the heuristic.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     templates: Vec<Vec<String>>,
+    /// Templates handed out, shared: a request's route costs no allocation once its
+    /// template was seen.
+    interned: foldhash::HashSet<Arc<str>>,
+    /// Recent paths and their routes: hot endpoints are templated once, not per
+    /// request. A collision only replaces a slot.
+    recent: Vec<Option<(Box<str>, Arc<str>)>>,
+    hasher: foldhash::fast::RandomState,
+    scratch: String,
 }
 
 impl Routes {
@@ -52,15 +70,63 @@ impl Routes {
                         .collect()
                 })
                 .collect(),
+            ..Self::default()
         }
     }
 
     /// The template for a request target (path and query).
     pub fn template(&self, target: &str) -> String {
+        let mut out = String::new();
+        self.write_template(target, &mut out);
+        out
+    }
+
+    /// The template for a request target, shared with earlier requests of the route.
+    pub fn route(&mut self, target: &str) -> Arc<str> {
+        let path = path_of(target);
+        if self.recent.is_empty() {
+            self.recent.resize(RECENT_SLOTS, None);
+        }
+        let slot = self.hasher.hash_one(path) as usize % RECENT_SLOTS;
+        if let Some((seen, route)) = &self.recent[slot]
+            && **seen == *path
+        {
+            return route.clone();
+        }
+        let route = self.template_shared(path);
+        self.recent[slot] = Some((path.into(), route.clone()));
+        route
+    }
+
+    fn template_shared(&mut self, target: &str) -> Arc<str> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        self.write_template(target, &mut scratch);
+        let route = match self.interned.get(scratch.as_str()) {
+            Some(route) => route.clone(),
+            None => {
+                if self.interned.len() >= MAX_INTERNED {
+                    self.interned.clear();
+                }
+                let route: Arc<str> = scratch.as_str().into();
+                self.interned.insert(route.clone());
+                route
+            }
+        };
+        self.scratch = scratch;
+        route
+    }
+
+    fn write_template(&self, target: &str, out: &mut String) {
         let path = path_of(target);
         let segments = || path.trim_start_matches('/').split('/');
+        let count = if self.templates.is_empty() {
+            0
+        } else {
+            segments().count()
+        };
         for template in &self.templates {
-            if template.len() == segments().count()
+            if template.len() == count
                 && template.iter().zip(segments()).all(|(t, s)| {
                     // A parameter never stands for a dot segment or a path parameter:
                     // `/snippets/..` is not `/snippets/{id}` (its settings must not apply).
@@ -71,22 +137,29 @@ impl Routes {
                         || t == s
                 })
             {
-                return format!("/{}", template.join("/"));
+                for part in template {
+                    out.push('/');
+                    out.push_str(part);
+                }
+                return;
             }
         }
-        let mut out = String::with_capacity(path.len() + 1);
-        for (index, segment) in segments().enumerate() {
+        // Byte scans rather than `split`: this runs once per request.
+        let mut rest = path.trim_start_matches('/');
+        for index in 0.. {
             if index == MAX_SEGMENTS {
                 out.push_str("/...");
                 break;
             }
+            let end = rest.bytes().position(|b| b == b'/');
+            let segment = end.map_or(rest, |end| &rest[..end]);
             out.push('/');
             out.push_str(if is_id(segment) { "{id}" } else { segment });
+            match end {
+                Some(end) => rest = &rest[end + 1..],
+                None => break,
+            }
         }
-        if out.is_empty() {
-            out.push('/');
-        }
-        out
     }
 }
 
@@ -138,6 +211,34 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_shared_and_the_cache_is_bounded() {
+        let mut routes = Routes::default();
+        let first = routes.route("/users/1?x=1");
+        let second = routes.route("/users/2");
+        assert_eq!(&*first, "/users/{id}");
+        assert!(Arc::ptr_eq(&first, &second), "one allocation per template");
+        for n in 0..MAX_INTERNED + 10 {
+            let route = routes.route(&format!("/w{n}x"));
+            assert_eq!(*route, format!("/w{n}x"), "a word, not an id");
+            assert!(routes.interned.len() <= MAX_INTERNED);
+        }
+        for (target, template) in [("/", "/"), ("/a/12/b", "/a/{id}/b")] {
+            assert_eq!(&*routes.route(target), template);
+        }
+        // Recent paths are cached: more paths than slots, each asked twice, always
+        // get their own template (a slot holds one path; collisions replace it).
+        let mut routes = Routes::new(&["/files/{name}".to_owned()]);
+        for round in 0..2 {
+            for n in 0..RECENT_SLOTS * 2 {
+                let target = format!("/v{}/{n}/x{}?q={round}", n % 7, n % 3);
+                assert_eq!(*routes.route(&target), routes.template(&target), "{target}");
+            }
+            assert_eq!(&*routes.route("/files/a.txt"), "/files/{name}");
+            assert_eq!(&*routes.route("http://h/files/b"), "/files/{name}");
+        }
+    }
+
+    #[test]
     fn configured_templates_win() {
         let routes = Routes::new(&["/users/{name}/profile".to_owned()]);
         assert_eq!(
@@ -157,9 +258,14 @@ mod tests {
 /// A request target's path and query: without fragment, and without scheme and
 /// authority in absolute form (`http://host/a?x` is `/a` and `x`).
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
-    let target = target.split('#').next().unwrap_or("");
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
+    // One scan for the end of the path; a query ends at a fragment.
+    let (path, query) = match target.bytes().position(|b| b == b'?' || b == b'#') {
+        Some(end) if target.as_bytes()[end] == b'?' => {
+            let rest = &target[end + 1..];
+            let query_end = rest.bytes().position(|b| b == b'#').unwrap_or(rest.len());
+            (&target[..end], Some(&rest[..query_end]))
+        }
+        Some(end) => (&target[..end], None),
         None => (target, None),
     };
     // Origin form (`/...`) is nearly every request; only absolute form has a scheme.
