@@ -87,10 +87,24 @@ pub struct Limits {
     pub body_inspect_bytes: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FlowId {
     client: SocketAddr,
     server: SocketAddr,
+}
+
+/// Hashed as a few whole words (the derived hash feeds every part separately): this
+/// runs for every segment.
+impl std::hash::Hash for FlowId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let bits = |addr: &SocketAddr| match addr.ip() {
+            std::net::IpAddr::V4(ip) => u128::from(ip.to_bits()),
+            std::net::IpAddr::V6(ip) => ip.to_bits(),
+        };
+        state.write_u128(bits(&self.client));
+        state.write_u128(bits(&self.server));
+        state.write_u32(u32::from(self.client.port()) << 16 | u32::from(self.server.port()));
+    }
 }
 
 #[derive(Debug)]
