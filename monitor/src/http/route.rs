@@ -151,7 +151,7 @@ impl Routes {
                 out.push_str("/...");
                 break;
             }
-            let end = rest.bytes().position(|b| b == b'/');
+            let end = memchr::memchr(b'/', rest.as_bytes());
             let segment = end.map_or(rest, |end| &rest[..end]);
             out.push('/');
             out.push_str(if is_id(segment) { "{id}" } else { segment });
@@ -259,10 +259,10 @@ mod tests {
 /// authority in absolute form (`http://host/a?x` is `/a` and `x`).
 pub fn split_target(target: &str) -> (&str, Option<&str>) {
     // One scan for the end of the path; a query ends at a fragment.
-    let (path, query) = match target.bytes().position(|b| b == b'?' || b == b'#') {
+    let (path, query) = match memchr::memchr2(b'?', b'#', target.as_bytes()) {
         Some(end) if target.as_bytes()[end] == b'?' => {
             let rest = &target[end + 1..];
-            let query_end = rest.bytes().position(|b| b == b'#').unwrap_or(rest.len());
+            let query_end = memchr::memchr(b'#', rest.as_bytes()).unwrap_or(rest.len());
             (&target[..end], Some(&rest[..query_end]))
         }
         Some(end) => (&target[..end], None),
