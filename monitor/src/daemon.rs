@@ -397,6 +397,7 @@ impl capture::SampleSink for PipelineSink {
 impl PipelineSink {
     fn deliver(&mut self) {
         let clocks = Clocks::now();
+        self.observers.verdicts.refresh();
         for event in self.events.drain(..) {
             self.observers.observe(&event, &clocks);
         }

@@ -53,7 +53,8 @@ pub struct Verdicts {
     pub events: Bus,
     pub secrets: Fingerprinter,
     escalation: Escalation,
-    /// The policy the escalation settings came from.
+    /// The policy in force: verdicts are made by it, the escalation settings came
+    /// from it.
     tuned_for: Arc<Policy>,
     /// Networks blocked or throttled by the policy, until when: requests already in
     /// flight from them do not count as new offences.
@@ -97,18 +98,24 @@ impl Verdicts {
         }
     }
 
-    /// The active policy, with the settings taken from it brought up to date.
-    fn policy(&mut self) -> Arc<Policy> {
+    /// Takes up the active policy, with the settings taken from it. Called once per
+    /// batch of events: a reload applies from the next batch, and no event pays for
+    /// the lock.
+    pub fn refresh(&mut self) {
         let policy = current(&self.policy);
         if !Arc::ptr_eq(&policy, &self.tuned_for) {
             // Reloaded: new escalation settings; what offenders did is kept.
             let e = &policy.doc.escalation;
             self.escalation.retune(e.factor, e.max_ttl.0, e.memory.0);
-            self.tuned_for = policy.clone();
+            self.tuned_for = policy;
             self.reported.clear();
             self.counters.clear();
         }
-        policy
+    }
+
+    /// The policy in force (as of the last `refresh`).
+    fn policy(&self) -> Arc<Policy> {
+        self.tuned_for.clone()
     }
 
     /// Judges one request as soon as its head is in.

@@ -245,6 +245,9 @@ impl Policy {
     /// The rules that fire on `request`, in order. Evaluation stops after an `allow`,
     /// `throttle` or `block` (also in dry run: it records what would have happened).
     pub fn evaluate(&self, request: &Request<'_>) -> Vec<Decision<'_>> {
+        if self.rules.is_empty() {
+            return Vec::new();
+        }
         let view = RequestView::new(request, self.reads_headers, self.reads_path);
         let mut decisions = Vec::new();
         for (rule_index, rule) in self.rules.iter().enumerate() {
