@@ -5,16 +5,17 @@ use std::{fmt::Write as _, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use apimon_tests::{
-    daemon::{Daemon, metric_sum},
+    daemon::{Daemon, DaemonPaths, METRICS_ADDR, metric_sum},
     netns::{NetNs, Topology},
     nginx::Nginx,
 };
 
 const URL: &str = "http://10.77.0.1:8080/a";
-const DURATION: &str = "6s";
+const DURATION: &str = "3s";
 const CONNECTIONS: u32 = 32;
-/// Alternate runs per configuration; the best of each is kept.
-const ROUNDS: usize = 5;
+/// Rounds of one run per setup (short runs, many rounds: each setup is compared with
+/// the unmonitored run of its own round, moments apart).
+const ROUNDS: usize = 10;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WrkResult {
@@ -91,15 +92,26 @@ pub enum Setup {
     NoMonitor,
     Xdp,
     Tc,
+    /// Issue 3's pipeline alone: capture, reassembly, parsing, metrics; no policy rules
+    /// and no detections.
+    TcObserving,
 }
 
 impl Setup {
-    const ALL: [Setup; 3] = [Setup::NoMonitor, Setup::Xdp, Setup::Tc];
+    const ALL: [Setup; 4] = [Setup::NoMonitor, Setup::Xdp, Setup::Tc, Setup::TcObserving];
 
     fn run_args(self) -> &'static [&'static str] {
         match self {
-            Setup::Tc => &["--ingress-hook", "tc"],
-            _ => &[],
+            Setup::Tc | Setup::TcObserving => &["--ingress-hook", "tc"],
+            Setup::NoMonitor | Setup::Xdp => &[],
+        }
+    }
+
+    /// The daemon's config file.
+    fn config(self) -> &'static str {
+        match self {
+            Setup::TcObserving => "[policy]\nrules = []\n[policy.detections]\nenabled = false\n",
+            Setup::NoMonitor | Setup::Xdp | Setup::Tc => "",
         }
     }
 
@@ -108,6 +120,7 @@ impl Setup {
             Setup::NoMonitor => "no monitor",
             Setup::Xdp => "apimon, XDP ingress",
             Setup::Tc => "apimon, TC ingress",
+            Setup::TcObserving => "apimon, TC ingress, observing only",
         }
     }
 }
@@ -150,7 +163,11 @@ fn observed_run(
     connections: u32,
     delay_ms: Option<u32>,
 ) -> Result<Observed> {
-    let daemon = Daemon::start_with_metrics(&topo.server, &topo.server_if, setup.run_args());
+    let mut paths = DaemonPaths::new();
+    paths.metrics_addr = METRICS_ADDR.into();
+    paths.run_args = setup.run_args().iter().map(|a| (*a).to_owned()).collect();
+    std::fs::write(paths.config_file(), setup.config()).context("writing the config")?;
+    let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
     // A missing figure must not read as zero loss.
     let samples = |daemon: &Daemon| -> Result<(u64, u64)> {
         let stats = daemon.cli_json(&["stats"]);
@@ -190,27 +207,31 @@ pub fn run() -> Result<E2eResult> {
     let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); Setup::ALL.len()];
     for round in 0..ROUNDS {
         at_max.clear();
-        let mut baseline = WrkResult::default();
-        for (index, (setup, best)) in max_rate.iter_mut().enumerate() {
+        // The order rotates from round to round: no setup always runs first or last.
+        let mut results = [WrkResult::default(); Setup::ALL.len()];
+        for step in 0..Setup::ALL.len() {
+            let index = (round + step) % Setup::ALL.len();
+            let setup = Setup::ALL[index];
             eprintln!(
                 "bench: e2e round {} of {ROUNDS}: {}",
                 round + 1,
                 setup.name()
             );
-            let result = if *setup == Setup::NoMonitor {
+            results[index] = if setup == Setup::NoMonitor {
                 wrk(&topo.client, CONNECTIONS, None)?
             } else {
-                let observed = observed_run(&topo, *setup, CONNECTIONS, None)?;
-                at_max.push((*setup, observed));
+                let observed = observed_run(&topo, setup, CONNECTIONS, None)?;
+                at_max.push((setup, observed));
                 observed.wrk
             };
-            if *setup == Setup::NoMonitor {
-                baseline = result;
-            }
+        }
+        let baseline = results[0];
+        for (index, result) in results.iter().enumerate() {
             ratios[index].push((
                 result.requests_per_s / baseline.requests_per_s,
                 result.p99_ms / baseline.p99_ms,
             ));
+            let best = &mut max_rate[index].1;
             if result.requests_per_s > best.requests_per_s {
                 best.requests_per_s = result.requests_per_s;
             }
@@ -219,6 +240,7 @@ pub fn run() -> Result<E2eResult> {
             }
         }
     }
+    at_max.sort_by_key(|(setup, _)| Setup::ALL.iter().position(|s| s == setup));
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
@@ -243,7 +265,7 @@ pub fn run() -> Result<E2eResult> {
     let reached = wrk(&topo.client, guess as u32, Some(HALF_DELAY_MS))?.requests_per_s;
     let half_connections = (guess * half_rate / reached).round().max(1.0) as u32;
     let mut at_half = Vec::new();
-    for setup in [Setup::Xdp, Setup::Tc] {
+    for setup in [Setup::Xdp, Setup::Tc, Setup::TcObserving] {
         eprintln!("bench: e2e at half rate: {}", setup.name());
         at_half.push((
             setup,
@@ -269,9 +291,12 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
     writeln!(
         out,
         "wrk (1 thread, {CONNECTIONS} keep-alive connections, {DURATION}) from a client namespace to nginx \
-         (a 6-byte static file) in a server namespace. The setups alternate within each of {ROUNDS} rounds; \
-         best of the rounds for each. apimon runs with its defaults (blocklist datapath, HTTP capture on \
-         port 8080 with TC egress, reassembly, parsing, metrics), its ingress datapath at XDP or at TC."
+         (a 6-byte static file) in a server namespace. Each of {ROUNDS} rounds runs every setup once, in an \
+         order that rotates from round to round; best of the rounds for each. apimon runs with its defaults \
+         (blocklist datapath, HTTP capture on port 8080 with TC egress, reassembly, parsing, metrics, the \
+         built-in policy rule, which fires on every request of this single client, and detections on every \
+         exchange), its ingress datapath at XDP or at TC. *Observing only* is issue 3's pipeline alone: \
+         the same without policy rules and detections."
     )?;
     writeln!(out)?;
     writeln!(
