@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use ipnet::IpNet;
@@ -37,6 +37,9 @@ pub fn current(policy: &ActivePolicy) -> Arc<Policy> {
 
 /// Enforcements remembered as active, at most (older ones are assumed over).
 const MAX_ACTIVE: usize = 100_000;
+/// How long after an enforcement its offender's requests are taken for ones already in
+/// flight, without asking the lists (the map update is done well within it).
+const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What an event is reported once per window for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,9 +59,11 @@ pub struct Verdicts {
     /// The policy in force: verdicts are made by it, the escalation settings came
     /// from it.
     tuned_for: Arc<Policy>,
-    /// Networks blocked or throttled by the policy, until when: requests already in
-    /// flight from them do not count as new offences.
-    active: HashMap<(IpNet, ListKind), Instant>,
+    /// Networks blocked or throttled by the policy: when, and until when. Requests
+    /// already in flight from them do not count as new offences; past
+    /// `IN_FLIGHT_GRACE` the lists are asked whether the entry is still there (an
+    /// operator may have lifted it, or the enforcement failed).
+    active: HashMap<(IpNet, ListKind), (Instant, Instant)>,
     /// When each (rule index, offender) over a limit was last reported, and how many of
     /// its verdicts went unreported since. Cleared on reload (indexes change).
     reported: lru::LruCache<(Reported, IpNet), (Instant, u64)>,
@@ -336,14 +341,23 @@ impl Verdicts {
         let net = policy.offender_net(source);
         let now = Instant::now();
         let key = (net, kind);
-        if self.active.get(&key).is_some_and(|until| *until > now) {
+        let in_force = |(since, until): &(Instant, Instant)| {
+            *until > now
+                && (now.duration_since(*since) < IN_FLIGHT_GRACE
+                    || self
+                        .enforcer
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .holds(kind, &net, SystemTime::now()))
+        };
+        if self.active.get(&key).is_some_and(in_force) {
             return None;
         }
         let (ttl, offence) = self.escalation.offend(net, decision.ttl, now);
         if self.active.len() >= MAX_ACTIVE {
-            self.active.retain(|_, until| *until > now);
+            self.active.retain(|_, (_, until)| *until > now);
         }
-        self.active.insert(key, now + ttl);
+        self.active.insert(key, (now, now + ttl));
         let origin = format!("policy:{}", decision.rule_id);
         let reason = if decision.rule_name.is_empty() {
             decision.rule_id.to_owned()

@@ -222,6 +222,35 @@ fn a_client_over_its_limit_is_blocked_in_the_kernel_and_escalates() {
 }
 
 #[test]
+fn a_policy_block_the_operator_lifts_is_made_again_at_the_next_offence() {
+    // A long block: lifted by hand, not by its end.
+    let s = Setup::new(&POLICY.replace("block_ttl = \"3s\"", "block_ttl = \"1m\""));
+    let a = "10.77.0.2";
+    for _ in 0..4 {
+        s.get(a, "/a");
+    }
+    s.wait_event("block_added", 1);
+    assert!(!s.get(a, "/a"), "blocked in the kernel");
+    s.daemon.cli_ok(&["block", "rm", "10.77.0.2/32"]);
+    assert!(s.get(a, "/b"), "unblocked by the operator");
+    // Still over its limit: its next requests are offences, and the verdict layer
+    // must not take the lifted block for one still in force.
+    let start = Instant::now();
+    while s.events_where("block_added").len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the lifted block was never made again: {:?}",
+            s.events_where("rate_limited")
+        );
+        s.get(a, "/a");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!s.get(a, "/b"), "blocked again in the kernel");
+    let offences = s.wait_event("rate_limited", 2);
+    assert_eq!(offences[offences.len() - 1]["apimon"]["offence"], 2);
+}
+
+#[test]
 fn a_dry_run_rule_only_records() {
     let s = Setup::new(POLICY);
     for _ in 0..3 {

@@ -125,6 +125,14 @@ impl Enforcer {
         self.lists.get(kind).len()
     }
 
+    /// Whether `net` itself is on the list and not expired.
+    pub fn holds(&self, kind: ListKind, net: &IpNet, now: SystemTime) -> bool {
+        self.lists
+            .get(kind)
+            .get(net)
+            .is_some_and(|entry| !entry.is_expired(now))
+    }
+
     /// Entries of `kind` counted by address family (`ipv4`, `ipv6`) and origin.
     pub fn census(
         &self,
