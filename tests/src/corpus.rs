@@ -10,16 +10,15 @@ use std::{
     time::SystemTime,
 };
 
+use crate::segments::{MSS, Stream};
 use anyhow::{Context, Result, bail};
 use monitor::{
-    capture::{Direction, Segment},
+    capture::Direction,
     detect::{Report, State, catalog::Class},
     http::{Event, Limits, Pipeline, route::Routes},
     policy::Policy,
 };
 
-/// Payload bytes per segment, as on an Ethernet MTU.
-const MSS: usize = 1448;
 const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
 const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0";
@@ -276,25 +275,13 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
     for (index, case) in cases.iter().enumerate() {
         let client = client_of(index);
         let t = index as u64 * 1_000_000;
-        for (direction, bytes, base_seq) in [
+        for (direction, bytes, seq) in [
             (Direction::Request, case.request.as_slice(), 1_000u32),
             (Direction::Response, RESPONSE, 5_000u32),
         ] {
-            let mut seq = base_seq;
+            let mut stream = Stream::new(direction, client, server, seq);
             for chunk in bytes.chunks(MSS) {
-                pipeline.ingest(
-                    &Segment {
-                        timestamp_ns: t,
-                        direction,
-                        client,
-                        server,
-                        seq,
-                        flags: 0,
-                        data: chunk,
-                    },
-                    &mut events,
-                );
-                seq = seq.wrapping_add(chunk.len() as u32);
+                pipeline.ingest(&stream.next(chunk, t), &mut events);
             }
         }
         // Each case ends with a whole response: what its segments produced is its own.

@@ -15,6 +15,7 @@ pub mod frames;
 pub mod netns;
 pub mod nginx;
 pub mod probe;
+pub mod segments;
 pub mod testrun;
 
 /// Privileged tests need root; say so plainly instead of failing obscurely.

@@ -4,6 +4,7 @@
 use std::{fmt::Write as _, net::SocketAddr, time::Instant};
 
 use anyhow::Result;
+use apimon_tests::segments::{MSS, Stream};
 use monitor::{
     capture::{Direction, Segment},
     detect::State,
@@ -14,8 +15,6 @@ use monitor::{
 const FLOWS: u32 = 2_000;
 const REQUESTS_PER_FLOW: u32 = 20;
 const ROUNDS: usize = 9;
-/// Payload bytes per segment, as on an Ethernet MTU.
-const MSS: usize = 1448;
 
 const REQUEST: &[u8] = b"GET /api/v1/users/12345/orders?page=2&limit=50 HTTP/1.1\r\n\
 Host: api.example.com\r\nUser-Agent: bench/1.0\r\nAccept: application/json\r\n\
@@ -58,27 +57,20 @@ fn segments(payloads: &[Vec<u8>]) -> Vec<Segment<'_>> {
         let client: SocketAddr =
             SocketAddr::new([10, 1, (flow >> 8) as u8, flow as u8].into(), 40000);
         let server: SocketAddr = "10.0.0.1:8080".parse().unwrap_or(client);
-        let (mut request_seq, mut response_seq) = (1000u32, 5000u32);
+        let mut requests = Stream::new(Direction::Request, client, server, 1000);
+        let mut responses = Stream::new(Direction::Response, client, server, 5000);
         for i in 0..REQUESTS_PER_FLOW {
             let t = u64::from(flow * REQUESTS_PER_FLOW + i) * 1000;
-            for (direction, bytes, seq) in [
-                (Direction::Request, REQUEST, &mut request_seq),
-                (Direction::Response, response.as_slice(), &mut response_seq),
+            for (stream, bytes) in [
+                (&mut requests, REQUEST),
+                (&mut responses, response.as_slice()),
             ] {
-                for chunk in bytes.chunks(MSS) {
+                // The same cut as `payloads` made, each piece from its own allocation.
+                for _ in bytes.chunks(MSS) {
                     let Some(data) = payloads.next() else {
                         return out;
                     };
-                    out.push(Segment {
-                        timestamp_ns: t,
-                        direction,
-                        client,
-                        server,
-                        seq: *seq,
-                        flags: 0,
-                        data,
-                    });
-                    *seq = seq.wrapping_add(chunk.len() as u32);
+                    out.push(stream.next(data, t));
                 }
             }
         }
