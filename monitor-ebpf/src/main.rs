@@ -354,10 +354,19 @@ fn blocked<K>(
 
 #[inline(always)]
 fn listed<K>(trie: &LpmTrie<K, ListEntry>, addr: K, bits: u32, now: u64) -> bool {
-    match trie.get(Key::new(bits, addr)) {
-        Some(entry) => hit_if_live(entry as *const ListEntry as *mut ListEntry, now),
-        None => false,
-    }
+    live_entry(trie, addr, bits, now).is_some()
+}
+
+/// The live entry of `trie` covering `addr`, with a hit counted on it.
+#[inline(always)]
+fn live_entry<K>(
+    trie: &LpmTrie<K, ListEntry>,
+    addr: K,
+    bits: u32,
+    now: u64,
+) -> Option<*mut ListEntry> {
+    let entry = trie.get(Key::new(bits, addr))? as *const ListEntry as *mut ListEntry;
+    hit_if_live(entry, now).then_some(entry)
 }
 
 /// Counts a hit on a live entry. Expired entries are ignored here; the daemon removes them.
@@ -445,16 +454,15 @@ fn over_rate(source: &Source, key: IpKey, syn: bool, now: u64, state: &DatapathS
 fn throttled_rate(source: &Source, now: u64, state: &DatapathState) -> Option<u32> {
     let entry = match source {
         Source::V4(addr) if state.has(DatapathState::PRESENT_THROTTLE_V4) => {
-            THROTTLE_V4.get(Key::new(32, *addr))
+            live_entry(&THROTTLE_V4, *addr, 32, now)
         }
         Source::V6(addr) if state.has(DatapathState::PRESENT_THROTTLE_V6) => {
-            THROTTLE_V6.get(Key::new(128, *addr))
+            live_entry(&THROTTLE_V6, *addr, 128, now)
         }
         _ => None,
     }?;
-    let entry = entry as *const ListEntry as *mut ListEntry;
     // SAFETY: `entry` points at a map value, valid for the program's run.
-    hit_if_live(entry, now).then(|| unsafe { (*entry).rate_pps })
+    Some(unsafe { (*entry).rate_pps })
 }
 
 /// Counts one packet in a source's statistics and caches an `Unlisted` verdict.
