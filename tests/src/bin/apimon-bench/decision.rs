@@ -5,7 +5,7 @@
 use std::{
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
@@ -57,42 +57,27 @@ fn request(source: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-/// A TCP connection to the server from `source`: std cannot bind before connecting,
-/// so the socket is made with libc.
+/// A TCP connection to the server from `source` (std cannot bind before connecting).
 fn connect_from(source: Ipv4Addr) -> Result<TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket syscalls on a fresh descriptor we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let bind = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(source).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = size_of::<libc::sockaddr_in>() as u32;
-        if libc::bind(fd, (&raw const bind).cast(), len) != 0 {
-            bail!("bind {source}: {}", std::io::Error::last_os_error());
-        }
-        let server = libc::sockaddr_in {
-            sin_port: 8080u16.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(Topology::SERVER_V4).to_be(),
-            },
-            ..bind
-        };
-        if libc::connect(fd, (&raw const server).cast(), len) != 0 {
-            bail!("connect from {source}: {}", std::io::Error::last_os_error());
-        }
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        Ok(stream)
-    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket")?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(source, 0)),
+    )
+    .with_context(|| format!("bind {source}"))?;
+    let server = SockaddrIn::from(SocketAddrV4::new(Topology::SERVER_V4, 8080));
+    connect(fd.as_raw_fd(), &server).with_context(|| format!("connect from {source}"))?;
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(stream)
 }
 
 pub fn run() -> Result<DecisionResult> {
@@ -116,26 +101,15 @@ pub fn run() -> Result<DecisionResult> {
         .context("opening the pinned blocklist")?;
     let blocklist: BpfHashMap<MapData, [u8; 4], ListEntry> =
         BpfHashMap::try_from(Map::HashMap(map)).context("blocklist map")?;
-    let client = topo.client.path();
     let mut latencies_us = Vec::new();
     for i in 0..TRIALS {
         let source = Ipv4Addr::new(10, 77, 0, FIRST_OFFENDER + i);
-        let in_ns = |f: Box<dyn FnOnce() -> Result<()> + Send>| -> Result<()> {
-            let client = client.clone();
-            std::thread::spawn(move || {
-                let file = std::fs::File::open(client)?;
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                f()
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-        };
         // Within the limit, then the request that breaks it.
-        in_ns(Box::new(move || request(source)))?;
+        topo.client.run(move || request(source))?;
         std::thread::sleep(Duration::from_millis(20));
         let key = source.octets();
         let start = Instant::now();
-        in_ns(Box::new(move || request(source)))?;
+        topo.client.run(move || request(source))?;
         let latency = loop {
             if blocklist.get(&key, 0).is_ok() {
                 break start.elapsed();
