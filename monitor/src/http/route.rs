@@ -43,6 +43,9 @@ const MAX_INTERNED: usize = 4096;
 
 /// Slots of the cache of recent paths' routes (direct-mapped by the path's hash).
 const RECENT_SLOTS: usize = 512;
+/// Longer paths and templates are neither cached nor shared: both caches stay small
+/// (a few MiB at most) whatever clients send.
+const MAX_SHARED_LEN: usize = 256;
 
 /// Operator-configured templates (`/users/{id}/posts`), tried before the heuristic.
 #[derive(Clone, Debug, Default)]
@@ -84,6 +87,9 @@ impl Routes {
     /// The template for a request target, shared with earlier requests of the route.
     pub fn route(&mut self, target: &str) -> Arc<str> {
         let path = path_of(target);
+        if path.len() > MAX_SHARED_LEN {
+            return self.template(path).into();
+        }
         if self.recent.is_empty() {
             self.recent.resize(RECENT_SLOTS, None);
         }
@@ -104,6 +110,7 @@ impl Routes {
         self.write_template(target, &mut scratch);
         let route = match self.interned.get(scratch.as_str()) {
             Some(route) => route.clone(),
+            None if scratch.len() > MAX_SHARED_LEN => scratch.as_str().into(),
             None => {
                 if self.interned.len() >= MAX_INTERNED {
                     self.interned.clear();
@@ -225,6 +232,20 @@ mod tests {
         for (target, template) in [("/", "/"), ("/a/12/b", "/a/{id}/b")] {
             assert_eq!(&*routes.route(target), template);
         }
+        // Long paths are answered but kept in neither cache.
+        let long = format!("/{}", "x".repeat(MAX_SHARED_LEN));
+        let (cached, shared) = (
+            routes.recent.iter().flatten().count(),
+            routes.interned.len(),
+        );
+        assert_eq!(*routes.route(&long), long);
+        assert_eq!(
+            (
+                routes.recent.iter().flatten().count(),
+                routes.interned.len()
+            ),
+            (cached, shared)
+        );
         // Recent paths are cached: more paths than slots, each asked twice, always
         // get their own template (a slot holds one path; collisions replace it).
         let mut routes = Routes::new(&["/files/{name}".to_owned()]);
