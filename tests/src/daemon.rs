@@ -390,8 +390,6 @@ impl Daemon {
     }
 }
 
-/// The value of the sample whose name and labels are exactly `series` (as printed,
-/// labels sorted), or None.
 /// The sum of every series of a metric family (`name{...} value` lines).
 pub fn metric_sum(text: &str, family: &str) -> f64 {
     let prefix = format!("{family}{{");
@@ -401,6 +399,8 @@ pub fn metric_sum(text: &str, family: &str) -> f64 {
         .sum()
 }
 
+/// The value of the sample whose name and labels are exactly `series` (as printed,
+/// labels sorted), or None.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         line.strip_prefix(series)?
@@ -409,6 +409,16 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// One JSON value a line (`events --json`, the audit log); a line that is not JSON fails
+/// the test.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect()
 }
 
 /// `apimon events --follow --json` running in the background, as an operator would

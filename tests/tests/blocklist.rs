@@ -17,7 +17,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, DaemonPaths},
+    daemon::{Daemon, DaemonPaths, json_lines},
     netns::Topology,
     probe::{Client, EchoServer},
     require_root,
@@ -425,9 +425,8 @@ fn a_ttl_block_ends_by_itself() {
     }
     // Operators see the whole story in `apimon events`.
     let lines = setup.daemon.cli_ok(&["events", "--json"]);
-    let actions: Vec<String> = lines
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).expect("one JSON event per line"))
+    let actions: Vec<String> = json_lines(&lines)
+        .into_iter()
         .filter(|event| event["apimon"]["cidr"] == "10.77.0.2/32")
         .map(|event| {
             event["event"]["action"]

@@ -15,7 +15,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, DaemonPaths, apimon_bin},
+    daemon::{Daemon, DaemonPaths, apimon_bin, json_lines},
     netns::Topology,
     nginx::{Nginx, curl},
     require_root,
@@ -29,11 +29,7 @@ fn audit_path(paths: &DaemonPaths) -> PathBuf {
 }
 
 fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
 fn verify(files: &[PathBuf]) -> Output {
