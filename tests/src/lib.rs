@@ -26,6 +26,20 @@ pub fn require_root() {
     );
 }
 
+/// Polls `done` (every 100 ms) until it holds; fails the test with `what` if it still
+/// does not after `within`.
+pub fn eventually(
+    within: std::time::Duration,
+    what: impl FnOnce() -> String,
+    mut done: impl FnMut() -> bool,
+) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "{}", what());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A name unique to this process and call, short enough for an interface (<= 15 bytes).
 pub fn unique_tag() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -18,6 +18,7 @@ use std::{
 
 use apimon_tests::{
     daemon::{Daemon, DaemonPaths, json_lines},
+    eventually,
     netns::Topology,
     probe::{Client, EchoServer},
     require_root,
@@ -415,14 +416,11 @@ fn a_ttl_block_ends_by_itself() {
     assert!(entry["expires_at"].is_string(), "{entry}");
     assert_ttl_block_ended(&client, added);
     // The daemon tidies the expired entry away.
-    let start = Instant::now();
-    while find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").is_some() {
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "expired entry still listed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        Duration::from_secs(3),
+        || "expired entry still listed".into(),
+        || find_cidr(&setup.daemon.cli_json(&["block", "ls"]), "10.77.0.2/32").is_none(),
+    );
     // Operators see the whole story in `apimon events`.
     let lines = setup.daemon.cli_ok(&["events", "--json"]);
     let actions: Vec<String> = json_lines(&lines)

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use apimon_tests::{
     daemon::{Daemon, DaemonPaths, EventStream, METRICS_ADDR, metric},
+    eventually,
     netns::Topology,
     nginx::{Nginx, try_curl},
     require_root,
@@ -182,27 +183,23 @@ fn a_client_over_its_limit_is_blocked_in_the_kernel_and_escalates() {
     // Written to the state file shortly after (not once per verdict), so it survives
     // a restart.
     let state = s.daemon.paths.state_dir.join("lists.json");
-    let start = Instant::now();
-    while !std::fs::read_to_string(&state)
-        .unwrap_or_default()
-        .contains("10.77.0.2/32")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "policy block never saved"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        Duration::from_secs(3),
+        || "policy block never saved".into(),
+        || {
+            std::fs::read_to_string(&state)
+                .unwrap_or_default()
+                .contains("10.77.0.2/32")
+        },
+    );
 
     // The block ends by itself; the client is still over its limit, so its next
     // request is a second offence: blocked twice as long.
-    let start = Instant::now();
-    while !s.get(a, "/b") {
-        assert!(
-            start.elapsed() < Duration::from_secs(6),
-            "the 3 s block must end"
-        );
-    }
+    eventually(
+        Duration::from_secs(6),
+        || "the 3 s block must end".into(),
+        || s.get(a, "/b"),
+    );
     assert!(violation.elapsed() >= Duration::from_secs(3));
     s.get(a, "/a");
     s.wait_event("block_added", 2);
@@ -235,16 +232,22 @@ fn a_policy_block_the_operator_lifts_is_made_again_at_the_next_offence() {
     assert!(s.get(a, "/b"), "unblocked by the operator");
     // Still over its limit: its next requests are offences, and the verdict layer
     // must not take the lifted block for one still in force.
-    let start = Instant::now();
-    while s.events_where("block_added").len() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the lifted block was never made again: {:?}",
-            s.events_where("rate_limited")
-        );
-        s.get(a, "/a");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually(
+        Duration::from_secs(10),
+        || {
+            format!(
+                "the lifted block was never made again: {:?}",
+                s.events_where("rate_limited")
+            )
+        },
+        || {
+            if s.events_where("block_added").len() >= 2 {
+                return true;
+            }
+            s.get(a, "/a");
+            false
+        },
+    );
     assert!(!s.get(a, "/b"), "blocked again in the kernel");
     let offences = s.wait_event("rate_limited", 2);
     assert_eq!(offences[offences.len() - 1]["apimon"]["offence"], 2);
@@ -538,22 +541,21 @@ fn an_attack_is_blocked_in_the_kernel_and_audited_with_its_rule_and_category() {
 
     // The audit log has the detection with its rule and category.
     let audit = s.daemon.paths.dir.path().join("audit.jsonl");
-    let start = Instant::now();
-    let audited = loop {
-        let found = std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| e["event"]["action"] == "detection" && e["rule"]["id"] == "sqli");
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "no audited detection"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut audited = None;
+    eventually(
+        Duration::from_secs(5),
+        || "no audited detection".into(),
+        || {
+            // Lines are read leniently: the daemon may be writing the last one.
+            audited = std::fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|e| e["event"]["action"] == "detection" && e["rule"]["id"] == "sqli");
+            audited.is_some()
+        },
+    );
+    let audited = audited.unwrap();
     assert_eq!(audited["rule"]["category"], "API8:2023");
     assert_eq!(audited["event"]["kind"], "alert");
 
