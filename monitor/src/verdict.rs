@@ -35,8 +35,10 @@ pub fn current(policy: &ActivePolicy) -> Arc<Policy> {
         .clone()
 }
 
-/// Enforcements remembered as active, at most (older ones are assumed over).
-const MAX_ACTIVE: usize = 100_000;
+/// Offenders remembered at most, for their recent enforcement or their report window
+/// (past that, recent enforcements out of their grace go, and the least recently
+/// reported).
+const MAX_OFFENDERS: usize = 100_000;
 /// How long after an enforcement its offender's requests are taken for ones already in
 /// flight, without asking the lists (the map update is done well within it).
 const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -59,11 +61,10 @@ pub struct Verdicts {
     /// The policy in force: verdicts are made by it, the escalation settings came
     /// from it.
     tuned_for: Arc<Policy>,
-    /// Networks blocked or throttled by the policy: when, and until when. Requests
-    /// already in flight from them do not count as new offences; past
-    /// `IN_FLIGHT_GRACE` the lists are asked whether the entry is still there (an
-    /// operator may have lifted it, or the enforcement failed).
-    active: HashMap<(IpNet, ListKind), (Instant, Instant)>,
+    /// When the policy last blocked or throttled each network: for `IN_FLIGHT_GRACE`
+    /// its requests already in flight do not count as new offences. Past it the lists,
+    /// which know of expiries, operators' removals and failed updates, decide.
+    recent: HashMap<(IpNet, ListKind), Instant>,
     /// When each (rule index, offender) over a limit was last reported, and how many of
     /// its verdicts went unreported since. Cleared on reload (indexes change).
     reported: lru::LruCache<(Reported, IpNet), (Instant, u64)>,
@@ -93,9 +94,9 @@ impl Verdicts {
             events,
             secrets,
             escalation,
-            active: HashMap::new(),
+            recent: HashMap::new(),
             reported: lru::LruCache::new(
-                std::num::NonZeroUsize::new(MAX_ACTIVE).unwrap_or(std::num::NonZeroUsize::MIN),
+                std::num::NonZeroUsize::new(MAX_OFFENDERS).unwrap_or(std::num::NonZeroUsize::MIN),
             ),
             counters: Vec::new(),
             detection_state: State::default(),
@@ -341,23 +342,25 @@ impl Verdicts {
         let net = policy.offender_net(source);
         let now = Instant::now();
         let key = (net, kind);
-        let in_force = |(since, until): &(Instant, Instant)| {
-            *until > now
-                && (now.duration_since(*since) < IN_FLIGHT_GRACE
-                    || self
-                        .enforcer
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .holds(kind, &net, SystemTime::now()))
-        };
-        if self.active.get(&key).is_some_and(in_force) {
+        let in_flight = self
+            .recent
+            .get(&key)
+            .is_some_and(|since| now.duration_since(*since) < IN_FLIGHT_GRACE);
+        if in_flight
+            || self
+                .enforcer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .holds(kind, &net, SystemTime::now())
+        {
             return None;
         }
         let (ttl, offence) = self.escalation.offend(net, decision.ttl, now);
-        if self.active.len() >= MAX_ACTIVE {
-            self.active.retain(|_, (_, until)| *until > now);
+        if self.recent.len() >= MAX_OFFENDERS {
+            self.recent
+                .retain(|_, since| now.duration_since(*since) < IN_FLIGHT_GRACE);
         }
-        self.active.insert(key, (now, now + ttl));
+        self.recent.insert(key, now);
         let origin = format!("policy:{}", decision.rule_id);
         let reason = if decision.rule_name.is_empty() {
             decision.rule_id.to_owned()
