@@ -80,7 +80,7 @@ impl Routes {
     /// The template for a request target (path and query).
     pub fn template(&self, target: &str) -> String {
         let mut out = String::new();
-        self.write_template(target, &mut out);
+        self.write_template(path_of(target), &mut out);
         out
     }
 
@@ -104,10 +104,11 @@ impl Routes {
         route
     }
 
-    fn template_shared(&mut self, target: &str) -> Arc<str> {
+    /// The template of `path`, one shared allocation per template.
+    fn template_shared(&mut self, path: &str) -> Arc<str> {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        self.write_template(target, &mut scratch);
+        self.write_template(path, &mut scratch);
         let route = match self.interned.get(scratch.as_str()) {
             Some(route) => route.clone(),
             None if scratch.len() > MAX_SHARED_LEN => scratch.as_str().into(),
@@ -124,8 +125,8 @@ impl Routes {
         route
     }
 
-    fn write_template(&self, target: &str, out: &mut String) {
-        let path = path_of(target);
+    /// Writes the template of `path` (a target's path, see `path_of`) to `out`.
+    fn write_template(&self, path: &str, out: &mut String) {
         let segments = || path.trim_start_matches('/').split('/');
         let count = if self.templates.is_empty() {
             0
