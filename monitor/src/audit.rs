@@ -195,7 +195,7 @@ impl Sink {
         // rotated one).
         let current = complete_records(&options.path).map_err(io)?;
         let head = last_head_in(&current)
-            .or_else(|| last_head(&rotated(&options.path, 1)))
+            .or_else(|| last_head_in(&std::fs::read(rotated(&options.path, 1)).ok()?))
             .unwrap_or_default();
         let file = open_append(&options.path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
@@ -359,19 +359,6 @@ pub fn rotated(path: &Path, n: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
     PathBuf::from(name)
-}
-
-/// The chain head after the last well-formed record of a file.
-fn last_head(path: &Path) -> Option<ChainHead> {
-    let file = File::open(path).ok()?;
-    let mut head = None;
-    for line in BufReader::new(file).lines() {
-        let Ok(line) = line else { break };
-        if let Some(found) = record_head(&line) {
-            head = Some(found);
-        }
-    }
-    head
 }
 
 /// A record's `apimon.audit` table, if it has one.
