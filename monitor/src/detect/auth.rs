@@ -282,6 +282,9 @@ pub fn in_query(input: &Input<'_>) -> bool {
     // Not `sig`/`signature` (presigned URLs carry proofs, not credentials), nor `key`,
     // `auth` or `session` (too often something else) unless the value is opaque.
     const AMBIGUOUS: &[&str] = &["sig", "signature", "key", "auth", "session"];
+    if input.location != Location::Query {
+        return false;
+    }
     let opaque = input.value.len() >= 20
         && input
             .value
@@ -289,6 +292,5 @@ pub fn in_query(input: &Input<'_>) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.=".contains(&b));
     let named = is_secret_name(&input.name)
         && (opaque || !AMBIGUOUS.iter().any(|n| input.name.eq_ignore_ascii_case(n)));
-    input.location == Location::Query
-        && (named || (looks_like_jwt(&input.value) && input.value.matches('.').count() == 2))
+    named || (looks_like_jwt(&input.value) && input.value.matches('.').count() == 2)
 }
