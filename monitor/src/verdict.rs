@@ -176,14 +176,14 @@ impl Verdicts {
             (ActionKind::Throttle, Some(pps)) => Some(PolicyEnforcement::Throttle(pps)),
             _ => None,
         };
-        let enforced = enforcement.and_then(|what| self.enforce(policy, source, decision, what));
+        // The network a verdict on `source` covers (IPv6 by the policy's prefix).
+        let net = policy.offender_net(source);
+        let enforced = enforcement.and_then(|what| self.enforce(net, decision, what));
         let unreported = match (enforced.is_some(), window) {
-            (false, Some(window)) => {
-                match self.report_due((reported, policy.offender_net(source)), window) {
-                    Some(unreported) => unreported,
-                    None => return,
-                }
-            }
+            (false, Some(window)) => match self.report_due((reported, net), window) {
+                Some(unreported) => unreported,
+                None => return,
+            },
             _ => 0,
         };
         let mut event = event(self);
@@ -333,13 +333,11 @@ impl Verdicts {
     /// request was in flight before).
     fn enforce(
         &mut self,
-        policy: &Policy,
-        source: IpAddr,
+        net: IpNet,
         decision: &Decision,
         enforcement: PolicyEnforcement,
     ) -> Option<Vec<(&'static str, serde_json::Value)>> {
         let kind = enforcement.list();
-        let net = policy.offender_net(source);
         let now = Instant::now();
         let key = (net, kind);
         let in_flight = self
