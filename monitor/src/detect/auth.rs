@@ -54,11 +54,6 @@ impl<'a> Credentials<'a> {
     pub fn present(&self) -> bool {
         !self.authorizations.is_empty() || self.other
     }
-
-    /// The bearer token of the first Authorization header.
-    pub fn bearer(&self) -> Option<&'a str> {
-        bearer_token(self.authorizations.first()?)
-    }
 }
 
 fn read_key_file(path: &Path) -> Result<Vec<u8>, DetectError> {
@@ -130,14 +125,17 @@ impl Auth {
         found
     }
 
-    /// Checks on the request's credentials; `path` is the normalised path.
+    /// Checks on the request's credentials; `path` is the normalised path. Returns the
+    /// `sub` of the first Authorization's bearer token when the configured keys verify
+    /// it and it is in its validity period (None without keys): each token is checked
+    /// once, its subject trusted only then.
     pub fn scan(
         &self,
         path: &str,
         credentials: &Credentials<'_>,
         now: SystemTime,
         out: &mut Vec<(&'static RuleInfo, String)>,
-    ) {
+    ) -> Option<String> {
         if !credentials.present() && !self.required.is_empty() && self.required.is_match(path) {
             out.push((catalog::AUTH_MISSING, String::new()));
         }
@@ -147,14 +145,24 @@ impl Auth {
                 out.push((catalog::CLEARTEXT_CREDENTIALS, scheme.to_owned()));
             }
         }
-        for authorization in &credentials.authorizations {
-            if let Some(token) = bearer_token(authorization)
-                && looks_like_jwt(token)
-                && let Err(problem) = self.check_jwt(token, now)
-            {
-                out.push(problem);
+        let mut subject = None;
+        for (index, authorization) in credentials.authorizations.iter().enumerate() {
+            let Some(token) = bearer_token(authorization).filter(|t| looks_like_jwt(t)) else {
+                continue;
+            };
+            match self.check_jwt(token, now) {
+                Err(problem) => out.push(problem),
+                // Only a signature the configured keys verify makes a subject trusted.
+                Ok(claims) if index == 0 && !matches!(self.keys, Keys::None) => {
+                    subject = claims
+                        .get("sub")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_owned);
+                }
+                Ok(_) => {}
             }
         }
+        subject
     }
 
     /// A JWT's claims, or the first problem with it (malformed, unsigned, out of its
@@ -239,18 +247,6 @@ impl Auth {
         jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
             .map(|_| ())
             .map_err(|e| e.to_string())
-    }
-}
-
-impl Auth {
-    /// The `sub` of a token that verifies with the configured keys and is in its
-    /// validity period; None without keys.
-    pub fn verified_subject(&self, token: &str, now: SystemTime) -> Option<String> {
-        if matches!(self.keys, Keys::None) || !looks_like_jwt(token) {
-            return None;
-        }
-        let claims = self.check_jwt(token, now).ok()?;
-        claims.get("sub")?.as_str().map(str::to_owned)
     }
 }
 

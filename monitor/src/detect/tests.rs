@@ -549,6 +549,40 @@ fn behaviour_over_a_window() {
 }
 
 #[test]
+fn admin_subjects_count_only_from_tokens_the_keys_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let behaviour = "[behaviour]\nadmin_routes = [\"/admin/**\"]\nadmin_subjects = [\"alice\"]";
+    let alice = serde_json::json!({"sub": "alice", "exp": now_s() + 600});
+    let admin = |d: &Detections, token: &str| {
+        inspect(
+            d,
+            &format!("GET /admin/users HTTP/1.1\nHost: a\nAuthorization: Bearer {token}\n\n"),
+        )
+    };
+    let d = detections(&format!(
+        "[auth]\njwt_secret_file = {secret:?}\n{behaviour}"
+    ));
+    assert!(admin(&d, &hs256(alice.clone(), b"s3cret")).is_empty());
+    assert_eq!(
+        admin(&d, &hs256(alice.clone(), b"guess")),
+        ["bfla-admin-route", "jwt-signature", "anomaly-score"]
+    );
+    let bob = serde_json::json!({"sub": "bob", "exp": now_s() + 600});
+    assert_eq!(
+        admin(&d, &hs256(bob, b"s3cret")),
+        ["bfla-admin-route", "anomaly-score"]
+    );
+    // Without keys nothing verifies: a subject is the sender's to choose.
+    let d = detections(behaviour);
+    assert_eq!(
+        admin(&d, &hs256(alice, b"s3cret")),
+        ["bfla-admin-route", "anomaly-score"]
+    );
+}
+
+#[test]
 fn controls_switch_off_dry_run_act_and_tune_per_route() {
     let sqli = "GET /search?q=1%27%20OR%201=1-- HTTP/1.1\nHost: a\n\n";
     assert!(inspect(&detections("enabled = false"), sqli).is_empty());
