@@ -425,3 +425,64 @@ fn detection_decision<'p>(policy: &'p Policy, finding: &Finding) -> Decision<'p>
         category: Some(finding.rule.category.id()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{num::NonZeroU32, path::Path, time::Duration};
+
+    use super::*;
+    use crate::{
+        detect::catalog,
+        policy::{Source, file::PolicyDoc},
+    };
+
+    fn policy(text: &str) -> Policy {
+        let doc = PolicyDoc::parse(text, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"));
+        Policy::new(doc, Source::File("p.toml".into()), None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn finding(id: &str, action: Option<ActionKind>, dry_run: bool) -> Finding {
+        Finding {
+            rule: catalog::find(id).unwrap(),
+            location: "query:q".into(),
+            evidence: String::new(),
+            secret: false,
+            dry_run,
+            action,
+        }
+    }
+
+    #[test]
+    fn a_detection_verdict_takes_its_ttl_and_rate_from_the_policy() {
+        let p = policy(
+            "block_ttl = \"5m\"\nthrottle_ttl = \"2m\"\n\
+             [detections.rules.sqli]\naction = \"block\"\nttl = \"1h\"\n\
+             [detections.rules.xss]\naction = \"throttle\"\nthrottle_pps = 10\n",
+        );
+        let own = detection_decision(&p, &finding("sqli", Some(ActionKind::Block), false));
+        assert_eq!(
+            (own.action, own.ttl),
+            (ActionKind::Block, Duration::from_secs(3600))
+        );
+        assert_eq!((own.rule_id, own.category), ("sqli", Some("API8:2023")));
+        assert!(!own.dry_run);
+        let defaults = detection_decision(
+            &p,
+            &finding("ssrf-internal-address", Some(ActionKind::Block), false),
+        );
+        assert_eq!(
+            defaults.ttl,
+            Duration::from_secs(300),
+            "the policy's block_ttl"
+        );
+        let throttle = detection_decision(&p, &finding("xss", Some(ActionKind::Throttle), false));
+        assert_eq!(
+            (throttle.ttl, throttle.throttle_pps.map(NonZeroU32::get)),
+            (Duration::from_secs(120), Some(10))
+        );
+        let reported = detection_decision(&p, &finding("sqli", None, true));
+        assert_eq!((reported.action, reported.dry_run), (ActionKind::Log, true));
+        let dry = policy("dry_run = true\n");
+        assert!(detection_decision(&dry, &finding("sqli", Some(ActionKind::Block), false)).dry_run);
+    }
+}
