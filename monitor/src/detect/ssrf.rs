@@ -173,8 +173,13 @@ pub fn scan(input: &Input<'_>) -> Option<&'static RuleInfo> {
     if value.len() < 4 {
         return None;
     }
-    let lower_start = value.get(..6).unwrap_or(value).to_ascii_lowercase();
-    let candidate = if lower_start.starts_with("http:") || lower_start.starts_with("https:") {
+    let starts_with = |prefix: &str| {
+        value
+            .as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    let candidate = if starts_with("http:") || starts_with("https:") {
         // The URL parser reads `http:/h`, `http:h` and `http:\\h` as `http://h`.
         value.to_owned()
     } else if let Some(scheme_end) = value.find("://").filter(|at| *at <= 10) {
@@ -192,7 +197,7 @@ pub fn scan(input: &Input<'_>) -> Option<&'static RuleInfo> {
             .contains(&scheme.to_ascii_lowercase().as_str())
     {
         return Some(catalog::SSRF_SCHEME);
-    } else if url_named(&input.name) && !value.contains(char::is_whitespace) && host_like(value) {
+    } else if host_like(value) && !value.contains(char::is_whitespace) && url_named(&input.name) {
         format!("http://{value}")
     } else {
         return None;
