@@ -233,7 +233,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
             secrets,
             series: foldhash::HashMap::default(),
         },
-        events: Vec::new(),
+        batch_clocks: None,
         latest_ns: 0,
     };
     let capture_task = tokio::spawn(async move { capture::read_samples(ring, &mut sink).await });
@@ -331,11 +331,11 @@ struct Observers {
 const MAX_CACHED_SERIES: usize = 4096;
 
 impl Observers {
-    fn observe(&mut self, event: &http::Event, clocks: &Clocks) {
+    fn observe(&mut self, event: http::Event<'_>, clocks: &Clocks) {
         let exchange = match event {
-            http::Event::Request(request) => return self.verdicts.judge(request, clocks),
+            http::Event::Request(request) => return self.verdicts.judge(&request, clocks),
             http::Event::ParseError(problem) => {
-                self.verdicts.inspect_problem(problem);
+                self.verdicts.inspect_problem(&problem);
                 return self.metrics.parse_problem(problem.kind.name());
             }
             http::Event::OtherProtocol(protocol) => {
@@ -343,6 +343,7 @@ impl Observers {
             }
             http::Event::Exchange(exchange) => exchange,
         };
+        let exchange = &exchange;
         self.verdicts.inspect(exchange, clocks);
         self.series_for(exchange).observe(exchange);
         if self.events.wants_http() {
@@ -368,7 +369,8 @@ impl Observers {
 struct PipelineSink {
     pipeline: Pipeline,
     observers: Observers,
-    events: Vec<http::Event>,
+    /// Read at the batch's first segment (converts its kernel timestamps to wall time).
+    batch_clocks: Option<Clocks>,
     /// Newest kernel timestamp of the current batch.
     latest_ns: u64,
 }
@@ -377,33 +379,45 @@ impl capture::SampleSink for PipelineSink {
     fn segment(&mut self, segment: &Segment<'_>) {
         self.observers.metrics.sample(segment.direction);
         self.latest_ns = self.latest_ns.max(segment.timestamp_ns);
-        self.pipeline.ingest(segment, &mut self.events);
+        let clocks = self.batch_clocks();
+        let observers = &mut self.observers;
+        self.pipeline
+            .ingest(segment, &mut |event: http::Event<'_>| {
+                observers.observe(event, &clocks)
+            });
     }
 
     fn batch_done(&mut self) {
-        self.pipeline
-            .enforce_limits(self.latest_ns, &mut self.events);
-        self.deliver();
+        self.end_batch(self.latest_ns);
     }
 
     fn idle(&mut self) {
         // Idle connections end even when no traffic arrives to notice them.
-        self.pipeline
-            .enforce_limits(clock::monotonic_ns(), &mut self.events);
-        self.deliver();
+        self.end_batch(clock::monotonic_ns());
     }
 }
 
 impl PipelineSink {
-    fn deliver(&mut self) {
-        let clocks = Clocks::now();
-        self.observers.verdicts.refresh();
-        for event in self.events.drain(..) {
-            self.observers.observe(&event, &clocks);
-        }
+    /// The current batch's clocks; its first segment reads them and the policy.
+    fn batch_clocks(&mut self) -> Clocks {
+        *self.batch_clocks.get_or_insert_with(|| {
+            self.observers.verdicts.refresh();
+            Clocks::now()
+        })
+    }
+
+    /// Ends connections idle at `now_ns` (or over the memory bound).
+    fn end_batch(&mut self, now_ns: u64) {
+        let clocks = self.batch_clocks();
+        let observers = &mut self.observers;
+        self.pipeline
+            .enforce_limits(now_ns, &mut |event: http::Event<'_>| {
+                observers.observe(event, &clocks)
+            });
         self.observers
             .metrics
             .set_active_flows(self.pipeline.active_flows());
+        self.batch_clocks = None;
     }
 }
 

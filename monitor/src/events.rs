@@ -165,7 +165,7 @@ impl Event {
         event.source = Some(subject.client.into());
         event.destination = Some(subject.server.into());
         event.http = Some(Http {
-            version: format!("1.{}", head.version),
+            version: format!("1.{}", head.version()),
             request: HttpRequest {
                 method: head.method().to_owned(),
                 body: Body::default(),
@@ -270,13 +270,13 @@ impl<'a> From<&'a Exchange> for Subject<'a> {
     }
 }
 
-impl<'a> From<&'a crate::http::RequestStart> for Subject<'a> {
-    fn from(request: &'a crate::http::RequestStart) -> Self {
+impl<'a> From<&crate::http::RequestStart<'a>> for Subject<'a> {
+    fn from(request: &crate::http::RequestStart<'a>) -> Self {
         Self {
             client: request.client,
             server: request.server,
-            head: &request.head,
-            route: &request.route,
+            head: request.head,
+            route: request.route,
         }
     }
 }

@@ -125,13 +125,13 @@ impl Verdicts {
     }
 
     /// Judges one request as soon as its head is in.
-    pub fn judge(&mut self, request: &RequestStart, clocks: &Clocks) {
+    pub fn judge(&mut self, request: &RequestStart<'_>, clocks: &Clocks) {
         let policy = self.policy();
         let source = request.client.ip().to_canonical();
         let decisions = policy.evaluate(&Request {
             source,
-            head: &request.head,
-            route: &request.route,
+            head: request.head,
+            route: request.route,
         });
         let at = clocks.to_wall(request.started_ns);
         let subject = Subject::from(request);

@@ -271,23 +271,14 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
     );
     let mut state = State::default();
     let mut reports = Vec::with_capacity(cases.len());
-    let mut events = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let client = client_of(index);
         let t = index as u64 * 1_000_000;
-        for (direction, bytes, seq) in [
-            (Direction::Request, case.request.as_slice(), 1_000u32),
-            (Direction::Response, RESPONSE, 5_000u32),
-        ] {
-            let mut stream = Stream::new(direction, client, server, seq);
-            for chunk in bytes.chunks(MSS) {
-                pipeline.ingest(&stream.next(chunk, t), &mut events);
-            }
-        }
-        // Each case ends with a whole response: what its segments produced is its own.
+        // Each case ends with a whole response: what its segments produce is its own.
         let mut report = Report::default();
         let mut exchanged = false;
-        for event in events.drain(..) {
+        let mut stray = None;
+        let mut observe = |event: Event<'_>| {
             let (from, found) = match &event {
                 Event::Exchange(exchange) => {
                     exchanged = true;
@@ -300,16 +291,28 @@ pub fn replay(cases: &[Case], policy: &Policy) -> Result<Vec<Report>> {
                 Event::ParseError(problem) => {
                     (problem.client, policy.detections.inspect_problem(problem))
                 }
-                _ => continue,
+                _ => return,
             };
             if from != client {
-                bail!(
-                    "case {:?}: an event from another connection ({from})",
-                    case.label
-                );
+                stray = Some(from);
             }
             report.score += found.score;
             report.findings.extend(found.findings);
+        };
+        for (direction, bytes, seq) in [
+            (Direction::Request, case.request.as_slice(), 1_000u32),
+            (Direction::Response, RESPONSE, 5_000u32),
+        ] {
+            let mut stream = Stream::new(direction, client, server, seq);
+            for chunk in bytes.chunks(MSS) {
+                pipeline.ingest(&stream.next(chunk, t), &mut observe);
+            }
+        }
+        if let Some(from) = stray {
+            bail!(
+                "case {:?}: an event from another connection ({from})",
+                case.label
+            );
         }
         if !exchanged {
             bail!(

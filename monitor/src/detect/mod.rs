@@ -334,7 +334,7 @@ impl Detections {
         let body = &exchange.request_body;
         // A body the head announces but that never came (the connection ended, the
         // chunking broke) is not an empty body: its checks are skipped.
-        let announced = head.chunked || head.content_length.is_some_and(|l| l > 0);
+        let announced = head.chunked() || head.content_length().is_some_and(|l| l > 0);
         let body_missing = announced && exchange.request_body_bytes == 0;
         let body_whole = body.len() as u64 == exchange.request_body_bytes && !body_missing;
         let content_type = headers
@@ -402,7 +402,7 @@ impl Detections {
                 headers: &headers,
                 content_type,
                 body_len: if body_missing {
-                    head.content_length.unwrap_or(u64::MAX)
+                    head.content_length().unwrap_or(u64::MAX)
                 } else {
                     exchange.request_body_bytes
                 },

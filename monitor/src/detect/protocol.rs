@@ -27,7 +27,7 @@ pub fn scan_head(
     limits: &LimitsDoc,
     out: &mut Vec<(&'static RuleInfo, String)>,
 ) {
-    let framing = head.framing;
+    let framing = head.framing();
     if framing.length_and_encoding {
         out.push((
             catalog::SMUGGLING,
@@ -47,25 +47,23 @@ pub fn scan_head(
     if !STANDARD_METHODS.contains(&method) && !WEBDAV_METHODS.contains(&method) {
         out.push((catalog::UNKNOWN_METHOD, method.to_owned()));
     }
-    if head.version == 1 && head.host().is_none() {
+    if head.version() == 1 && head.host().is_none() {
         out.push((catalog::MISSING_HOST, String::new()));
     }
     let target = head.target().len();
     if target > limits.max_uri_bytes {
         out.push((catalog::OVERSIZE_URI, format!("{target} bytes")));
     }
-    if head.header_count > limits.max_headers {
-        out.push((
-            catalog::OVERSIZE_HEADERS,
-            format!("{} headers", head.header_count),
-        ));
+    let headers = head.header_count();
+    if headers > usize::from(limits.max_headers) {
+        out.push((catalog::OVERSIZE_HEADERS, format!("{headers} headers")));
     } else if head.raw().len() > limits.max_head_bytes {
         out.push((
             catalog::OVERSIZE_HEADERS,
             format!("{} bytes of head", head.raw().len()),
         ));
     }
-    if let Some(length) = head.content_length
+    if let Some(length) = head.content_length()
         && length > limits.max_body_bytes
     {
         out.push((catalog::OVERSIZE_BODY, format!("Content-Length {length}")));

@@ -6,9 +6,8 @@ pub mod query;
 pub mod reassembly;
 pub mod route;
 
-use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc, time::Duration};
 
-use lru::LruCache;
 use monitor_common::capture::{TCP_FIN, TCP_RST};
 
 use self::{
@@ -41,29 +40,37 @@ pub struct Exchange {
     pub latency: Option<Duration>,
 }
 
-/// A request whose head just arrived (its response, if any, still to come).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestStart {
+/// A request whose head just arrived (its response, if any, still to come), lent to
+/// observers: it stays with its connection until the exchange ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestStart<'a> {
     pub client: SocketAddr,
     pub server: SocketAddr,
-    pub head: RequestHead,
-    pub route: Arc<str>,
+    pub head: &'a RequestHead,
+    pub route: &'a Arc<str>,
     /// CLOCK_MONOTONIC ns of its first byte.
     pub started_ns: u64,
 }
 
-/// What the pipeline reports.
+/// What the pipeline reports, as it happens.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "exchanges are nearly every event; boxing would allocate for each"
-)]
-pub enum Event {
+pub enum Event<'a> {
     /// As soon as a request head is parsed: what policy decisions are made on.
-    Request(RequestStart),
+    Request(RequestStart<'a>),
     Exchange(Exchange),
     ParseError(Problem),
     OtherProtocol(OtherProtocol),
+}
+
+/// Who hears the pipeline's events, in stream order, while a segment is taken.
+pub trait Observer {
+    fn observe(&mut self, event: Event<'_>);
+}
+
+impl<F: FnMut(Event<'_>)> Observer for F {
+    fn observe(&mut self, event: Event<'_>) {
+        self(event)
+    }
 }
 
 /// Bytes that could not be parsed as HTTP, and on which connection.
@@ -87,23 +94,29 @@ pub struct Limits {
     pub body_inspect_bytes: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A connection's key: its addresses as plain words, cheap to hash and compare (the
+/// flow table looks one up for every segment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FlowId {
-    client: SocketAddr,
-    server: SocketAddr,
+    client_ip: u128,
+    server_ip: u128,
+    /// Both ports, and the address family (IPv4 and IPv6 addresses may share bits).
+    ports_and_family: u64,
 }
 
-/// Hashed as a few whole words (the derived hash feeds every part separately): this
-/// runs for every segment.
-impl std::hash::Hash for FlowId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+impl FlowId {
+    fn of(client: SocketAddr, server: SocketAddr) -> Self {
         let bits = |addr: &SocketAddr| match addr.ip() {
             std::net::IpAddr::V4(ip) => u128::from(ip.to_bits()),
             std::net::IpAddr::V6(ip) => ip.to_bits(),
         };
-        state.write_u128(bits(&self.client));
-        state.write_u128(bits(&self.server));
-        state.write_u32(u32::from(self.client.port()) << 16 | u32::from(self.server.port()));
+        Self {
+            client_ip: bits(&client),
+            server_ip: bits(&server),
+            ports_and_family: u64::from(client.is_ipv6()) << 32
+                | u64::from(client.port()) << 16
+                | u64::from(server.port()),
+        }
     }
 }
 
@@ -150,6 +163,8 @@ impl Half {
 
 #[derive(Debug)]
 struct Flow {
+    client: SocketAddr,
+    server: SocketAddr,
     request: Half,
     response: Half,
     /// Requests awaiting (the end of) their response, oldest first.
@@ -168,8 +183,13 @@ impl Flow {
 /// Per-direction byte budget for early segments of one flow.
 const MAX_PENDING_BYTES_PER_HALF: usize = 256 * 1024;
 
+/// Connections by key, least recently active first out. Flat (no allocation per
+/// entry beyond the flow itself), so a segment's lookup touches little memory.
+type FlowTable =
+    schnellru::LruMap<FlowId, Box<Flow>, schnellru::ByLength, foldhash::fast::RandomState>;
+
 pub struct Pipeline {
-    flows: LruCache<FlowId, Flow>,
+    flows: FlowTable,
     routes: Routes,
     limits: Limits,
     memory: usize,
@@ -180,9 +200,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// `routes` names each request's route template, once, as its head arrives.
     pub fn new(limits: Limits, routes: Routes) -> Self {
-        let capacity = NonZeroUsize::new(limits.max_flows).unwrap_or(NonZeroUsize::MIN);
+        let max_flows = u32::try_from(limits.max_flows.max(1)).unwrap_or(u32::MAX);
         Self {
-            flows: LruCache::new(capacity),
+            flows: FlowTable::with_hasher(
+                schnellru::ByLength::new(max_flows),
+                foldhash::fast::RandomState::default(),
+            ),
             routes,
             limits,
             memory: 0,
@@ -196,7 +219,7 @@ impl Pipeline {
 
     /// Starts following a connection, from a message start only (the kernel does the
     /// same). False when this segment does not start one.
-    fn open_flow(&mut self, id: FlowId, segment: &Segment, events: &mut Vec<Event>) -> bool {
+    fn open_flow(&mut self, id: FlowId, segment: &Segment, events: &mut impl Observer) -> bool {
         // Connections are followed from their client's side.
         if segment.direction != Direction::Request {
             return false;
@@ -207,33 +230,36 @@ impl Pipeline {
             return false;
         }
         let flow = Flow {
+            client: segment.client,
+            server: segment.server,
             request: Half::new(Side::Request, self.limits.body_inspect_bytes),
             response: Half::new(Side::Response, 0),
             pending: VecDeque::new(),
             pending_body_bytes: 0,
             last_seen_ns: segment.timestamp_ns,
         };
-        if let Some((evicted_id, evicted)) = self.flows.push(id, flow) {
+        // The table is full: the least recently active connection makes room, and
+        // reports what it still held.
+        if self.flows.len() >= self.limits.max_flows.max(1)
+            && let Some((_, evicted)) = self.flows.pop_oldest()
+        {
             self.memory = self.memory.saturating_sub(evicted.buffered());
-            flush(evicted_id, evicted, events, &mut self.routes);
+            flush(*evicted, events, &mut self.routes);
         }
-        true
+        self.flows.insert(id, Box::new(flow))
     }
 
-    /// Takes one segment; completed exchanges and problems go to `events`.
-    pub fn ingest(&mut self, segment: &Segment, events: &mut Vec<Event>) {
-        let id = FlowId {
-            client: segment.client,
-            server: segment.server,
-        };
+    /// Takes one segment; what it completes goes to `events`.
+    pub fn ingest(&mut self, segment: &Segment, events: &mut impl Observer) {
+        let id = FlowId::of(segment.client, segment.server);
         // One lookup for a known connection (nearly every segment).
-        let flow = match self.flows.get_mut(&id) {
+        let flow = match self.flows.get(&id) {
             Some(flow) => flow,
             None => {
                 if !self.open_flow(id, segment, events) {
                     return;
                 }
-                let Some(flow) = self.flows.get_mut(&id) else {
+                let Some(flow) = self.flows.get(&id) else {
                     return;
                 };
                 flow
@@ -282,7 +308,6 @@ impl Pipeline {
             parser.close(&mut items);
         }
         pair(
-            id,
             flow,
             segment.direction,
             &mut items,
@@ -299,17 +324,17 @@ impl Pipeline {
         self.enforce_limits(segment.timestamp_ns, events);
     }
 
-    fn end_flow(&mut self, id: &FlowId, events: &mut Vec<Event>) {
-        if let Some(flow) = self.flows.pop(id) {
+    fn end_flow(&mut self, id: &FlowId, events: &mut impl Observer) {
+        if let Some(flow) = self.flows.remove(id) {
             self.memory = self.memory.saturating_sub(flow.buffered());
-            flush(*id, flow, events, &mut self.routes);
+            flush(*flow, events, &mut self.routes);
         }
     }
 
     /// Drops idle flows, then the least recently active while over the memory bound.
-    pub fn enforce_limits(&mut self, now_ns: u64, events: &mut Vec<Event>) {
+    pub fn enforce_limits(&mut self, now_ns: u64, events: &mut impl Observer) {
         let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
-        while let Some((id, flow)) = self.flows.peek_lru() {
+        while let Some((id, flow)) = self.flows.peek_oldest() {
             let idle = now_ns.saturating_sub(flow.last_seen_ns) > idle_ns;
             if !idle && self.memory <= self.limits.max_memory {
                 break;
@@ -337,11 +362,10 @@ fn side_of(direction: Direction) -> Side {
 
 /// Pairs parsed items with the connection's pending requests.
 fn pair(
-    id: FlowId,
     flow: &mut Flow,
     direction: Direction,
     items: &mut Vec<Item>,
-    events: &mut Vec<Event>,
+    events: &mut impl Observer,
     routes: &mut Routes,
 ) {
     for item in items.drain(..) {
@@ -351,13 +375,6 @@ fn pair(
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
-                events.push(Event::Request(RequestStart {
-                    client: id.client,
-                    server: id.server,
-                    head: head.clone(),
-                    route: route.clone(),
-                    started_ns,
-                }));
                 flow.pending.push_back(Pending {
                     head,
                     route,
@@ -367,6 +384,15 @@ fn pair(
                     response: None,
                     response_body_bytes: None,
                 });
+                if let Some(pending) = flow.pending.back() {
+                    events.observe(Event::Request(RequestStart {
+                        client: flow.client,
+                        server: flow.server,
+                        head: &pending.head,
+                        route: &pending.route,
+                        started_ns,
+                    }));
+                }
             }
             Item::Response { head, started_ns } => {
                 if head.is_interim() {
@@ -397,7 +423,7 @@ fn pair(
                     if let Some(done) = flow.pending.pop_front() {
                         flow.pending_body_bytes =
                             flow.pending_body_bytes.saturating_sub(done.body.len());
-                        events.push(Event::Exchange(exchange(id, done)));
+                        events.observe(Event::Exchange(exchange(flow.client, flow.server, done)));
                     }
                 }
             }
@@ -416,19 +442,19 @@ fn pair(
                 {
                     pending.body_bytes = Some(0);
                 }
-                events.push(Event::ParseError(Problem {
+                events.observe(Event::ParseError(Problem {
                     kind,
                     side: side_of(direction),
-                    client: id.client,
-                    server: id.server,
+                    client: flow.client,
+                    server: flow.server,
                 }));
             }
-            Item::NotHttp(protocol) => events.push(Event::OtherProtocol(protocol)),
+            Item::NotHttp(protocol) => events.observe(Event::OtherProtocol(protocol)),
         }
     }
 }
 
-fn exchange(id: FlowId, pending: Pending) -> Exchange {
+fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchange {
     let (status, latency) = match pending.response {
         Some((status, started_ns)) => (
             Some(status),
@@ -439,8 +465,8 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
         None => (None, None),
     };
     Exchange {
-        client: id.client,
-        server: id.server,
+        client,
+        server,
         request: pending.head,
         route: pending.route,
         started_ns: pending.started_ns,
@@ -453,19 +479,12 @@ fn exchange(id: FlowId, pending: Pending) -> Exchange {
 }
 
 /// A connection is gone: report what it still held.
-fn flush(id: FlowId, mut flow: Flow, events: &mut Vec<Event>, routes: &mut Routes) {
+fn flush(mut flow: Flow, events: &mut impl Observer, routes: &mut Routes) {
     let mut items = Vec::new();
     flow.response.parser.close(&mut items);
-    pair(
-        id,
-        &mut flow,
-        Direction::Response,
-        &mut items,
-        events,
-        routes,
-    );
+    pair(&mut flow, Direction::Response, &mut items, events, routes);
     for pending in flow.pending.drain(..) {
-        events.push(Event::Exchange(exchange(id, pending)));
+        events.observe(Event::Exchange(exchange(flow.client, flow.server, pending)));
     }
 }
 
@@ -500,11 +519,29 @@ mod tests {
         )
     }
 
-    fn exchanges(events: &[Event]) -> Vec<&Exchange> {
+    /// Events as the tests keep them: a request by its target.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Request(String),
+        Other(Event<'static>),
+    }
+
+    impl Observer for Vec<Seen> {
+        fn observe(&mut self, event: Event<'_>) {
+            self.push(match event {
+                Event::Request(request) => Seen::Request(request.head.target().to_owned()),
+                Event::Exchange(exchange) => Seen::Other(Event::Exchange(exchange)),
+                Event::ParseError(problem) => Seen::Other(Event::ParseError(problem)),
+                Event::OtherProtocol(protocol) => Seen::Other(Event::OtherProtocol(protocol)),
+            });
+        }
+    }
+
+    fn exchanges(events: &[Seen]) -> Vec<&Exchange> {
         events
             .iter()
             .filter_map(|e| match e {
-                Event::Exchange(x) => Some(x),
+                Seen::Other(Event::Exchange(x)) => Some(x),
                 _ => None,
             })
             .collect()
@@ -513,7 +550,7 @@ mod tests {
     #[test]
     fn requests_pair_with_responses_in_order() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         let req = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b?q=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi";
         p.ingest(&segment(Direction::Request, 1, req, 1_000, 0), &mut events);
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
@@ -546,7 +583,7 @@ mod tests {
     #[test]
     fn an_answer_before_the_request_body_ends_waits_for_the_body() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         let head = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234";
         p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
         let resp = b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n";
@@ -575,7 +612,7 @@ mod tests {
     #[test]
     fn a_close_after_an_uncaptured_body_tail_gives_the_exact_size() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         let head = b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\n\r\nfirst bytes";
         p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
@@ -600,7 +637,7 @@ mod tests {
     #[test]
     fn reordered_segments_and_a_close_framed_response() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         p.ingest(
             &segment(Direction::Request, 10, b"GET /x HT", 1, 0),
             &mut events,
@@ -637,7 +674,7 @@ mod tests {
     #[test]
     fn flows_start_only_at_a_request_and_are_bounded() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         p.ingest(
             &segment(Direction::Request, 1, b"middle of a body", 1, 0),
             &mut events,
@@ -662,7 +699,7 @@ mod tests {
     #[test]
     fn other_protocols_are_reported_once() {
         let mut p = pipeline();
-        let mut events = Vec::new();
+        let mut events: Vec<Seen> = Vec::new();
         p.ingest(
             &segment(Direction::Request, 1, &[0x16, 0x03, 0x01, 0x00, 0x10], 1, 0),
             &mut events,
@@ -671,6 +708,9 @@ mod tests {
             &segment(Direction::Request, 6, &[0x01; 16], 2, 0),
             &mut events,
         );
-        assert_eq!(events, [Event::OtherProtocol(OtherProtocol::Tls)]);
+        assert_eq!(
+            events,
+            [Seen::Other(Event::OtherProtocol(OtherProtocol::Tls))]
+        );
     }
 }

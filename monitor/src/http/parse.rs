@@ -20,27 +20,28 @@ pub enum Side {
     Response,
 }
 
-/// A request's head: the bytes as received, kept in one allocation, with the places of
-/// the fields apimon reads and of every header.
+/// A request's head, shared: the policy sees it when it arrives, the exchange when it
+/// ends, and every event between moves a pointer, not the head.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead {
-    /// The head as text (invalid UTF-8 replaced), shared: the policy sees the head when
-    /// it arrives, the exchange when it ends.
-    raw: std::sync::Arc<str>,
+pub struct RequestHead(std::sync::Arc<Head>);
+
+/// The head as received, with the places of the fields apimon reads and of every
+/// header.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    /// The head as text (invalid UTF-8 replaced).
+    raw: Box<str>,
     method: Span,
     target: Span,
     host: Option<Span>,
     user_agent: Option<Span>,
     /// Every header's name and value, found once by the parse (rules that read
     /// headers would otherwise parse the head again).
-    headers: std::sync::Arc<[(Span, Span)]>,
-    pub version: u8,
-    pub content_length: Option<u64>,
-    pub chunked: bool,
-    pub expect_continue: bool,
-    /// Framing signs detections read (request smuggling and friends).
-    pub framing: Framing,
-    pub header_count: u16,
+    headers: Box<[(Span, Span)]>,
+    version: u8,
+    content_length: Option<u64>,
+    chunked: bool,
+    framing: Framing,
 }
 
 /// Framing a server might read differently from a proxy: accepted (the last
@@ -115,7 +116,7 @@ impl RequestHead {
             Err(kind) => return HeadParse::BadFraming(kind),
         };
         let span = |part: &[u8]| Span::of(raw, part);
-        let head = RequestHead {
+        let head = Head {
             method: span(request.method.unwrap_or_default().as_bytes()),
             target: span(request.path.unwrap_or_default().as_bytes()),
             host: fields.host.map(span),
@@ -128,49 +129,72 @@ impl RequestHead {
             version: request.version.unwrap_or(1),
             content_length: fields.content_length,
             chunked: fields.chunked,
-            expect_continue: fields.expect_continue,
             framing: fields.framing,
-            header_count: request.headers.len().min(usize::from(u16::MAX)) as u16,
             raw: text.into(),
         };
-        HeadParse::Complete(head, len)
+        HeadParse::Complete(Self(std::sync::Arc::new(head)), len)
     }
 
     fn text(&self, span: Span) -> &str {
         // Spans end at ASCII delimiters, so they are character boundaries.
-        self.raw
+        self.0
+            .raw
             .get(span.start as usize..span.end as usize)
             .unwrap_or_default()
     }
 
     pub fn method(&self) -> &str {
-        self.text(self.method)
+        self.text(self.0.method)
     }
 
     /// Path and query as sent (origin form), or the absolute URI.
     pub fn target(&self) -> &str {
-        self.text(self.target)
+        self.text(self.0.target)
     }
 
     pub fn host(&self) -> Option<&str> {
-        self.host.map(|span| self.text(span))
+        self.0.host.map(|span| self.text(span))
     }
 
     pub fn user_agent(&self) -> Option<&str> {
-        self.user_agent.map(|span| self.text(span))
+        self.0.user_agent.map(|span| self.text(span))
     }
 
     /// Every header as (name, value), in order.
     pub fn headers(&self) -> Vec<(&str, &str)> {
-        self.headers
+        self.0
+            .headers
             .iter()
             .map(|(name, value)| (self.text(*name), self.text(*value)))
             .collect()
     }
 
+    pub fn header_count(&self) -> usize {
+        self.0.headers.len()
+    }
+
+    /// The minor version: HTTP/1.0 or HTTP/1.1.
+    pub fn version(&self) -> u8 {
+        self.0.version
+    }
+
+    pub fn content_length(&self) -> Option<u64> {
+        self.0.content_length
+    }
+
+    /// The body is chunked (the last Transfer-Encoding says so).
+    pub fn chunked(&self) -> bool {
+        self.0.chunked
+    }
+
+    /// Framing signs detections read (request smuggling and friends).
+    pub fn framing(&self) -> Framing {
+        self.0.framing
+    }
+
     /// The head as received (invalid UTF-8 replaced).
     pub fn raw(&self) -> &[u8] {
-        self.raw.as_bytes()
+        self.0.raw.as_bytes()
     }
 }
 
@@ -190,7 +214,6 @@ struct HeaderFields<'h> {
     user_agent: Option<&'h [u8]>,
     content_length: Option<u64>,
     chunked: bool,
-    expect_continue: bool,
     framing: Framing,
     encodings: u8,
 }
@@ -207,18 +230,11 @@ impl<'h> HeaderFields<'h> {
                 4 if name.eq_ignore_ascii_case(b"host") => {
                     fields.host.get_or_insert(header.value);
                 }
-                6 if name.eq_ignore_ascii_case(b"expect") => {
-                    fields.expect_continue |= header.value.eq_ignore_ascii_case(b"100-continue");
-                }
                 10 if name.eq_ignore_ascii_case(b"user-agent") => {
                     fields.user_agent.get_or_insert(header.value);
                 }
                 14 if name.eq_ignore_ascii_case(b"content-length") => {
-                    // Digits only: Rust's parser takes `+5`, which servers read apart.
-                    let value = header.value.trim_ascii();
-                    let parsed = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
-                        .then(|| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
-                        .flatten()
+                    let parsed = decimal(header.value.trim_ascii())
                         .ok_or(ParseErrorKind::InvalidContentLength)?;
                     match fields.content_length {
                         Some(l) if l != parsed => return Err(ParseErrorKind::InvalidContentLength),
@@ -247,6 +263,21 @@ impl<'h> HeaderFields<'h> {
             fields.encodings > 1 || (fields.encodings == 1 && !fields.chunked);
         Ok(fields)
     }
+}
+
+/// A decimal number of digits only (Rust's parser takes `+5`, which servers read
+/// apart); None when empty or over u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |number, &byte| {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        number.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -684,13 +715,13 @@ impl MessageParser {
 
     fn request_head(&mut self, head: RequestHead, out: &mut Vec<Item>) {
         self.messages += 1;
-        self.state = if head.chunked {
+        self.state = if head.chunked() {
             State::Chunked {
                 state: ChunkState::Size,
                 seen: 0,
             }
         } else {
-            match head.content_length {
+            match head.content_length() {
                 Some(n) if n > 0 => State::Body {
                     remaining: n,
                     seen: 0,
@@ -920,8 +951,14 @@ mod tests {
         ) else {
             panic!("framing signs do not refuse a head");
         };
-        assert!(head.framing.length_and_encoding && head.framing.odd_encoding);
-        for length in ["+5", "5 5", "0x5", ""] {
+        assert!(head.framing().length_and_encoding && head.framing().odd_encoding);
+        let HeadParse::Complete(head, _) = RequestHead::parse(
+            b"POST / HTTP/1.1\r\nContent-Length:  0018446744073709551615 \r\n\r\n",
+        ) else {
+            panic!("the largest length is a length");
+        };
+        assert_eq!(head.content_length(), Some(u64::MAX));
+        for length in ["+5", "5 5", "0x5", "", "-1", "18446744073709551616"] {
             let head = format!("POST / HTTP/1.1\r\nContent-Length: {length}\r\n\r\n");
             assert!(
                 matches!(

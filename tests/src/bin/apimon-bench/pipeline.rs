@@ -109,21 +109,20 @@ fn through_pipeline(
     detect: Option<(&Policy, &mut State)>,
 ) -> usize {
     let now = std::time::SystemTime::now();
-    let mut events = Vec::new();
     let mut exchanges = 0;
     let (policy, mut state) = detect.unzip();
+    let mut observe = |event: Event<'_>| {
+        if let Event::Exchange(exchange) = event {
+            exchanges += 1;
+            if let (Some(policy), Some(state)) = (policy, state.as_deref_mut()) {
+                std::hint::black_box(policy.detections.inspect(&exchange, state, now));
+            }
+        }
+    };
     for segment in segments {
         let mut client = segment.client;
         client.set_port(round);
-        pipeline.ingest(&Segment { client, ..*segment }, &mut events);
-        for event in events.drain(..) {
-            if let Event::Exchange(exchange) = event {
-                exchanges += 1;
-                if let (Some(policy), Some(state)) = (policy, state.as_deref_mut()) {
-                    std::hint::black_box(policy.detections.inspect(&exchange, state, now));
-                }
-            }
-        }
+        pipeline.ingest(&Segment { client, ..*segment }, &mut observe);
     }
     exchanges
 }
