@@ -249,7 +249,8 @@ impl Pipeline {
         self.flows.insert(id, Box::new(flow))
     }
 
-    /// Takes one segment; what it completes goes to `events`.
+    /// Takes one segment; what it completes goes to `events`. Connections over the
+    /// memory bound end here; idle ones when `enforce_limits` is called.
     pub fn ingest(&mut self, segment: &Segment, events: &mut impl Observer) {
         let id = FlowId::of(segment.client, segment.server);
         // One lookup for a known connection (nearly every segment).
@@ -321,7 +322,9 @@ impl Pipeline {
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
         }
-        self.enforce_limits(segment.timestamp_ns, events);
+        if self.memory > self.limits.max_memory {
+            self.enforce_limits(segment.timestamp_ns, events);
+        }
     }
 
     fn end_flow(&mut self, id: &FlowId, events: &mut impl Observer) {
@@ -331,7 +334,8 @@ impl Pipeline {
         }
     }
 
-    /// Drops idle flows, then the least recently active while over the memory bound.
+    /// Drops idle flows, then the least recently active while over the memory bound
+    /// (the caller's timer: the daemon calls it after each batch, and when idle).
     pub fn enforce_limits(&mut self, now_ns: u64, events: &mut impl Observer) {
         let idle_ns = u64::try_from(self.limits.idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         while let Some((id, flow)) = self.flows.peek_oldest() {

@@ -25,19 +25,17 @@ pub enum Side {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead(std::sync::Arc<Head>);
 
-/// The head as received, with the places of the fields apimon reads and of every
-/// header.
+/// The head as received, with the places of the fields apimon reads on every request.
+/// Other headers are found in the text when asked for: most requests are never asked.
 #[derive(Debug, PartialEq, Eq)]
 struct Head {
-    /// The head as text (invalid UTF-8 replaced).
+    /// The head as text (invalid UTF-8 replaced), as httparse accepted it.
     raw: Box<str>,
     method: Span,
     target: Span,
     host: Option<Span>,
     user_agent: Option<Span>,
-    /// Every header's name and value, found once by the parse (rules that read
-    /// headers would otherwise parse the head again).
-    headers: Box<[(Span, Span)]>,
+    header_count: u16,
     version: u8,
     content_length: Option<u64>,
     chunked: bool,
@@ -121,11 +119,7 @@ impl RequestHead {
             target: span(request.path.unwrap_or_default().as_bytes()),
             host: fields.host.map(span),
             user_agent: fields.user_agent.map(span),
-            headers: request
-                .headers
-                .iter()
-                .map(|h| (span(h.name.as_bytes()), span(h.value)))
-                .collect(),
+            header_count: u16::try_from(request.headers.len()).unwrap_or(u16::MAX),
             version: request.version.unwrap_or(1),
             content_length: fields.content_length,
             chunked: fields.chunked,
@@ -160,17 +154,42 @@ impl RequestHead {
         self.0.user_agent.map(|span| self.text(span))
     }
 
-    /// Every header as (name, value), in order.
+    /// Every header as (name, value), in order, as httparse read them: the text was
+    /// accepted by httparse, so its lines are exactly the empty lines it skips, the
+    /// request line, then `name:value` lines (no folding), each ending in LF or CRLF,
+    /// with the value's surrounding spaces and tabs not part of it.
     pub fn headers(&self) -> Vec<(&str, &str)> {
-        self.0
-            .headers
-            .iter()
-            .map(|(name, value)| (self.text(*name), self.text(*value)))
-            .collect()
+        let raw = &*self.0.raw;
+        let bytes = raw.as_bytes();
+        let mut headers = Vec::with_capacity(self.header_count());
+        // Header lines start after the request line, which starts with the method.
+        let request_line = self.0.method.start as usize;
+        let Some(first) = memchr::memchr(b'\n', &bytes[request_line.min(bytes.len())..]) else {
+            return headers;
+        };
+        let lines_start = request_line + first + 1;
+        let mut start = lines_start;
+        // Byte positions of ASCII delimiters: always character boundaries.
+        for newline in memchr::memchr_iter(b'\n', &bytes[lines_start.min(bytes.len())..]) {
+            let end = lines_start + newline;
+            let line = raw.get(start..end).unwrap_or_default();
+            start = end + 1;
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if line.is_empty() {
+                break;
+            }
+            // Names are short: a byte loop finds the colon sooner than a SIMD search.
+            if let Some(colon) = line.bytes().position(|b| b == b':') {
+                let name = line.get(..colon).unwrap_or_default();
+                let value = line.get(colon + 1..).unwrap_or_default();
+                headers.push((name, value.trim_matches(|c| c == ' ' || c == '\t')));
+            }
+        }
+        headers
     }
 
     pub fn header_count(&self) -> usize {
-        self.0.headers.len()
+        usize::from(self.0.header_count)
     }
 
     /// The minor version: HTTP/1.0 or HTTP/1.1.
@@ -871,6 +890,75 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `headers()` reads the accepted text again: it must agree with httparse on
+    /// every head httparse accepts (line endings, blank lines before the request
+    /// line, spaces and tabs around values, colons inside values, empty values).
+    #[test]
+    fn headers_read_from_the_text_agree_with_httparse() {
+        let mut heads: Vec<Vec<u8>> = [
+            &b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"\r\n\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: h\nX-A:  spaced \t \n\n",
+            b"POST /x HTTP/1.0\r\nX-Empty:\r\nX-Blank: \t\r\nX-Url: http://a:80/b?c=d\r\nX-In:a  b\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+        ]
+        .iter()
+        .map(|head| head.to_vec())
+        .collect();
+        // Random heads: names of token characters, values of visible characters,
+        // spaces and tabs, either line ending, blank lines before the request line.
+        let mut seed = 7u64;
+        let mut next = |below: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize % below
+        };
+        let token = b"abcXYZ019-_.!#$%&'*+^`|~";
+        let value = b"abc XYZ\t019:;,/\"()<>@[]{}=?";
+        for _ in 0..500 {
+            let mut head = Vec::new();
+            let eol = |next: &mut dyn FnMut(usize) -> usize| -> &'static [u8] {
+                if next(2) == 0 { b"\r\n" } else { b"\n" }
+            };
+            for _ in 0..next(3) {
+                head.extend_from_slice(eol(&mut next));
+            }
+            head.extend_from_slice(b"GET /p?q=1 HTTP/1.1");
+            head.extend_from_slice(eol(&mut next));
+            for _ in 0..next(12) {
+                head.extend((0..1 + next(10)).map(|_| token[next(token.len())]));
+                head.push(b':');
+                head.extend((0..next(16)).map(|_| value[next(value.len())]));
+                head.extend_from_slice(eol(&mut next));
+            }
+            head.extend_from_slice(eol(&mut next));
+            heads.push(head);
+        }
+        for head in heads {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut expected = httparse::Request::new(&mut slots);
+            let Ok(httparse::Status::Complete(_)) = expected.parse(&head) else {
+                panic!("httparse refused {:?}", String::from_utf8_lossy(&head));
+            };
+            let expected: Vec<(&str, &str)> = expected
+                .headers
+                .iter()
+                .map(|h| (h.name, std::str::from_utf8(h.value).unwrap_or("?")))
+                .collect();
+            let HeadParse::Complete(parsed, _) = RequestHead::parse(&head) else {
+                panic!("refused {:?}", String::from_utf8_lossy(&head));
+            };
+            assert_eq!(
+                parsed.headers(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
+            assert_eq!(parsed.header_count(), expected.len());
+        }
+    }
 
     #[test]
     fn invalid_utf8_in_a_header_is_replaced_not_fatal() {
