@@ -343,7 +343,6 @@ impl Observers {
             }
             http::Event::Exchange(exchange) => exchange,
         };
-        let exchange = &exchange;
         self.verdicts.inspect(exchange, clocks);
         self.series_for(exchange).observe(exchange);
         if self.events.wants_http() {

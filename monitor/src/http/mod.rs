@@ -12,7 +12,8 @@ use monitor_common::capture::{TCP_FIN, TCP_RST};
 
 use self::{
     parse::{
-        Item, MessageParser, OtherProtocol, ParseErrorKind, RequestHead, Side, starts_message,
+        Item, MessageParser, OtherProtocol, ParseErrorKind, Parsed, RequestHead, Side,
+        starts_message,
     },
     reassembly::{Delivery, Reassembler},
     route::Routes,
@@ -57,7 +58,8 @@ pub struct RequestStart<'a> {
 pub enum Event<'a> {
     /// As soon as a request head is parsed: what policy decisions are made on.
     Request(RequestStart<'a>),
-    Exchange(Exchange),
+    /// A request with its response (or without, when the connection ended first).
+    Exchange(&'a Exchange),
     ParseError(Problem),
     OtherProtocol(OtherProtocol),
 }
@@ -193,8 +195,8 @@ pub struct Pipeline {
     routes: Routes,
     limits: Limits,
     memory: usize,
-    /// Scratch space for one segment's parsed items.
-    items: Vec<Item>,
+    /// Scratch space for one segment's parsed items, and spare request heads.
+    parsed: Parsed,
 }
 
 impl Pipeline {
@@ -209,7 +211,7 @@ impl Pipeline {
             routes,
             limits,
             memory: 0,
-            items: Vec::new(),
+            parsed: Parsed::default(),
         }
     }
 
@@ -244,7 +246,7 @@ impl Pipeline {
             && let Some((_, evicted)) = self.flows.pop_oldest()
         {
             self.memory = self.memory.saturating_sub(evicted.buffered());
-            flush(*evicted, events, &mut self.routes);
+            flush(*evicted, events, &mut self.routes, &mut self.parsed);
         }
         self.flows.insert(id, Box::new(flow))
     }
@@ -268,8 +270,8 @@ impl Pipeline {
         };
         let before = flow.buffered();
         flow.last_seen_ns = flow.last_seen_ns.max(segment.timestamp_ns);
-        // Reused across segments: one allocation less per segment.
-        let mut items = std::mem::take(&mut self.items);
+        // Reused across segments: its allocations are warm.
+        let mut parsed = std::mem::take(&mut self.parsed);
         let half = match segment.direction {
             Direction::Request => &mut flow.request,
             Direction::Response => &mut flow.response,
@@ -280,7 +282,7 @@ impl Pipeline {
         } = half;
         let now = segment.timestamp_ns;
         reassembler.push(segment.seq, segment.data, &mut |d| {
-            feed(parser, d, now, &mut items)
+            feed(parser, d, now, &mut parsed)
         });
         // Missing bytes: skip them at once if the parser can live with that (body the
         // kernel did not capture, or a new message waiting), else wait, boundedly.
@@ -294,7 +296,7 @@ impl Pipeline {
             {
                 break;
             }
-            reassembler.skip_gap(&mut |d| feed(parser, d, now, &mut items));
+            reassembler.skip_gap(&mut |d| feed(parser, d, now, &mut parsed));
         }
         let closing = segment.flags & (TCP_FIN | TCP_RST) != 0;
         if closing {
@@ -304,21 +306,21 @@ impl Pipeline {
             if let Some(missing) = reassembler.missing_until(end)
                 && parser.absorbs_gap(missing)
             {
-                reassembler.skip(missing, &mut |d| feed(parser, d, now, &mut items));
+                reassembler.skip(missing, &mut |d| feed(parser, d, now, &mut parsed));
             }
-            parser.close(&mut items);
+            parser.close(&mut parsed);
         }
         pair(
             flow,
             segment.direction,
-            &mut items,
+            &mut parsed,
             events,
             &mut self.routes,
         );
         // After pairing: kept bodies move into (and out of) the pending requests.
         let after = flow.buffered();
         self.memory = (self.memory + after).saturating_sub(before);
-        self.items = items;
+        self.parsed = parsed;
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
         }
@@ -330,7 +332,7 @@ impl Pipeline {
     fn end_flow(&mut self, id: &FlowId, events: &mut impl Observer) {
         if let Some(flow) = self.flows.remove(id) {
             self.memory = self.memory.saturating_sub(flow.buffered());
-            flush(*flow, events, &mut self.routes);
+            flush(*flow, events, &mut self.routes, &mut self.parsed);
         }
     }
 
@@ -350,10 +352,10 @@ impl Pipeline {
 }
 
 /// Hands one delivery of the reassembler to the parser.
-fn feed(parser: &mut MessageParser, delivery: Delivery<'_>, now_ns: u64, items: &mut Vec<Item>) {
+fn feed(parser: &mut MessageParser, delivery: Delivery<'_>, now_ns: u64, out: &mut Parsed) {
     match delivery {
-        Delivery::Data(data) => parser.feed(data, now_ns, items),
-        Delivery::Gap(missing) => parser.gap(missing, items),
+        Delivery::Data(data) => parser.feed(data, now_ns, out),
+        Delivery::Gap(missing) => parser.gap(missing, out),
     }
 }
 
@@ -368,10 +370,11 @@ fn side_of(direction: Direction) -> Side {
 fn pair(
     flow: &mut Flow,
     direction: Direction,
-    items: &mut Vec<Item>,
+    parsed: &mut Parsed,
     events: &mut impl Observer,
     routes: &mut Routes,
 ) {
+    let mut items = parsed.take_items();
     for item in items.drain(..) {
         match item {
             Item::Request { head, started_ns } => {
@@ -427,7 +430,7 @@ fn pair(
                     if let Some(done) = flow.pending.pop_front() {
                         flow.pending_body_bytes =
                             flow.pending_body_bytes.saturating_sub(done.body.len());
-                        events.observe(Event::Exchange(exchange(flow.client, flow.server, done)));
+                        report(flow.client, flow.server, done, events, parsed);
                     }
                 }
             }
@@ -456,6 +459,20 @@ fn pair(
             Item::NotHttp(protocol) => events.observe(Event::OtherProtocol(protocol)),
         }
     }
+    parsed.return_items(items);
+}
+
+/// Reports a finished request; its head then serves a later one.
+fn report(
+    client: SocketAddr,
+    server: SocketAddr,
+    pending: Pending,
+    events: &mut impl Observer,
+    parsed: &mut Parsed,
+) {
+    let exchange = exchange(client, server, pending);
+    events.observe(Event::Exchange(&exchange));
+    parsed.recycle(exchange.request);
 }
 
 fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchange {
@@ -483,12 +500,11 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
 }
 
 /// A connection is gone: report what it still held.
-fn flush(mut flow: Flow, events: &mut impl Observer, routes: &mut Routes) {
-    let mut items = Vec::new();
-    flow.response.parser.close(&mut items);
-    pair(&mut flow, Direction::Response, &mut items, events, routes);
+fn flush(mut flow: Flow, events: &mut impl Observer, routes: &mut Routes, parsed: &mut Parsed) {
+    flow.response.parser.close(parsed);
+    pair(&mut flow, Direction::Response, parsed, events, routes);
     for pending in flow.pending.drain(..) {
-        events.observe(Event::Exchange(exchange(flow.client, flow.server, pending)));
+        report(flow.client, flow.server, pending, events, parsed);
     }
 }
 
@@ -527,6 +543,7 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum Seen {
         Request(String),
+        Exchange(Exchange),
         Other(Event<'static>),
     }
 
@@ -534,7 +551,7 @@ mod tests {
         fn observe(&mut self, event: Event<'_>) {
             self.push(match event {
                 Event::Request(request) => Seen::Request(request.head.target().to_owned()),
-                Event::Exchange(exchange) => Seen::Other(Event::Exchange(exchange)),
+                Event::Exchange(exchange) => Seen::Exchange(exchange.clone()),
                 Event::ParseError(problem) => Seen::Other(Event::ParseError(problem)),
                 Event::OtherProtocol(protocol) => Seen::Other(Event::OtherProtocol(protocol)),
             });
@@ -545,7 +562,7 @@ mod tests {
         events
             .iter()
             .filter_map(|e| match e {
-                Seen::Other(Event::Exchange(x)) => Some(x),
+                Seen::Exchange(x) => Some(x),
                 _ => None,
             })
             .collect()
@@ -582,6 +599,74 @@ mod tests {
         );
         assert_eq!(done[0].latency, Some(Duration::from_nanos(4_000)));
         assert_eq!(p.active_flows(), 1);
+    }
+
+    /// Heads reuse the allocations of reported ones: nothing of an earlier request
+    /// may show in a later one.
+    #[test]
+    fn a_recycled_head_carries_nothing_of_its_last_request() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let mut seq = 1;
+        let mut response_seq = 900;
+        for (i, request) in [
+            &b"GET /a/long/path?with=query HTTP/1.1\r\nHost: first.example\r\nUser-Agent: one\r\nX-Extra: 1\r\n\r\n"[..],
+            b"GET /b HTTP/1.0\r\n\r\n",
+            b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = 1_000 * (i as u64 + 1);
+            p.ingest(&segment(Direction::Request, seq, request, t, 0), &mut events);
+            seq += request.len() as u32;
+            let response = b"HTTP/1.1 204 No Content\r\n\r\n";
+            p.ingest(
+                &segment(Direction::Response, response_seq, response, t + 1, 0),
+                &mut events,
+            );
+            response_seq += response.len() as u32;
+        }
+        let heads: Vec<_> = exchanges(&events)
+            .iter()
+            .map(|x| {
+                let head = &x.request;
+                (
+                    head.method().to_owned(),
+                    head.target().to_owned(),
+                    head.host().map(str::to_owned),
+                    head.user_agent().map(str::to_owned),
+                    head.header_count(),
+                    head.version(),
+                    head.content_length(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                (
+                    "GET".into(),
+                    "/a/long/path?with=query".into(),
+                    Some("first.example".into()),
+                    Some("one".into()),
+                    3,
+                    1,
+                    None
+                ),
+                ("GET".into(), "/b".into(), None, None, 0, 0, None),
+                (
+                    "POST".into(),
+                    "/c".into(),
+                    Some("h".into()),
+                    None,
+                    2,
+                    1,
+                    Some(0)
+                ),
+            ]
+        );
+        assert_eq!(exchanges(&events)[1].request.headers(), []);
     }
 
     #[test]

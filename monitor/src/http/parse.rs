@@ -20,17 +20,17 @@ pub enum Side {
     Response,
 }
 
-/// A request's head, shared: the policy sees it when it arrives, the exchange when it
-/// ends, and every event between moves a pointer, not the head.
+/// A request's head. Observers borrow it, so it is never shared: once its exchange is
+/// reported its allocations serve a later request (see `Parsed::recycle`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestHead(std::sync::Arc<Head>);
+pub struct RequestHead(Box<Head>);
 
 /// The head as received, with the places of the fields apimon reads on every request.
 /// Other headers are found in the text when asked for: most requests are never asked.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Head {
     /// The head as text (invalid UTF-8 replaced), as httparse accepted it.
-    raw: Box<str>,
+    raw: String,
     method: Span,
     target: Span,
     host: Option<Span>,
@@ -62,6 +62,8 @@ struct Span {
 }
 
 impl Span {
+    const EMPTY: Self = Self { start: 0, end: 0 };
+
     /// The place of `part`, a subslice of `whole`.
     fn of(whole: &[u8], part: &[u8]) -> Self {
         let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
@@ -88,6 +90,11 @@ pub enum HeadParse<T> {
 impl RequestHead {
     /// Parses a request head at the start of `bytes`.
     pub fn parse(bytes: &[u8]) -> HeadParse<Self> {
+        Self::parse_reusing(bytes, &mut Vec::new())
+    }
+
+    /// Parses a request head, in the allocations of one of `spares` when complete.
+    fn parse_reusing(bytes: &[u8], spares: &mut Vec<Self>) -> HeadParse<Self> {
         // Uninitialised header slots: initialising a hundred of them per request would
         // cost more than parsing the head.
         let mut headers =
@@ -103,7 +110,7 @@ impl RequestHead {
             // Rare (obs-text in a header value): parse the repaired text instead, so that
             // every field reads without checks.
             let repaired = String::from_utf8_lossy(raw).into_owned();
-            return match Self::parse(repaired.as_bytes()) {
+            return match Self::parse_reusing(repaired.as_bytes(), spares) {
                 HeadParse::Complete(head, _) => HeadParse::Complete(head, len),
                 HeadParse::Partial => HeadParse::Invalid(ParseErrorKind::InvalidHead),
                 other => other,
@@ -114,19 +121,44 @@ impl RequestHead {
             Err(kind) => return HeadParse::BadFraming(kind),
         };
         let span = |part: &[u8]| Span::of(raw, part);
-        let head = Head {
-            method: span(request.method.unwrap_or_default().as_bytes()),
-            target: span(request.path.unwrap_or_default().as_bytes()),
-            host: fields.host.map(span),
-            user_agent: fields.user_agent.map(span),
-            header_count: u16::try_from(request.headers.len()).unwrap_or(u16::MAX),
-            version: request.version.unwrap_or(1),
-            content_length: fields.content_length,
-            chunked: fields.chunked,
-            framing: fields.framing,
-            raw: text.into(),
-        };
-        HeadParse::Complete(Self(std::sync::Arc::new(head)), len)
+        let mut head = spares.pop().unwrap_or_else(|| {
+            Self(Box::new(Head {
+                raw: String::new(),
+                method: Span::EMPTY,
+                target: Span::EMPTY,
+                host: None,
+                user_agent: None,
+                header_count: 0,
+                version: 1,
+                content_length: None,
+                chunked: false,
+                framing: Framing::default(),
+            }))
+        });
+        let Head {
+            raw: text_copy,
+            method,
+            target,
+            host,
+            user_agent,
+            header_count,
+            version,
+            content_length,
+            chunked,
+            framing,
+        } = &mut *head.0;
+        text_copy.clear();
+        text_copy.push_str(text);
+        *method = span(request.method.unwrap_or_default().as_bytes());
+        *target = span(request.path.unwrap_or_default().as_bytes());
+        *host = fields.host.map(span);
+        *user_agent = fields.user_agent.map(span);
+        *header_count = u16::try_from(request.headers.len()).unwrap_or(u16::MAX);
+        *version = request.version.unwrap_or(1);
+        *content_length = fields.content_length;
+        *chunked = fields.chunked;
+        *framing = fields.framing;
+        HeadParse::Complete(head, len)
     }
 
     fn text(&self, span: Span) -> &str {
@@ -431,6 +463,48 @@ impl OtherProtocol {
     }
 }
 
+/// Spare heads kept at most, and the largest text one may keep: a bound on what
+/// recycling holds (about 256 KiB).
+const MAX_SPARE_HEADS: usize = 64;
+const MAX_SPARE_TEXT: usize = 4096;
+
+/// What parsing produced, in stream order, and the heads of finished requests, whose
+/// allocations the next heads reuse (no allocation per request once warm).
+#[derive(Debug, Default)]
+pub struct Parsed {
+    items: Vec<Item>,
+    spare_heads: Vec<RequestHead>,
+}
+
+impl Parsed {
+    fn push(&mut self, item: Item) {
+        self.items.push(item);
+    }
+
+    /// The items so far, in order.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// Takes the items out, leaving the spare heads.
+    pub fn take_items(&mut self) -> Vec<Item> {
+        std::mem::take(&mut self.items)
+    }
+
+    /// Gives back the (emptied) list `take_items` returned, to reuse its allocation.
+    pub fn return_items(&mut self, items: Vec<Item>) {
+        debug_assert!(items.is_empty());
+        self.items = items;
+    }
+
+    /// A head whose request is reported: its allocations serve a later head.
+    pub fn recycle(&mut self, head: RequestHead) {
+        if self.spare_heads.len() < MAX_SPARE_HEADS && head.0.raw.capacity() <= MAX_SPARE_TEXT {
+            self.spare_heads.push(head);
+        }
+    }
+}
+
 /// What parsing produced, in stream order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
@@ -563,7 +637,7 @@ impl MessageParser {
     }
 
     /// Bytes went missing before what comes next.
-    pub fn gap(&mut self, missing: u64, out: &mut Vec<Item>) {
+    pub fn gap(&mut self, missing: u64, out: &mut Parsed) {
         match &mut self.state {
             State::Body { remaining, seen } if missing <= *remaining => {
                 *remaining -= missing;
@@ -581,13 +655,13 @@ impl MessageParser {
     }
 
     /// The connection ended.
-    pub fn close(&mut self, out: &mut Vec<Item>) {
+    pub fn close(&mut self, out: &mut Parsed) {
         if let State::UntilClose { seen } = self.state {
             self.finish(seen, out);
         }
     }
 
-    fn finish(&mut self, body_bytes: u64, out: &mut Vec<Item>) {
+    fn finish(&mut self, body_bytes: u64, out: &mut Parsed) {
         if !self.body.is_empty() {
             out.push(Item::Body(std::mem::take(&mut self.body)));
         }
@@ -597,7 +671,7 @@ impl MessageParser {
     }
 
     /// Feeds in-order bytes that arrived at `now_ns`.
-    pub fn feed(&mut self, mut data: &[u8], now_ns: u64, out: &mut Vec<Item>) {
+    pub fn feed(&mut self, mut data: &[u8], now_ns: u64, out: &mut Parsed) {
         if let State::Resync = self.state {
             if !starts_message(self.side, data) {
                 return;
@@ -667,13 +741,13 @@ impl MessageParser {
         self.buf.len() >= 4 && !starts_message(self.side, &self.buf)
     }
 
-    fn not_http(&mut self, out: &mut Vec<Item>) {
+    fn not_http(&mut self, out: &mut Parsed) {
         out.push(Item::NotHttp(OtherProtocol::sniff(&self.buf)));
         self.buf.clear();
         self.state = State::NotHttp;
     }
 
-    fn fail(&mut self, kind: ParseErrorKind, out: &mut Vec<Item>) {
+    fn fail(&mut self, kind: ParseErrorKind, out: &mut Parsed) {
         out.push(Item::Error(kind));
         self.buf.clear();
         self.body.clear();
@@ -682,7 +756,7 @@ impl MessageParser {
     }
 
     /// A head httparse refused: on a fresh stream that means another protocol.
-    fn invalid_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Vec<Item>) {
+    fn invalid_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Parsed) {
         // Something that starts like HTTP stays HTTP (a broken request must not switch
         // its connection's later requests out of sight).
         if self.messages == 0 && !starts_message(self.side, head) {
@@ -696,10 +770,11 @@ impl MessageParser {
 
     /// Parses a head at the start of `bytes`: Some(length taken) when complete (or
     /// refused, with the state changed accordingly), None while incomplete.
-    fn parse_head(&mut self, bytes: &[u8], out: &mut Vec<Item>) -> Option<usize> {
+    fn parse_head(&mut self, bytes: &[u8], out: &mut Parsed) -> Option<usize> {
         match self.side {
             Side::Request => {
-                self.take_head(RequestHead::parse(bytes), bytes, out, Self::request_head)
+                let parsed = RequestHead::parse_reusing(bytes, &mut out.spare_heads);
+                self.take_head(parsed, bytes, out, Self::request_head)
             }
             Side::Response => {
                 self.take_head(ResponseHead::parse(bytes), bytes, out, Self::response_head)
@@ -712,8 +787,8 @@ impl MessageParser {
         &mut self,
         parsed: HeadParse<T>,
         bytes: &[u8],
-        out: &mut Vec<Item>,
-        accept: fn(&mut Self, T, &mut Vec<Item>),
+        out: &mut Parsed,
+        accept: fn(&mut Self, T, &mut Parsed),
     ) -> Option<usize> {
         match parsed {
             HeadParse::Complete(head, len) => {
@@ -732,7 +807,7 @@ impl MessageParser {
         }
     }
 
-    fn request_head(&mut self, head: RequestHead, out: &mut Vec<Item>) {
+    fn request_head(&mut self, head: RequestHead, out: &mut Parsed) {
         self.messages += 1;
         self.state = if head.chunked() {
             State::Chunked {
@@ -758,7 +833,7 @@ impl MessageParser {
         }
     }
 
-    fn response_head(&mut self, head: ResponseHead, out: &mut Vec<Item>) {
+    fn response_head(&mut self, head: ResponseHead, out: &mut Parsed) {
         let status = head.status;
         let interim = head.is_interim();
         let (content_length, chunked) = (head.content_length, head.chunked);
@@ -801,7 +876,7 @@ impl MessageParser {
     }
 
     /// Chunked body bytes; returns what follows the body.
-    fn feed_chunked<'d>(&mut self, mut data: &'d [u8], out: &mut Vec<Item>) -> &'d [u8] {
+    fn feed_chunked<'d>(&mut self, mut data: &'d [u8], out: &mut Parsed) -> &'d [u8] {
         loop {
             let State::Chunked { state, seen } = &mut self.state else {
                 return data;
@@ -979,7 +1054,7 @@ mod tests {
     #[test]
     fn request_bodies_are_kept_for_inspection_up_to_the_limit() {
         let mut parser = MessageParser::new(Side::Request).keeping_body(8);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         parser.feed(
             b"POST /a HTTP/1.1\r\nContent-Length: 12\r\n\r\nhello ",
             0,
@@ -988,6 +1063,7 @@ mod tests {
         parser.feed(b"world!", 1, &mut out);
         parser.feed(b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 2, &mut out);
         let bodies: Vec<&[u8]> = out
+            .items()
             .iter()
             .filter_map(|i| match i {
                 Item::Body(body) => Some(body.as_slice()),
@@ -1000,18 +1076,18 @@ mod tests {
             "cut at the limit; chunking removed"
         );
         assert!(
-            out.contains(&Item::End { body_bytes: 12 }),
+            out.items().contains(&Item::End { body_bytes: 12 }),
             "sizes stay whole"
         );
         let mut responses = MessageParser::new(Side::Response);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         responses.feed(
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             0,
             &mut out,
         );
         assert!(
-            !out.iter().any(|i| matches!(i, Item::Body(_))),
+            !out.items().iter().any(|i| matches!(i, Item::Body(_))),
             "responses keep none"
         );
     }
@@ -1057,26 +1133,27 @@ mod tests {
             );
         }
         let mut parser = MessageParser::new(Side::Request);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         parser.feed(
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
             0,
             &mut out,
         );
         assert!(
-            out.contains(&Item::Error(ParseErrorKind::InvalidChunk)),
+            out.items()
+                .contains(&Item::Error(ParseErrorKind::InvalidChunk)),
             "{out:?}"
         );
     }
 
     fn parse_all(side: Side, chunks: &[&[u8]]) -> Vec<Item> {
         let mut parser = MessageParser::new(side);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         for (i, chunk) in chunks.iter().enumerate() {
             parser.feed(chunk, i as u64, &mut out);
         }
         parser.close(&mut out);
-        out
+        out.take_items()
     }
 
     fn request_targets(items: &[Item]) -> Vec<String> {
@@ -1143,7 +1220,7 @@ mod tests {
     #[test]
     fn responses_interim_head_and_close_framing() {
         let mut parser = MessageParser::new(Side::Response);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         parser.expect_response(false);
         parser.expect_response(true);
         parser.expect_response(false);
@@ -1160,6 +1237,7 @@ mod tests {
         parser.feed(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", 3, &mut out);
         parser.close(&mut out);
         let statuses: Vec<u16> = out
+            .items()
             .iter()
             .filter_map(|i| match i {
                 Item::Response { head, .. } => Some(head.status),
@@ -1168,6 +1246,7 @@ mod tests {
             .collect();
         assert_eq!(statuses, [100, 201, 200, 200]);
         let ends: Vec<u64> = out
+            .items()
             .iter()
             .filter_map(|i| match i {
                 Item::End { body_bytes } => Some(*body_bytes),
@@ -1181,7 +1260,7 @@ mod tests {
     #[test]
     fn uncaptured_body_bytes_are_a_gap_the_body_absorbs() {
         let mut parser = MessageParser::new(Side::Response);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         parser.expect_response(false);
         parser.feed(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5000000\r\n\r\n",
@@ -1192,7 +1271,7 @@ mod tests {
         assert!(parser.absorbs_gap(4_984_000));
         parser.gap(4_984_000, &mut out);
         assert_eq!(
-            out.last(),
+            out.items().last(),
             Some(&Item::End {
                 body_bytes: 5_000_000
             })
@@ -1202,14 +1281,14 @@ mod tests {
     #[test]
     fn a_gap_in_a_head_resyncs_at_the_next_request() {
         let mut parser = MessageParser::new(Side::Request);
-        let mut out = Vec::new();
+        let mut out = Parsed::default();
         parser.feed(b"GET /first HTTP/1.1\r\n\r\nGET /sec", 1, &mut out);
         assert!(!parser.absorbs_gap(10));
         parser.gap(10, &mut out);
         parser.feed(b"ond-half-lost HTTP/1.1\r\n\r\n", 2, &mut out);
         parser.feed(b"GET /third HTTP/1.1\r\n\r\n", 3, &mut out);
-        assert_eq!(request_targets(&out), ["GET /first", "GET /third"]);
-        assert!(out.contains(&Item::Error(ParseErrorKind::Gap)));
+        assert_eq!(request_targets(out.items()), ["GET /first", "GET /third"]);
+        assert!(out.items().contains(&Item::Error(ParseErrorKind::Gap)));
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn through_pipeline(
         if let Event::Exchange(exchange) = event {
             exchanges += 1;
             if let (Some(policy), Some(state)) = (policy, state.as_deref_mut()) {
-                std::hint::black_box(policy.detections.inspect(&exchange, state, now));
+                std::hint::black_box(policy.detections.inspect(exchange, state, now));
             }
         }
     };
