@@ -89,7 +89,7 @@ static IFACE_COUNTERS: PerCpuArray<ActionCounter> =
 #[xdp]
 pub fn apimon_ingress(ctx: XdpContext) -> u32 {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
-    if try_apimon_ingress(&ctx, &pkt, pkt.len()).is_drop() {
+    if try_apimon_ingress(&ctx, packet::parse(&pkt), pkt.len()).is_drop() {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
@@ -100,13 +100,20 @@ pub fn apimon_ingress(ctx: XdpContext) -> u32 {
 /// locally generated TCP than it saves).
 #[classifier]
 pub fn apimon_ingress_tc(ctx: TcContext) -> i32 {
-    // Headers must sit in the linear part for direct access; pull them in if not.
-    let wanted = ctx.len().min(TC_LINEAR_BYTES);
-    if ((ctx.data_end() - ctx.data()) as u32) < wanted {
-        let _ = ctx.pull_data(wanted);
+    // Headers are read in the skb's linear part. Locally generated TCP keeps its
+    // payload in page fragments, headers linear: pulling on every packet would copy
+    // (and unclone) each one. So pull only when the headers did not fit.
+    let mut parsed = packet::parse(&Packet::new(ctx.data(), ctx.data_end()));
+    let cut_short = match parsed {
+        Parsed::Malformed => true,
+        Parsed::Ip { well_formed, .. } => !well_formed,
+        Parsed::NotIp => false,
+    };
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if cut_short && linear < ctx.len() && ctx.pull_data(ctx.len().min(TC_LINEAR_BYTES)).is_ok() {
+        parsed = packet::parse(&Packet::new(ctx.data(), ctx.data_end()));
     }
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
-    if try_apimon_ingress(&ctx, &pkt, u64::from(ctx.len())).is_drop() {
+    if try_apimon_ingress(&ctx, parsed, u64::from(ctx.len())).is_drop() {
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
@@ -159,10 +166,11 @@ pub fn apimon_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Judges, counts and samples one received frame; `bytes` is its full length.
+/// Judges, counts and samples one received frame, as parsed; `bytes` is its full
+/// length.
 #[inline(always)]
-fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, pkt: &Packet, bytes: u64) -> Action {
-    let action = match packet::parse(pkt) {
+fn try_apimon_ingress<C: EbpfContext + Payload>(ctx: &C, parsed: Parsed, bytes: u64) -> Action {
+    let action = match parsed {
         Parsed::Ip {
             source,
             destination,
