@@ -411,6 +411,7 @@ mod tests {
             )),
             started_ns: 0,
             request_body_bytes: 12,
+            request_body_complete: true,
             request_body: Vec::new(),
             status,
             response_body_bytes: 3,

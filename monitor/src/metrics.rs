@@ -366,6 +366,7 @@ mod tests {
             route: routes.template(target).into(),
             started_ns: 0,
             request_body_bytes: 0,
+            request_body_complete: true,
             request_body: Vec::new(),
             status,
             response_body_bytes: 0,

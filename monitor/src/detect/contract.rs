@@ -74,7 +74,8 @@ pub struct Call<'a> {
     pub query: &'a str,
     pub headers: &'a [(&'a str, &'a str)],
     pub content_type: Option<&'a str>,
-    pub body_len: u64,
+    /// A body was sent (whole or not).
+    pub has_body: bool,
     /// The body as JSON, when it is JSON and whole.
     pub json: Option<&'a Value>,
 }
@@ -289,7 +290,7 @@ fn typed_value(text: &str, kind: &str) -> Value {
 }
 
 fn check_body(spec: &BodySpec, call: &Call<'_>, out: &mut Vec<(&'static RuleInfo, String)>) {
-    if call.body_len == 0 {
+    if !call.has_body {
         if spec.required {
             out.push((catalog::SCHEMA, "request body required".into()));
         }

@@ -332,11 +332,12 @@ impl Detections {
         };
         let (_, query) = route::split_target(head.target());
         let body = &exchange.request_body;
-        // A body the head announces but that never came (the connection ended, the
-        // chunking broke) is not an empty body: its checks are skipped.
+        // A body that did not end (the connection ended, the chunking broke) is not an
+        // empty body: checks of a whole body are skipped.
+        let complete = exchange.request_body_complete;
+        let body_whole = complete && body.len() as u64 == exchange.request_body_bytes;
         let announced = head.chunked() || head.content_length().is_some_and(|l| l > 0);
-        let body_missing = announced && exchange.request_body_bytes == 0;
-        let body_whole = body.len() as u64 == exchange.request_body_bytes && !body_missing;
+        let has_body = exchange.request_body_bytes > 0 || (!complete && announced);
         let content_type = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
@@ -401,11 +402,7 @@ impl Detections {
                 query: query.unwrap_or_default(),
                 headers: &headers,
                 content_type,
-                body_len: if body_missing {
-                    head.content_length().unwrap_or(u64::MAX)
-                } else {
-                    exchange.request_body_bytes
-                },
+                has_body,
                 json: body.json.as_ref(),
             },
             &mut found,

@@ -36,6 +36,7 @@ fn exchange_from(client: &str, raw: &str, status: Option<u16>) -> Exchange {
         route: route.into(),
         started_ns: 1_000,
         request_body_bytes: body.len() as u64,
+        request_body_complete: true,
         request_body: body.as_bytes().to_vec(),
         status,
         response_body_bytes: 0,
@@ -473,6 +474,7 @@ fn openapi_routes_methods_parameters_and_bodies() {
         "POST /v1/items HTTP/1.1\nHost: a\nContent-Type: application/json\nContent-Length: 40\n\n",
     );
     cut.request_body_bytes = 0;
+    cut.request_body_complete = false;
     let report = d.inspect(&cut, &mut State::default(), SystemTime::now());
     assert!(report.findings.is_empty(), "{:?}", ids(&report));
     std::fs::write(&spec, "openapi: 2.0\npaths: {}").unwrap();
@@ -871,6 +873,7 @@ fn mangled_requests_never_panic() {
             route: route.into(),
             started_ns: next() % 1_000_000_000,
             request_body_bytes: body.len() as u64 + next() % 2,
+            request_body_complete: next() % 4 != 0,
             request_body: body,
             status: Some([200, 401, 404, 500][next() as usize % 4]),
             response_body_bytes: next() % 100_000_000,

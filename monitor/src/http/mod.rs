@@ -30,7 +30,12 @@ pub struct Exchange {
     pub route: Arc<str>,
     /// CLOCK_MONOTONIC ns of the request's first byte (kernel timestamp).
     pub started_ns: u64,
+    /// The request body's size; 0 when it did not end (see `request_body_complete`).
     pub request_body_bytes: u64,
+    /// The request's body ended as its framing said (or it had none). False when the
+    /// connection ended first or the framing broke: what its head announced never
+    /// came whole.
+    pub request_body_complete: bool,
     /// The start of the request body kept for inspection (chunking removed); whole
     /// when its length is `request_body_bytes`.
     pub request_body: Vec<u8>,
@@ -127,8 +132,10 @@ struct Pending {
     head: RequestHead,
     route: Arc<str>,
     started_ns: u64,
-    /// Set once the request's body has ended.
+    /// Set once the request's body has ended, or cannot be followed any further.
     body_bytes: Option<u64>,
+    /// The body ended as its framing said.
+    body_complete: bool,
     body: Vec<u8>,
     /// Status and first-byte time of the response.
     response: Option<(u16, u64)>,
@@ -387,6 +394,7 @@ fn pair(
                     route,
                     started_ns,
                     body_bytes: None,
+                    body_complete: false,
                     body: Vec::new(),
                     response: None,
                     response_body_bytes: None,
@@ -414,6 +422,7 @@ fn pair(
                     Direction::Request => {
                         if let Some(pending) = flow.pending.back_mut() {
                             pending.body_bytes = Some(body_bytes);
+                            pending.body_complete = true;
                         }
                     }
                     Direction::Response => {
@@ -492,6 +501,7 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
         route: pending.route,
         started_ns: pending.started_ns,
         request_body_bytes: pending.body_bytes.unwrap_or(0),
+        request_body_complete: pending.body_complete,
         request_body: pending.body,
         status,
         response_body_bytes: pending.response_body_bytes.unwrap_or(0),
@@ -501,6 +511,8 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
 
 /// A connection is gone: report what it still held.
 fn flush(mut flow: Flow, events: &mut impl Observer, routes: &mut Routes, parsed: &mut Parsed) {
+    flow.request.parser.cut(parsed);
+    pair(&mut flow, Direction::Request, parsed, events, routes);
     flow.response.parser.close(parsed);
     pair(&mut flow, Direction::Response, parsed, events, routes);
     for pending in flow.pending.drain(..) {
@@ -598,7 +610,29 @@ mod tests {
             ("/b?q=1", Some(404), 2)
         );
         assert_eq!(done[0].latency, Some(Duration::from_nanos(4_000)));
+        assert!(done[0].request_body_complete && done[1].request_body_complete);
         assert_eq!(p.active_flows(), 1);
+    }
+
+    #[test]
+    fn a_body_the_connection_cut_short_is_not_complete() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let head = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234";
+        p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
+        let reset = segment(
+            Direction::Request,
+            1 + head.len() as u32,
+            b"",
+            2_000,
+            TCP_RST,
+        );
+        p.ingest(&reset, &mut events);
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 1, "{events:?}");
+        assert!(!done[0].request_body_complete);
+        assert_eq!(done[0].request_body, b"01234", "what came is kept");
+        assert_eq!(done[0].status, None);
     }
 
     /// Heads reuse the allocations of reported ones: nothing of an earlier request

@@ -654,6 +654,14 @@ impl MessageParser {
         }
     }
 
+    /// The connection ended inside a message: what was kept of its body comes out
+    /// (without an end: the body is not whole).
+    pub fn cut(&mut self, out: &mut Parsed) {
+        if !self.body.is_empty() {
+            out.push(Item::Body(std::mem::take(&mut self.body)));
+        }
+    }
+
     /// The connection ended.
     pub fn close(&mut self, out: &mut Parsed) {
         if let State::UntilClose { seen } = self.state {
