@@ -13,9 +13,11 @@ use apimon_tests::{
 const URL: &str = "http://10.77.0.1:8080/a";
 const DURATION: &str = "3s";
 const CONNECTIONS: u32 = 32;
-/// Rounds of one run per setup (short runs, many rounds: each setup is compared with
-/// the unmonitored run of its own round, moments apart).
-const ROUNDS: usize = 10;
+/// Rounds of one run per setup (short runs, many rounds: each monitored run is
+/// compared with the unmonitored runs right before and after it, moments apart). The
+/// machine's noise between runs is about as large as apimon's cost: the median needs
+/// many rounds.
+const ROUNDS: usize = 16;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WrkResult {
