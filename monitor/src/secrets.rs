@@ -95,12 +95,7 @@ pub fn may_hold_secret(name: &str) -> bool {
         "cookie",
         "authorization",
     ];
-    let last = name
-        .trim_end_matches(']')
-        .rsplit(['.', '['])
-        .next()
-        .unwrap_or(name);
-    is_secret_name(last)
+    is_secret_name(crate::http::query::leaf_name(name))
         || WORDS.iter().any(|word| {
             name.as_bytes()
                 .windows(word.len())

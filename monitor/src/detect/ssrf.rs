@@ -43,11 +43,7 @@ fn url_named(name: &str) -> bool {
         "upstream",
         "origin",
     ];
-    let last = name
-        .rsplit(['.', '['])
-        .next()
-        .unwrap_or(name)
-        .trim_end_matches(']');
+    let last = crate::http::query::leaf_name(name);
     // Words split at `_`, `-` and camelCase humps.
     let mut words = Vec::new();
     let mut word = String::new();

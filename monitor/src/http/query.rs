@@ -14,6 +14,13 @@ pub fn decode_path(path: &str) -> Cow<'_, str> {
     percent_decode(path, false)
 }
 
+/// The last part of a parameter's name as applications nest them: `user.password`,
+/// `user[password]` and `a[b][password]` all end in `password`.
+pub fn leaf_name(name: &str) -> &str {
+    let name = name.trim_end_matches(']');
+    name.rsplit(['.', '[']).next().unwrap_or(name)
+}
+
 pub(crate) fn percent_decode(component: &str, plus_is_space: bool) -> Cow<'_, str> {
     let escaped = component.contains('%') || (plus_is_space && component.contains('+'));
     if !escaped {
@@ -61,6 +68,21 @@ pub fn pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaf_names_of_nested_parameters() {
+        for (name, leaf) in [
+            ("password", "password"),
+            ("user.password", "password"),
+            ("user[password]", "password"),
+            ("a[b][password]", "password"),
+            ("a.b]]", "b"),
+            ("items[]", ""),
+            ("", ""),
+        ] {
+            assert_eq!(leaf_name(name), leaf, "{name}");
+        }
+    }
 
     #[test]
     fn components_decode_like_forms() {
