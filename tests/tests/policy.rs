@@ -115,12 +115,13 @@ impl Setup {
 
     /// Waits up to 5 s for the detection of `rule`; fails without it.
     fn wait_detection(&self, rule: &str) -> Value {
+        let detection = |e: &Value| e["event"]["action"] == "detection" && e["rule"]["id"] == rule;
         let events = self.events.wait_for(Duration::from_secs(5), |events| {
-            events.iter().any(|e| e["rule"]["id"] == rule)
+            events.iter().any(detection)
         });
         events
             .into_iter()
-            .find(|e| e["event"]["action"] == "detection" && e["rule"]["id"] == rule)
+            .find(detection)
             .unwrap_or_else(|| panic!("no detection of {rule}"))
     }
 
