@@ -138,6 +138,58 @@ pub struct Observed {
     pub daemon_cpu_s: f64,
 }
 
+/// Kernel programs' mean run time per packet during one full-speed run.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCost {
+    /// (program, ns per run, runs per exchange wrk completed).
+    pub programs: Vec<(&'static str, f64, f64)>,
+}
+
+/// What a loaded program is, by the name the kernel keeps (15 characters).
+fn program_label(name: &str) -> Option<&'static str> {
+    match name {
+        "apimon_ingress" => Some("XDP ingress"),
+        "apimon_ingress_" => Some("TC ingress"),
+        "apimon_egress" => Some("TC egress"),
+        _ => None,
+    }
+}
+
+/// Run time and runs so far of apimon's loaded programs, by label.
+fn program_totals() -> Result<Vec<(&'static str, std::time::Duration, u64)>> {
+    let mut totals = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("reading a loaded program's info")?;
+        if let Some(label) = info.name_as_str().and_then(program_label) {
+            totals.push((label, info.run_time(), info.run_count()));
+        }
+    }
+    Ok(totals)
+}
+
+/// One full-speed run of `setup` with the kernel's run-time statistics on (they add
+/// two clock reads to each program run, so these runs stay out of the comparison).
+fn kernel_cost(topo: &Topology, setup: Setup) -> Result<KernelCost> {
+    let _daemon = start_daemon(topo, setup)?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("turning on the kernel's BPF run-time statistics")?;
+    let before = program_totals()?;
+    let result = wrk(&topo.client, CONNECTIONS, None)?;
+    let after = program_totals()?;
+    let programs = after
+        .iter()
+        .filter_map(|(label, time, runs)| {
+            let (_, time_before, runs_before) = before.iter().find(|(l, ..)| l == label)?;
+            let runs = runs - runs_before;
+            (runs > 0).then(|| {
+                let ns = (*time - *time_before).as_nanos() as f64 / runs as f64;
+                (*label, ns, runs as f64 / result.requests)
+            })
+        })
+        .collect();
+    Ok(KernelCost { programs })
+}
+
 pub struct E2eResult {
     /// Best of the rounds at full speed, per setup (in `Setup::ALL` order).
     pub max_rate: Vec<(Setup, WrkResult)>,
@@ -151,6 +203,8 @@ pub struct E2eResult {
     pub half_connections: u32,
     /// Half the unmonitored maximum, requests/s.
     pub half_rate: f64,
+    /// Per monitored setup, its kernel programs' cost at full speed.
+    pub kernel: Vec<(Setup, KernelCost)>,
 }
 
 /// Setups with apimon running: all but the first.
@@ -171,6 +225,15 @@ fn exchanges_counted(daemon: &Daemon) -> f64 {
     metric_sum(&daemon.scrape(), "apimon_http_requests_total")
 }
 
+/// A fresh daemon with `setup`'s arguments and config, on the server's interface.
+fn start_daemon(topo: &Topology, setup: Setup) -> Result<Daemon> {
+    let mut paths = DaemonPaths::new();
+    paths.metrics_addr = METRICS_ADDR.into();
+    paths.run_args = setup.run_args().iter().map(|a| (*a).to_owned()).collect();
+    std::fs::write(paths.config_file(), setup.config()).context("writing the config")?;
+    Ok(Daemon::start_with(&topo.server, &topo.server_if, paths))
+}
+
 /// One wrk run against a fresh daemon of `setup`, with what it observed.
 fn observed_run(
     topo: &Topology,
@@ -178,11 +241,7 @@ fn observed_run(
     connections: u32,
     delay_ms: Option<u32>,
 ) -> Result<Observed> {
-    let mut paths = DaemonPaths::new();
-    paths.metrics_addr = METRICS_ADDR.into();
-    paths.run_args = setup.run_args().iter().map(|a| (*a).to_owned()).collect();
-    std::fs::write(paths.config_file(), setup.config()).context("writing the config")?;
-    let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
+    let daemon = start_daemon(topo, setup)?;
     // A missing figure must not read as zero loss.
     let samples = |daemon: &Daemon| -> Result<(u64, u64)> {
         let stats = daemon.cli_json(&["stats"]);
@@ -285,6 +344,11 @@ pub fn run() -> Result<E2eResult> {
             observed_run(&topo, setup, half_connections, Some(HALF_DELAY_MS))?,
         ));
     }
+    let mut kernel = Vec::new();
+    for setup in [Setup::Xdp, Setup::Tc, Setup::TcObserving] {
+        eprintln!("bench: e2e kernel programs' cost: {}", setup.name());
+        kernel.push((setup, kernel_cost(&topo, setup)?));
+    }
     Ok(E2eResult {
         max_rate,
         paired,
@@ -292,6 +356,7 @@ pub fn run() -> Result<E2eResult> {
         at_half,
         half_connections,
         half_rate,
+        kernel,
     })
 }
 
@@ -374,6 +439,26 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
          Targets (issue 3): at most 5% fewer requests/s and at most 10% higher p99; zero loss at half \
          the maximum rate."
     )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Where the kernel's share goes: one more full-speed run of each setup with the kernel's \
+         BPF run-time statistics on (they add two clock reads to each program run, so these runs are \
+         not in the comparison above). Runs per exchange count every packet the program saw \
+         (requests, responses and ACKs)."
+    )?;
+    writeln!(out)?;
+    writeln!(out, "| setup | program | ns per run | runs per exchange |")?;
+    writeln!(out, "|---|---|---:|---:|")?;
+    for (setup, cost) in &r.kernel {
+        for (program, ns, per_exchange) in &cost.programs {
+            writeln!(
+                out,
+                "| {} | {program} | {ns:.0} | {per_exchange:.2} |",
+                setup.name()
+            )?;
+        }
+    }
     writeln!(out)?;
     for ((setup, _), (rps, p99)) in r.max_rate.iter().zip(&r.paired).skip(1) {
         let lost: u64 = r
