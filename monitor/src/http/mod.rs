@@ -249,7 +249,7 @@ impl Pipeline {
         };
         // The table is full: the least recently active connection makes room, and
         // reports what it still held.
-        if self.flows.len() >= self.limits.max_flows.max(1)
+        if self.flows.len() >= self.flows.limiter().max_length() as usize
             && let Some((_, evicted)) = self.flows.pop_oldest()
         {
             self.memory = self.memory.saturating_sub(evicted.buffered());
@@ -445,7 +445,8 @@ fn pair(
             }
             Item::Body(body) => {
                 if let Some(pending) = flow.pending.back_mut() {
-                    flow.pending_body_bytes += body.len();
+                    flow.pending_body_bytes =
+                        (flow.pending_body_bytes + body.len()).saturating_sub(pending.body.len());
                     pending.body = body;
                 }
             }

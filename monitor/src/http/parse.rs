@@ -756,9 +756,13 @@ impl MessageParser {
     }
 
     fn fail(&mut self, kind: ParseErrorKind, out: &mut Parsed) {
+        // What was kept of a body whose framing broke is still inspected: breaking the
+        // chunking after the payload must not hide the payload.
+        if !self.body.is_empty() {
+            out.push(Item::Body(std::mem::take(&mut self.body)));
+        }
         out.push(Item::Error(kind));
         self.buf.clear();
-        self.body.clear();
         self.body_cut = false;
         self.state = State::Resync;
     }
@@ -1151,6 +1155,22 @@ mod tests {
             out.items()
                 .contains(&Item::Error(ParseErrorKind::InvalidChunk)),
             "{out:?}"
+        );
+        // A body kept before the chunking broke still comes out, before the error.
+        let mut parser = MessageParser::new(Side::Request).keeping_body(64);
+        let mut out = Parsed::default();
+        parser.feed(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n' OR 1\r\nZZ\r\n",
+            0,
+            &mut out,
+        );
+        let after_head: Vec<&Item> = out.items().iter().skip(1).collect();
+        assert_eq!(
+            after_head,
+            [
+                &Item::Body(b"' OR 1".to_vec()),
+                &Item::Error(ParseErrorKind::InvalidChunk)
+            ]
         );
     }
 
