@@ -110,7 +110,8 @@ pub fn apimon_ingress_tc(ctx: TcContext) -> i32 {
         Parsed::NotIp => false,
     };
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    if cut_short && linear < ctx.len() && ctx.pull_data(ctx.len().min(TC_LINEAR_BYTES)).is_ok() {
+    let wanted = ctx.len().min(TC_LINEAR_BYTES);
+    if cut_short && linear < wanted && ctx.pull_data(wanted).is_ok() {
         parsed = packet::parse(&Packet::new(ctx.data(), ctx.data_end()));
     }
     if try_apimon_ingress(&ctx, parsed, u64::from(ctx.len())).is_drop() {

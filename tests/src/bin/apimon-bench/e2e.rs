@@ -155,13 +155,13 @@ fn program_label(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Run time and runs so far of apimon's loaded programs, by label.
-fn program_totals() -> Result<Vec<(&'static str, std::time::Duration, u64)>> {
+/// Run time and runs so far of apimon's loaded programs: (id, label, time, runs).
+fn program_totals() -> Result<Vec<(u32, &'static str, std::time::Duration, u64)>> {
     let mut totals = Vec::new();
     for info in aya::programs::loaded_programs() {
         let info = info.context("reading a loaded program's info")?;
         if let Some(label) = info.name_as_str().and_then(program_label) {
-            totals.push((label, info.run_time(), info.run_count()));
+            totals.push((info.id(), label, info.run_time(), info.run_count()));
         }
     }
     Ok(totals)
@@ -178,11 +178,12 @@ fn kernel_cost(topo: &Topology, setup: Setup) -> Result<KernelCost> {
     let after = program_totals()?;
     let programs = after
         .iter()
-        .filter_map(|(label, time, runs)| {
-            let (_, time_before, runs_before) = before.iter().find(|(l, ..)| l == label)?;
-            let runs = runs - runs_before;
+        .filter_map(|(id, label, time, runs)| {
+            // By program id: a program left loaded by an earlier daemon has the same name.
+            let (.., time_before, runs_before) = before.iter().find(|(i, ..)| i == id)?;
+            let runs = runs.checked_sub(*runs_before)?;
             (runs > 0).then(|| {
-                let ns = (*time - *time_before).as_nanos() as f64 / runs as f64;
+                let ns = time.saturating_sub(*time_before).as_nanos() as f64 / runs as f64;
                 (*label, ns, runs as f64 / result.requests)
             })
         })
