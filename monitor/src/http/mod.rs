@@ -30,7 +30,7 @@ pub struct Exchange {
     pub route: Arc<str>,
     /// CLOCK_MONOTONIC ns of the request's first byte (kernel timestamp).
     pub started_ns: u64,
-    /// The request body's size; 0 when it did not end (see `request_body_complete`).
+    /// The request body's size, as far as it came (whole when `request_body_complete`).
     pub request_body_bytes: u64,
     /// The request's body ended as its framing said (or it had none). False when the
     /// connection ended first or the framing broke: what its head announced never
@@ -132,7 +132,7 @@ struct Pending {
     head: RequestHead,
     route: Arc<str>,
     started_ns: u64,
-    /// Set once the request's body has ended, or cannot be followed any further.
+    /// Set once the request's body has ended, or stopped short.
     body_bytes: Option<u64>,
     /// The body ended as its framing said.
     body_complete: bool,
@@ -450,6 +450,13 @@ fn pair(
                     pending.body = body;
                 }
             }
+            Item::Cut { body_bytes } => {
+                if direction == Direction::Request
+                    && let Some(pending) = flow.pending.back_mut()
+                {
+                    pending.body_bytes = Some(body_bytes);
+                }
+            }
             Item::Error(kind) => {
                 // A request whose body cannot be followed ends here: later exchanges on
                 // the connection must not wait for it.
@@ -633,6 +640,7 @@ mod tests {
         assert_eq!(done.len(), 1, "{events:?}");
         assert!(!done[0].request_body_complete);
         assert_eq!(done[0].request_body, b"01234", "what came is kept");
+        assert_eq!(done[0].request_body_bytes, 5, "and counted");
         assert_eq!(done[0].status, None);
     }
 

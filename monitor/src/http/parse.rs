@@ -521,8 +521,13 @@ pub enum Item {
         body_bytes: u64,
     },
     Error(ParseErrorKind),
+    /// The current message's body stopped short (the connection ended, or its framing
+    /// broke) after this many bytes; no `End` follows.
+    Cut {
+        body_bytes: u64,
+    },
     /// The request body as far as it is kept for inspection (chunking removed); comes
-    /// before the request's `End`, only when the body is not empty.
+    /// before the request's `End` (or `Cut`), only when the body is not empty.
     Body(Vec<u8>),
     /// The stream is not HTTP/1.x; nothing more is parsed on it.
     NotHttp(OtherProtocol),
@@ -660,6 +665,17 @@ impl MessageParser {
         if !self.body.is_empty() {
             out.push(Item::Body(std::mem::take(&mut self.body)));
         }
+        if let Some(body_bytes) = self.body_seen() {
+            out.push(Item::Cut { body_bytes });
+        }
+    }
+
+    /// Body bytes of the current message so far, while inside a framed body.
+    fn body_seen(&self) -> Option<u64> {
+        match self.state {
+            State::Body { seen, .. } | State::Chunked { seen, .. } => Some(seen),
+            _ => None,
+        }
     }
 
     /// The connection ended.
@@ -760,6 +776,9 @@ impl MessageParser {
         // chunking after the payload must not hide the payload.
         if !self.body.is_empty() {
             out.push(Item::Body(std::mem::take(&mut self.body)));
+        }
+        if let Some(body_bytes) = self.body_seen() {
+            out.push(Item::Cut { body_bytes });
         }
         out.push(Item::Error(kind));
         self.buf.clear();
@@ -1169,6 +1188,7 @@ mod tests {
             after_head,
             [
                 &Item::Body(b"' OR 1".to_vec()),
+                &Item::Cut { body_bytes: 6 },
                 &Item::Error(ParseErrorKind::InvalidChunk)
             ]
         );
