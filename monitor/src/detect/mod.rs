@@ -336,8 +336,8 @@ impl Detections {
         // empty body: checks of a whole body are skipped.
         let complete = exchange.request_body_complete;
         let body_whole = complete && body.len() as u64 == exchange.request_body_bytes;
-        let announced = head.chunked() || head.content_length().is_some_and(|l| l > 0);
-        let has_body = exchange.request_body_bytes > 0 || (!complete && announced);
+        // Only a body can stop short, so an incomplete one was sent even at 0 bytes.
+        let has_body = exchange.request_body_bytes > 0 || !complete;
         let content_type = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))

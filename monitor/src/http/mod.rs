@@ -133,9 +133,7 @@ struct Pending {
     route: Arc<str>,
     started_ns: u64,
     /// Set once the request's body has ended, or stopped short.
-    body_bytes: Option<u64>,
-    /// The body ended as its framing said.
-    body_complete: bool,
+    body_end: Option<BodyEnd>,
     body: Vec<u8>,
     /// Status and first-byte time of the response.
     response: Option<(u16, u64)>,
@@ -143,11 +141,20 @@ struct Pending {
     response_body_bytes: Option<u64>,
 }
 
+/// How a request body ended, and after how many bytes.
+#[derive(Clone, Copy, Debug)]
+enum BodyEnd {
+    /// As its framing said.
+    Whole(u64),
+    /// Early: the connection ended, or the framing broke.
+    Cut(u64),
+}
+
 impl Pending {
     /// Servers may answer before the request body is in (an early 413, or an
     /// endpoint that ignores the body): an exchange ends when both sides have.
     fn complete(&self) -> bool {
-        self.body_bytes.is_some() && self.response_body_bytes.is_some()
+        self.body_end.is_some() && self.response_body_bytes.is_some()
     }
 }
 
@@ -278,7 +285,7 @@ impl Pipeline {
         let before = flow.buffered();
         flow.last_seen_ns = flow.last_seen_ns.max(segment.timestamp_ns);
         // Reused across segments: its allocations are warm.
-        let mut parsed = std::mem::take(&mut self.parsed);
+        let parsed = &mut self.parsed;
         let half = match segment.direction {
             Direction::Request => &mut flow.request,
             Direction::Response => &mut flow.response,
@@ -289,7 +296,7 @@ impl Pipeline {
         } = half;
         let now = segment.timestamp_ns;
         reassembler.push(segment.seq, segment.data, &mut |d| {
-            feed(parser, d, now, &mut parsed)
+            feed(parser, d, now, parsed)
         });
         // Missing bytes: skip them at once if the parser can live with that (body the
         // kernel did not capture, or a new message waiting), else wait, boundedly.
@@ -303,7 +310,7 @@ impl Pipeline {
             {
                 break;
             }
-            reassembler.skip_gap(&mut |d| feed(parser, d, now, &mut parsed));
+            reassembler.skip_gap(&mut |d| feed(parser, d, now, parsed));
         }
         let closing = segment.flags & (TCP_FIN | TCP_RST) != 0;
         if closing {
@@ -313,21 +320,14 @@ impl Pipeline {
             if let Some(missing) = reassembler.missing_until(end)
                 && parser.absorbs_gap(missing)
             {
-                reassembler.skip(missing, &mut |d| feed(parser, d, now, &mut parsed));
+                reassembler.skip(missing, &mut |d| feed(parser, d, now, parsed));
             }
-            parser.close(&mut parsed);
+            parser.close(parsed);
         }
-        pair(
-            flow,
-            segment.direction,
-            &mut parsed,
-            events,
-            &mut self.routes,
-        );
+        pair(flow, segment.direction, parsed, events, &mut self.routes);
         // After pairing: kept bodies move into (and out of) the pending requests.
         let after = flow.buffered();
         self.memory = (self.memory + after).saturating_sub(before);
-        self.parsed = parsed;
         if segment.flags & TCP_RST != 0 || (closing && segment.direction == Direction::Response) {
             self.end_flow(&id, events);
         }
@@ -393,8 +393,7 @@ fn pair(
                     head,
                     route,
                     started_ns,
-                    body_bytes: None,
-                    body_complete: false,
+                    body_end: None,
                     body: Vec::new(),
                     response: None,
                     response_body_bytes: None,
@@ -421,8 +420,7 @@ fn pair(
                 match direction {
                     Direction::Request => {
                         if let Some(pending) = flow.pending.back_mut() {
-                            pending.body_bytes = Some(body_bytes);
-                            pending.body_complete = true;
+                            pending.body_end = Some(BodyEnd::Whole(body_bytes));
                         }
                     }
                     Direction::Response => {
@@ -454,18 +452,12 @@ fn pair(
                 if direction == Direction::Request
                     && let Some(pending) = flow.pending.back_mut()
                 {
-                    pending.body_bytes = Some(body_bytes);
+                    pending.body_end = Some(BodyEnd::Cut(body_bytes));
                 }
             }
+            // A body the error stopped came with a `Cut` before it: later exchanges on
+            // the connection do not wait for it.
             Item::Error(kind) => {
-                // A request whose body cannot be followed ends here: later exchanges on
-                // the connection must not wait for it.
-                if direction == Direction::Request
-                    && let Some(pending) = flow.pending.back_mut()
-                    && pending.body_bytes.is_none()
-                {
-                    pending.body_bytes = Some(0);
-                }
                 events.observe(Event::ParseError(Problem {
                     kind,
                     side: side_of(direction),
@@ -508,8 +500,11 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
         request: pending.head,
         route: pending.route,
         started_ns: pending.started_ns,
-        request_body_bytes: pending.body_bytes.unwrap_or(0),
-        request_body_complete: pending.body_complete,
+        request_body_bytes: match pending.body_end {
+            Some(BodyEnd::Whole(bytes) | BodyEnd::Cut(bytes)) => bytes,
+            None => 0,
+        },
+        request_body_complete: matches!(pending.body_end, Some(BodyEnd::Whole(_))),
         request_body: pending.body,
         status,
         response_body_bytes: pending.response_body_bytes.unwrap_or(0),

@@ -62,8 +62,6 @@ struct Span {
 }
 
 impl Span {
-    const EMPTY: Self = Self { start: 0, end: 0 };
-
     /// The place of `part`, a subslice of `whole`.
     fn of(whole: &[u8], part: &[u8]) -> Self {
         let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
@@ -121,43 +119,31 @@ impl RequestHead {
             Err(kind) => return HeadParse::BadFraming(kind),
         };
         let span = |part: &[u8]| Span::of(raw, part);
-        let mut head = spares.pop().unwrap_or_else(|| {
-            Self(Box::new(Head {
-                raw: String::new(),
-                method: Span::EMPTY,
-                target: Span::EMPTY,
-                host: None,
-                user_agent: None,
-                header_count: 0,
-                version: 1,
-                content_length: None,
-                chunked: false,
-                framing: Framing::default(),
-            }))
-        });
-        let Head {
-            raw: text_copy,
-            method,
-            target,
-            host,
-            user_agent,
-            header_count,
-            version,
-            content_length,
-            chunked,
-            framing,
-        } = &mut *head.0;
-        text_copy.clear();
-        text_copy.push_str(text);
-        *method = span(request.method.unwrap_or_default().as_bytes());
-        *target = span(request.path.unwrap_or_default().as_bytes());
-        *host = fields.host.map(span);
-        *user_agent = fields.user_agent.map(span);
-        *header_count = u16::try_from(request.headers.len()).unwrap_or(u16::MAX);
-        *version = request.version.unwrap_or(1);
-        *content_length = fields.content_length;
-        *chunked = fields.chunked;
-        *framing = fields.framing;
+        let fields = Head {
+            raw: String::new(),
+            method: span(request.method.unwrap_or_default().as_bytes()),
+            target: span(request.path.unwrap_or_default().as_bytes()),
+            host: fields.host.map(span),
+            user_agent: fields.user_agent.map(span),
+            header_count: u16::try_from(request.headers.len()).unwrap_or(u16::MAX),
+            version: request.version.unwrap_or(1),
+            content_length: fields.content_length,
+            chunked: fields.chunked,
+            framing: fields.framing,
+        };
+        let head = match spares.pop() {
+            Some(Self(mut spare)) => {
+                let mut raw = std::mem::take(&mut spare.raw);
+                raw.clear();
+                raw.push_str(text);
+                *spare = Head { raw, ..fields };
+                Self(spare)
+            }
+            None => Self(Box::new(Head {
+                raw: text.to_owned(),
+                ..fields
+            })),
+        };
         HeadParse::Complete(head, len)
     }
 
@@ -659,8 +645,8 @@ impl MessageParser {
         }
     }
 
-    /// The connection ended inside a message: what was kept of its body comes out
-    /// (without an end: the body is not whole).
+    /// The message stops inside its body (the connection ended, or the framing broke):
+    /// what was kept of the body comes out, and where it stopped.
     pub fn cut(&mut self, out: &mut Parsed) {
         if !self.body.is_empty() {
             out.push(Item::Body(std::mem::take(&mut self.body)));
@@ -774,12 +760,7 @@ impl MessageParser {
     fn fail(&mut self, kind: ParseErrorKind, out: &mut Parsed) {
         // What was kept of a body whose framing broke is still inspected: breaking the
         // chunking after the payload must not hide the payload.
-        if !self.body.is_empty() {
-            out.push(Item::Body(std::mem::take(&mut self.body)));
-        }
-        if let Some(body_bytes) = self.body_seen() {
-            out.push(Item::Cut { body_bytes });
-        }
+        self.cut(out);
         out.push(Item::Error(kind));
         self.buf.clear();
         self.body_cut = false;
