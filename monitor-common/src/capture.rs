@@ -66,6 +66,12 @@ pub struct CaptureConfig {
 }
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
 
+/// `CAPTURE_READER` value: the daemon polls the ring on its own timer.
+pub const READER_POLLING: u32 = 0;
+/// `CAPTURE_READER` value: the daemon found the ring empty and sleeps until the next
+/// sample wakes it (the kernel sets `READER_POLLING` back as it does).
+pub const READER_PARKED: u32 = 1;
+
 /// Key of the kernel's per-connection capture budget, the same for both directions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use monitor_common::{
     capture::{
-        CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, SAMPLE_DATA_LEN,
-        SAMPLE_RING_BYTES, Sample, SampleHeader, TCP_FIN, TCP_RST, TCP_SYN, starts_request,
-        starts_response,
+        CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, READER_PARKED,
+        READER_POLLING, SAMPLE_DATA_LEN, SAMPLE_RING_BYTES, Sample, SampleHeader, TCP_FIN, TCP_RST,
+        TCP_SYN, starts_request, starts_response,
     },
     datapath::IpKey,
     maps::{DEFAULT_CAPTURE_FLOWS, DEFAULT_SAMPLES_RING_BYTES},
@@ -32,6 +32,8 @@ static SAMPLES_CAPTURED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 static CAPTURE_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 #[map]
 static CAPTURE_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
+#[map]
+static CAPTURE_READER: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static CAPTURE_FLOWS: LruHashMap<FlowKey, FlowBudget> =
     LruHashMap::with_max_entries(DEFAULT_CAPTURE_FLOWS, 0);
@@ -264,15 +266,7 @@ fn emit<P: Payload>(
             return false;
         }
     }
-    // A wake-up costs an interrupt here and a context switch in the daemon, which
-    // polls on a short timer anyway: only the sample whose record crosses the
-    // threshold (unread bytes include it, as it is reserved) wakes it early.
-    let unread = SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA));
-    let threshold = u64::from(config.wakeup_bytes);
-    let wakeup = if threshold > 0
-        && unread >= threshold
-        && unread < threshold + u64::from(SAMPLE_RING_BYTES)
-    {
+    let wakeup = if wakes_reader(config) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -280,4 +274,25 @@ fn emit<P: Payload>(
     entry.submit(u64::from(wakeup));
     bump(&SAMPLES_CAPTURED);
     true
+}
+
+/// Whether the sample just reserved should wake the daemon. A wake-up costs an
+/// interrupt here and a context switch in the daemon, which polls on a short timer
+/// while samples flow: only the first sample after it parked (found the ring empty),
+/// and the sample whose record crosses the threshold (unread bytes include it, as it
+/// is reserved), wake it.
+#[inline(always)]
+fn wakes_reader(config: &CaptureConfig) -> bool {
+    if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
+        // SAFETY: a map value. Two CPUs seeing the reader parked both wake it: harmless.
+        unsafe {
+            if *reader == READER_PARKED {
+                *reader = READER_POLLING;
+                return true;
+            }
+        }
+    }
+    let unread = SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA));
+    let threshold = u64::from(config.wakeup_bytes);
+    threshold > 0 && unread >= threshold && unread < threshold + u64::from(SAMPLE_RING_BYTES)
 }

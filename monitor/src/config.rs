@@ -65,6 +65,13 @@ pub const DEFAULT_RING_BYTES: u32 = monitor_common::maps::DEFAULT_SAMPLES_RING_B
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
 /// Bytes the daemon buffers across all connections awaiting reassembly.
 pub const DEFAULT_MAX_FLOW_MEMORY: usize = 256 << 20;
+/// While samples flow, the daemon drains the ring this often: bounds the delay to
+/// metrics and decisions; shorter costs more wake-ups.
+pub const DEFAULT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+/// Polling faster than this is a busy loop; slower than this, samples back up for
+/// long enough to fill a ring at line rate and decisions come late.
+const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(500);
+const MAX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// A connection with no traffic for this long is forgotten.
 pub const DEFAULT_FLOW_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -80,6 +87,10 @@ pub struct CaptureSettings {
     pub max_flow_memory: usize,
     #[serde(with = "humantime_serde_compat")]
     pub flow_idle_timeout: std::time::Duration,
+    /// How often the ring is drained while samples flow (idle, the kernel wakes the
+    /// daemon on the next sample instead).
+    #[serde(with = "humantime_serde_compat")]
+    pub poll_interval: std::time::Duration,
     /// Route templates (`/users/{id}/profile`) for metric labels, tried before the
     /// built-in heuristic.
     pub routes: Vec<String>,
@@ -94,6 +105,7 @@ impl Default for CaptureSettings {
             max_flows: DEFAULT_MAX_FLOWS,
             max_flow_memory: DEFAULT_MAX_FLOW_MEMORY,
             flow_idle_timeout: DEFAULT_FLOW_IDLE_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
             routes: Vec::new(),
         }
     }
@@ -392,6 +404,13 @@ impl Config {
                 c.ring_bytes
             )));
         }
+        if !(MIN_POLL_INTERVAL..=MAX_POLL_INTERVAL).contains(&c.poll_interval) {
+            return Err(invalid(format!(
+                "capture.poll_interval must be between {} and {}",
+                humantime::format_duration(MIN_POLL_INTERVAL),
+                humantime::format_duration(MAX_POLL_INTERVAL)
+            )));
+        }
         if let Some(bad) = c.routes.iter().find(|r| !r.starts_with('/')) {
             return Err(invalid(format!(
                 "capture.routes: {bad:?} must start with /"
@@ -461,6 +480,7 @@ mod tests {
             max_flows = 10
             max_flow_memory = 1000000
             flow_idle_timeout = "30s"
+            poll_interval = "5ms"
             routes = ["/users/{name}/profile"]
             [audit]
             max_file_bytes = 1000000
@@ -500,6 +520,10 @@ mod tests {
         assert_eq!(
             config.capture.flow_idle_timeout,
             std::time::Duration::from_secs(30)
+        );
+        assert_eq!(
+            config.capture.poll_interval,
+            std::time::Duration::from_millis(5)
         );
     }
 
@@ -556,6 +580,14 @@ mod tests {
 
         let err = parse("[capture]\nring_bytes = 5000\n").unwrap_err();
         assert!(err.contains("power of two"), "{err}");
+
+        for (text, shown) in [("100us", "100us"), ("1s", "1s")] {
+            let err = parse(&format!("[capture]\npoll_interval = \"{text}\"\n")).unwrap_err();
+            assert!(
+                err.contains("capture.poll_interval must be between 500us and 100ms"),
+                "{shown}: {err}"
+            );
+        }
 
         let err = parse("[capture]\nports = [80, 70000]\n").unwrap_err();
         assert!(err.starts_with("invalid config apimon.toml:2:"), "{err}");

@@ -147,7 +147,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let traffic = Traffic::new(&mut ebpf)?;
     let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
     capture_maps.configure(&config.capture)?;
-    let ring = capture::take_ring(&mut ebpf)?;
+    let ring = capture::SampleRing::take(&mut ebpf)?;
     // Lists go into the maps before anything is attached: no window for blocked traffic.
     let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
 
@@ -236,7 +236,9 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         batch_clocks: None,
         latest_ns: 0,
     };
-    let capture_task = tokio::spawn(async move { capture::read_samples(ring, &mut sink).await });
+    let poll_interval = config.capture.poll_interval;
+    let capture_task =
+        tokio::spawn(async move { capture::read_samples(ring, poll_interval, &mut sink).await });
     let metrics_task = match daemon.metrics_addr {
         MetricsAddr::Off => None,
         MetricsAddr::Listen(addr) => {

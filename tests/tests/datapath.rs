@@ -14,7 +14,12 @@ use apimon_tests::{
     testrun::{TestDatapath, XDP_DROP, XDP_PASS, run_ingress},
 };
 use ipnet::IpNet;
-use monitor::{clock, maps::ListKind};
+use monitor::{
+    capture::{CaptureMaps, SampleRing, decode},
+    clock,
+    config::CaptureSettings,
+    maps::ListKind,
+};
 use monitor_common::datapath::{Action, ListEntry, RateConfig};
 
 fn net(text: &str) -> IpNet {
@@ -604,4 +609,34 @@ fn a_change_that_cannot_be_saved_changes_nothing() {
     assert!(enforcer.remove(ListKind::Block, &[kept]).is_err());
     assert_eq!(enforcer.entries(ListKind::Block).unwrap().len(), 1);
     assert_eq!(verdict([198, 51, 100, 7]), XDP_DROP);
+}
+
+#[test]
+fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
+    let mut dp = TestDatapath::load();
+    dp.maps.set_capture_enabled(true).unwrap();
+    CaptureMaps::new(&mut dp.ebpf)
+        .unwrap()
+        .configure(&CaptureSettings::default())
+        .unwrap();
+    let mut ring = SampleRing::take(&mut dp.ebpf).unwrap();
+    let client = Frame::v4([198, 51, 100, 9]);
+    let syn = client.clone().build();
+    let segment = client.established().with_payload(10).build();
+
+    ring.reader.set_parked(true).unwrap();
+    // A SYN opens the connection's capture budget but yields no sample: no wake-up.
+    assert_eq!(dp.run(&syn), XDP_PASS);
+    assert!(ring.ring.next().is_none());
+    assert!(ring.reader.parked().unwrap());
+    // Its first payload is a sample: the kernel wakes the reader and says so.
+    assert_eq!(dp.run(&segment), XDP_PASS);
+    assert!(!ring.reader.parked().unwrap());
+    let record = ring.ring.next().expect("a sample");
+    assert_eq!(decode(&record).unwrap().data.len(), 10);
+    drop(record);
+    // A polling reader stays polling.
+    assert_eq!(dp.run(&segment), XDP_PASS);
+    assert!(!ring.reader.parked().unwrap());
+    assert!(ring.ring.next().is_some());
 }
