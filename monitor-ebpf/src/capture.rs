@@ -278,7 +278,7 @@ fn emit<P: Payload>(
 
 /// Whether the sample just reserved should wake the daemon. A wake-up costs an
 /// interrupt here and a context switch in the daemon, which polls on a short timer
-/// while samples flow: only the first sample after it parked (found the ring empty),
+/// while samples flow: only the first sample after it parked (after a quiet spell),
 /// and the sample whose record crosses the threshold (unread bytes include it, as it
 /// is reserved), wake it.
 #[inline(always)]

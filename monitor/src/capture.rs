@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
 use aya::{
@@ -17,6 +17,7 @@ use monitor_common::{
     },
     maps,
 };
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -186,14 +187,20 @@ impl SampleRing {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
             ring: take(ebpf, maps::SAMPLES)?,
-            reader: ReaderFlag(take(ebpf, maps::CAPTURE_READER)?),
+            reader: ReaderFlag {
+                map: take(ebpf, maps::CAPTURE_READER)?,
+                warned: false,
+            },
         })
     }
 }
 
 /// Whether the daemon polls the ring (`READER_POLLING`) or sleeps until the kernel
 /// wakes it with the next sample (`READER_PARKED`).
-pub struct ReaderFlag(Array<MapData, u32>);
+pub struct ReaderFlag {
+    map: Array<MapData, u32>,
+    warned: bool,
+}
 
 impl ReaderFlag {
     /// Tells the kernel whether the next sample must wake the reader.
@@ -203,7 +210,7 @@ impl ReaderFlag {
         } else {
             READER_POLLING
         };
-        self.0.set(0, state, 0).map_err(|source| MapsError::Map {
+        self.map.set(0, state, 0).map_err(|source| MapsError::Map {
             name: maps::CAPTURE_READER,
             source,
         })
@@ -211,7 +218,7 @@ impl ReaderFlag {
 
     /// Whether the reader is parked: the kernel sets it back as it wakes it.
     pub fn parked(&self) -> Result<bool, MapsError> {
-        self.0
+        self.map
             .get(&0, 0)
             .map(|state| state == READER_PARKED)
             .map_err(|source| MapsError::Map {
@@ -220,24 +227,53 @@ impl ReaderFlag {
             })
     }
 
-    /// `set_parked` for the reader loop: on failure (short of the map vanishing, it
-    /// cannot fail) the reader keeps polling.
-    fn try_set_parked(&mut self, parked: bool) -> bool {
-        match self.set_parked(parked) {
-            Ok(()) => true,
-            Err(error) => {
+    /// Parks the reader of `ring` unless a sample is already on its way; false: keep
+    /// polling (a sample is coming, or the flag cannot be written, which short of the
+    /// map vanishing cannot happen: then it warns once).
+    fn park(&mut self, ring: BorrowedFd<'_>) -> bool {
+        if let Err(error) = self.set_parked(true) {
+            if !std::mem::replace(&mut self.warned, true) {
                 warn!(%error, "Cannot ask the kernel for wake-ups; polling on");
-                false
             }
+            return false;
+        }
+        // The kernel reads the flag between reserving a sample and committing it: one
+        // reserved before the flag was set wakes nobody. The ring's poll counts
+        // reserved bytes, committed or not.
+        if reserved_bytes_pending(ring) {
+            self.unpark();
+            return false;
+        }
+        true
+    }
+
+    /// Back to polling, when the reader took samples without the kernel waking it
+    /// (which sets the flag back itself).
+    fn unpark(&mut self) {
+        if let Err(error) = self.set_parked(false)
+            && !std::mem::replace(&mut self.warned, true)
+        {
+            // Harmless: the next sample wakes the reader once more.
+            warn!(%error, "Cannot tell the kernel the reader polls again");
         }
     }
 }
 
+/// Whether the ring holds bytes not consumed yet (reserved, committed or not). An
+/// error counts as yes: the caller then keeps polling.
+fn reserved_bytes_pending(ring: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(ring, PollFlags::POLLIN)];
+    !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+}
+
 /// Records handed over between two looks at the clock, at most.
 const BATCH: usize = 1024;
-/// While parked, the ring is still looked at this often: a sample whose reservation
-/// raced with the park is reported late, never lost.
-const PARKED_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Empty drains in a row after which the reader parks: a trickle of samples keeps it
+/// on the timer instead of paying a forced wake-up and a park per sample.
+const PARK_AFTER_EMPTY_DRAINS: u32 = 5;
+/// While parked, the ring is still looked at this often (or at the poll interval, if
+/// longer): the bound on the delay of a sample whose wake-up a race took away.
+const PARKED_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the sink is told time passed with nothing new (idle flows end).
 const IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -256,19 +292,18 @@ pub trait SampleSink {
 ///
 /// While samples flow, the ring is drained every `poll_interval` (the kernel wakes the
 /// reader early only when a quarter of the ring is unread): one wake-up per batch, not
-/// per sample. A drain that finds the ring empty parks the reader: no timer, and the
-/// kernel wakes it with the next sample. An idle host then costs no wake-ups (on a
-/// busy two-CPU host, 500 a second cost the workload about 3 % of its throughput), and
-/// the first request after a quiet spell is seen at once.
+/// per sample. After `PARK_AFTER_EMPTY_DRAINS` empty drains the reader parks: the
+/// kernel wakes it with the next sample, and until then it looks only every
+/// `PARKED_POLL_INTERVAL`. A quiet host then costs about 11 wake-ups a second instead
+/// of 500 (on a busy two-CPU host, those 500 cost the workload about 3 % of its
+/// throughput), and the first request after a quiet spell is read as it arrives
+/// rather than at the next tick.
 pub async fn read_samples(
     ring: SampleRing,
     poll_interval: std::time::Duration,
     sink: &mut impl SampleSink,
 ) {
-    let SampleRing {
-        ring,
-        reader: mut reader_flag,
-    } = ring;
+    let SampleRing { ring, mut reader } = ring;
     let fd = ring.as_raw_fd();
     // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it exists.
     let registered =
@@ -280,46 +315,51 @@ pub async fn read_samples(
             return;
         }
     };
-    let mut tick = tokio::time::interval(poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut parked_tick = tokio::time::interval(PARKED_POLL_INTERVAL);
-    parked_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut idle = tokio::time::interval(IDLE_INTERVAL);
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = |period| {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    };
+    let mut tick = interval(poll_interval);
+    let mut parked_tick = interval(PARKED_POLL_INTERVAL.max(poll_interval));
+    let mut idle = interval(IDLE_INTERVAL);
     let mut parked = false;
+    let mut empty_drains = 0;
     loop {
-        let taken = tokio::select! {
+        let (taken, woken) = tokio::select! {
             readable = ring.readable_mut() => match readable {
                 Ok(mut guard) => {
                     let taken = drain(guard.get_inner_mut(), sink).await;
                     guard.clear_ready();
-                    taken
+                    (taken, true)
                 }
                 Err(error) => {
                     warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
                     return;
                 }
             },
-            _ = tick.tick(), if !parked => drain(ring.get_mut(), sink).await,
-            _ = parked_tick.tick(), if parked => drain(ring.get_mut(), sink).await,
+            _ = tick.tick(), if !parked => (drain(ring.get_mut(), sink).await, false),
+            _ = parked_tick.tick(), if parked => (drain(ring.get_mut(), sink).await, false),
             _ = idle.tick() => {
                 sink.idle();
                 continue;
             }
         };
         if taken > 0 {
+            empty_drains = 0;
             if parked {
-                // Samples flow again: back to the timer, and no wake-ups.
                 parked = false;
-                reader_flag.try_set_parked(false);
+                if !woken {
+                    reader.unpark();
+                }
                 tick.reset();
             }
-        } else if reader_flag.try_set_parked(true) {
-            // (Re)park. A sample committed between the drain and the flag found no
-            // reader to wake: look once more now that the kernel will wake us.
-            parked = drain(ring.get_mut(), sink).await == 0;
-            if !parked {
-                reader_flag.try_set_parked(false);
+        } else if !parked {
+            empty_drains += 1;
+            if empty_drains >= PARK_AFTER_EMPTY_DRAINS {
+                empty_drains = 0;
+                parked = reader.park(ring.get_ref().as_fd());
+                parked_tick.reset();
             }
         }
     }

@@ -68,9 +68,9 @@ pub const DEFAULT_MAX_FLOW_MEMORY: usize = 256 << 20;
 /// While samples flow, the daemon drains the ring this often: bounds the delay to
 /// metrics and decisions; shorter costs more wake-ups.
 pub const DEFAULT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
-/// Polling faster than this is a busy loop; slower than this, samples back up for
-/// long enough to fill a ring at line rate and decisions come late.
-const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(500);
+/// tokio's timers tick in whole milliseconds; slower than the maximum, samples back up
+/// for long enough to fill a ring at line rate and decisions come late.
+const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 const MAX_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// A connection with no traffic for this long is forgotten.
 pub const DEFAULT_FLOW_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -406,9 +406,10 @@ impl Config {
         }
         if !(MIN_POLL_INTERVAL..=MAX_POLL_INTERVAL).contains(&c.poll_interval) {
             return Err(invalid(format!(
-                "capture.poll_interval must be between {} and {}",
+                "capture.poll_interval must be between {} and {}, not {}",
                 humantime::format_duration(MIN_POLL_INTERVAL),
-                humantime::format_duration(MAX_POLL_INTERVAL)
+                humantime::format_duration(MAX_POLL_INTERVAL),
+                humantime::format_duration(c.poll_interval)
             )));
         }
         if let Some(bad) = c.routes.iter().find(|r| !r.starts_with('/')) {
@@ -581,11 +582,17 @@ mod tests {
         let err = parse("[capture]\nring_bytes = 5000\n").unwrap_err();
         assert!(err.contains("power of two"), "{err}");
 
-        for (text, shown) in [("100us", "100us"), ("1s", "1s")] {
-            let err = parse(&format!("[capture]\npoll_interval = \"{text}\"\n")).unwrap_err();
+        let poll = |text: &str| parse(&format!("[capture]\npoll_interval = \"{text}\"\n"));
+        for fine in ["1ms", "100ms"] {
+            assert!(poll(fine).is_ok(), "{fine}");
+        }
+        for bad in ["500us", "101ms"] {
+            let err = poll(bad).unwrap_err();
             assert!(
-                err.contains("capture.poll_interval must be between 500us and 100ms"),
-                "{shown}: {err}"
+                err.contains(&format!(
+                    "capture.poll_interval must be between 1ms and 100ms, not {bad}"
+                )),
+                "{err}"
             );
         }
 
@@ -598,6 +605,7 @@ mod tests {
         for zero in [
             "[daemon]\nsweep_interval = \"0s\"\n",
             "[capture]\nflow_idle_timeout = \"0s\"\n",
+            "[capture]\npoll_interval = \"0s\"\n",
         ] {
             let err = parse(zero).unwrap_err();
             assert!(

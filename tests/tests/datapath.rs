@@ -21,6 +21,7 @@ use monitor::{
     maps::ListKind,
 };
 use monitor_common::datapath::{Action, ListEntry, RateConfig};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 fn net(text: &str) -> IpNet {
     monitor::cidr::parse(text).unwrap()
@@ -620,6 +621,14 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
         .configure(&CaptureSettings::default())
         .unwrap();
     let mut ring = SampleRing::take(&mut dp.ebpf).unwrap();
+    // Edge-triggered, as the daemon's reactor: an event per wake-up the kernel sends.
+    let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
+    let interest = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0);
+    epoll.add(&ring.ring, interest).unwrap();
+    let wake_ups = || {
+        let mut events = [EpollEvent::empty(); 4];
+        epoll.wait(&mut events, EpollTimeout::ZERO).unwrap()
+    };
     let client = Frame::v4([198, 51, 100, 9]);
     let syn = client.clone().build();
     let segment = client.established().with_payload(10).build();
@@ -628,15 +637,17 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
     // A SYN opens the connection's capture budget but yields no sample: no wake-up.
     assert_eq!(dp.run(&syn), XDP_PASS);
     assert!(ring.ring.next().is_none());
+    assert_eq!(wake_ups(), 0);
     assert!(ring.reader.parked().unwrap());
     // Its first payload is a sample: the kernel wakes the reader and says so.
     assert_eq!(dp.run(&segment), XDP_PASS);
+    assert_eq!(wake_ups(), 1);
     assert!(!ring.reader.parked().unwrap());
     let record = ring.ring.next().expect("a sample");
     assert_eq!(decode(&record).unwrap().data.len(), 10);
     drop(record);
-    // A polling reader stays polling.
+    // A polling reader is not woken: it drains on its own timer.
     assert_eq!(dp.run(&segment), XDP_PASS);
-    assert!(!ring.reader.parked().unwrap());
+    assert_eq!(wake_ups(), 0);
     assert!(ring.ring.next().is_some());
 }
