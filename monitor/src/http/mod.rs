@@ -156,6 +156,11 @@ impl Pending {
     fn complete(&self) -> bool {
         self.body_end.is_some() && self.response_body_bytes.is_some()
     }
+
+    /// No response head yet, and none broke (that one ended as unreadable).
+    fn awaits_response(&self) -> bool {
+        self.response.is_none() && self.response_body_bytes.is_none()
+    }
 }
 
 #[derive(Debug)]
@@ -382,7 +387,11 @@ fn pair(
     routes: &mut Routes,
 ) {
     let mut items = parsed.take_items();
+    // Whether the item before was a `Cut`: the error that follows one broke a body,
+    // not a head.
+    let mut message_cut = false;
     for item in items.drain(..) {
+        let after_cut = std::mem::replace(&mut message_cut, false);
         match item {
             Item::Request { head, started_ns } => {
                 let route = routes.route(head.target());
@@ -412,34 +421,13 @@ fn pair(
                 if head.is_interim() {
                     continue;
                 }
-                if let Some(pending) = flow.pending.iter_mut().find(|p| p.response.is_none()) {
+                if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
                     pending.response = Some((head.status, started_ns));
                 }
             }
             Item::End { body_bytes } => {
-                match direction {
-                    Direction::Request => {
-                        if let Some(pending) = flow.pending.back_mut() {
-                            pending.body_end = Some(BodyEnd::Whole(body_bytes));
-                        }
-                    }
-                    Direction::Response => {
-                        if let Some(pending) = flow
-                            .pending
-                            .iter_mut()
-                            .find(|p| p.response.is_some() && p.response_body_bytes.is_none())
-                        {
-                            pending.response_body_bytes = Some(body_bytes);
-                        }
-                    }
-                }
-                while flow.pending.front().is_some_and(Pending::complete) {
-                    if let Some(done) = flow.pending.pop_front() {
-                        flow.pending_body_bytes =
-                            flow.pending_body_bytes.saturating_sub(done.body.len());
-                        report(flow.client, flow.server, done, events, parsed);
-                    }
-                }
+                end_message(flow, direction, BodyEnd::Whole(body_bytes));
+                report_completed(flow, events, parsed);
             }
             Item::Body(body) => {
                 if let Some(pending) = flow.pending.back_mut() {
@@ -449,14 +437,10 @@ fn pair(
                 }
             }
             Item::Cut { body_bytes } => {
-                if direction == Direction::Request
-                    && let Some(pending) = flow.pending.back_mut()
-                {
-                    pending.body_end = Some(BodyEnd::Cut(body_bytes));
-                }
+                message_cut = true;
+                end_message(flow, direction, BodyEnd::Cut(body_bytes));
+                report_completed(flow, events, parsed);
             }
-            // A body the error stopped came with a `Cut` before it: later exchanges on
-            // the connection do not wait for it.
             Item::Error(kind) => {
                 events.observe(Event::ParseError(Problem {
                     kind,
@@ -464,11 +448,54 @@ fn pair(
                     client: flow.client,
                     server: flow.server,
                 }));
+                // A body the error stopped came with a `Cut` before it. Otherwise a
+                // response head broke (or went missing in a gap): its request is
+                // answered, unreadably, so that later responses pair with their own.
+                if direction == Direction::Response
+                    && !after_cut
+                    && let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response())
+                {
+                    pending.response_body_bytes = Some(0);
+                    report_completed(flow, events, parsed);
+                }
             }
             Item::NotHttp(protocol) => events.observe(Event::OtherProtocol(protocol)),
         }
     }
     parsed.return_items(items);
+}
+
+/// A message on `direction` ended (or stopped short): its request's body, or the
+/// body of the oldest response still arriving.
+fn end_message(flow: &mut Flow, direction: Direction, end: BodyEnd) {
+    match direction {
+        Direction::Request => {
+            if let Some(pending) = flow.pending.back_mut() {
+                pending.body_end = Some(end);
+            }
+        }
+        Direction::Response => {
+            if let Some(pending) = flow
+                .pending
+                .iter_mut()
+                .find(|p| p.response.is_some() && p.response_body_bytes.is_none())
+            {
+                let (BodyEnd::Whole(bytes) | BodyEnd::Cut(bytes)) = end;
+                pending.response_body_bytes = Some(bytes);
+            }
+        }
+    }
+}
+
+/// Reports the exchanges at the head of the connection's queue that have ended on
+/// both sides (in order: a later one waits for the earlier ones).
+fn report_completed(flow: &mut Flow, events: &mut impl Observer, parsed: &mut Parsed) {
+    while flow.pending.front().is_some_and(Pending::complete) {
+        if let Some(done) = flow.pending.pop_front() {
+            flow.pending_body_bytes = flow.pending_body_bytes.saturating_sub(done.body.len());
+            report(flow.client, flow.server, done, events, parsed);
+        }
+    }
 }
 
 /// Reports a finished request; its head then serves a later one.
@@ -517,6 +544,8 @@ fn flush(mut flow: Flow, events: &mut impl Observer, routes: &mut Routes, parsed
     flow.request.parser.cut(parsed);
     pair(&mut flow, Direction::Request, parsed, events, routes);
     flow.response.parser.close(parsed);
+    // A response the connection ended inside reports the bytes that came.
+    flow.response.parser.cut(parsed);
     pair(&mut flow, Direction::Response, parsed, events, routes);
     for pending in flow.pending.drain(..) {
         report(flow.client, flow.server, pending, events, parsed);
@@ -705,6 +734,115 @@ mod tests {
             ]
         );
         assert_eq!(exchanges(&events)[1].request.headers(), []);
+    }
+
+    /// A chunked response larger than the capture budget stops at a gap: it ends there
+    /// (with the bytes seen), and the next response pairs with its own request at once.
+    #[test]
+    fn a_response_cut_by_a_gap_ends_and_the_next_pairs_with_its_own_request() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let requests = b"GET /big HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Request, 1, requests, 1_000, 0),
+            &mut events,
+        );
+        let first =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n";
+        p.ingest(
+            &segment(Direction::Response, 900, first, 2_000, 0),
+            &mut events,
+        );
+        let second = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
+        let after_gap = 900 + first.len() as u32 + 5_000;
+        p.ingest(
+            &segment(Direction::Response, after_gap, second, 3_000, 0),
+            &mut events,
+        );
+        let done: Vec<_> = exchanges(&events)
+            .iter()
+            .map(|x| (x.request.target(), x.status, x.response_body_bytes))
+            .collect();
+        assert_eq!(
+            done,
+            [("/big", Some(200), 16), ("/next", Some(201), 2)],
+            "{events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Seen::Other(Event::ParseError(Problem {
+                kind: ParseErrorKind::Gap,
+                ..
+            }))
+        )));
+    }
+
+    /// A connection that ends inside a response reports the bytes that came.
+    #[test]
+    fn a_response_the_connection_cut_short_counts_what_came() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let request = b"GET /file HTTP/1.1\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Request, 1, request, 1_000, 0),
+            &mut events,
+        );
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
+        p.ingest(
+            &segment(Direction::Response, 900, response, 2_000, 0),
+            &mut events,
+        );
+        let reset = segment(
+            Direction::Request,
+            1 + request.len() as u32,
+            b"",
+            3_000,
+            TCP_RST,
+        );
+        p.ingest(&reset, &mut events);
+        let done = exchanges(&events);
+        assert_eq!(done.len(), 1, "{events:?}");
+        assert_eq!(
+            (done[0].status, done[0].response_body_bytes),
+            (Some(200), 10)
+        );
+    }
+
+    /// A response head that breaks answers its request (unreadably): the responses
+    /// after it still pair with their own requests.
+    #[test]
+    fn a_broken_response_head_does_not_shift_the_pairing() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let requests = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
+        p.ingest(
+            &segment(Direction::Request, 1, requests, 1_000, 0),
+            &mut events,
+        );
+        let mut seq = 900;
+        for (t, response) in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 2x0 Broken\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            p.ingest(
+                &segment(Direction::Response, seq, response, 2_000 + t as u64, 0),
+                &mut events,
+            );
+            seq += response.len() as u32;
+        }
+        let done: Vec<_> = exchanges(&events)
+            .iter()
+            .map(|x| (x.request.target(), x.status))
+            .collect();
+        assert_eq!(
+            done,
+            [("/a", Some(200)), ("/b", None), ("/c", Some(204))],
+            "{events:?}"
+        );
     }
 
     #[test]
