@@ -39,7 +39,8 @@ pub struct Exchange {
     /// The start of the request body kept for inspection (chunking removed); whole
     /// when its length is `request_body_bytes`.
     pub request_body: Vec<u8>,
-    /// None when the connection ended before a response.
+    /// None when no response was read: the connection ended before one, or its head
+    /// could not be read (a parse error says which).
     pub status: Option<u16>,
     pub response_body_bytes: u64,
     /// From the request's first byte to the response's first byte.
@@ -137,7 +138,8 @@ struct Pending {
     body: Vec<u8>,
     /// Status and first-byte time of the response.
     response: Option<(u16, u64)>,
-    /// Set once the response's body has ended.
+    /// Set once the response's body has ended (or stopped short, or the response
+    /// could not be read: then 0 without a `response`).
     response_body_bytes: Option<u64>,
 }
 
@@ -387,11 +389,7 @@ fn pair(
     routes: &mut Routes,
 ) {
     let mut items = parsed.take_items();
-    // Whether the item before was a `Cut`: the error that follows one broke a body,
-    // not a head.
-    let mut message_cut = false;
     for item in items.drain(..) {
-        let after_cut = std::mem::replace(&mut message_cut, false);
         match item {
             Item::Request { head, started_ns } => {
                 let route = routes.route(head.target());
@@ -437,7 +435,6 @@ fn pair(
                 }
             }
             Item::Cut { body_bytes } => {
-                message_cut = true;
                 end_message(flow, direction, BodyEnd::Cut(body_bytes));
                 report_completed(flow, events, parsed);
             }
@@ -448,13 +445,11 @@ fn pair(
                     client: flow.client,
                     server: flow.server,
                 }));
-                // A body the error stopped came with a `Cut` before it. Otherwise a
-                // response head broke (or went missing in a gap): its request is
-                // answered, unreadably, so that later responses pair with their own.
-                if direction == Direction::Response
-                    && !after_cut
-                    && let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response())
-                {
+            }
+            // Its request is answered, unreadably (no status): later responses pair
+            // with their own requests.
+            Item::UnreadableResponse => {
+                if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
                     pending.response_body_bytes = Some(0);
                     report_completed(flow, events, parsed);
                 }
@@ -808,41 +803,82 @@ mod tests {
         );
     }
 
-    /// A response head that breaks answers its request (unreadably): the responses
-    /// after it still pair with their own requests.
-    #[test]
-    fn a_broken_response_head_does_not_shift_the_pairing() {
+    /// Feeds `requests` in one segment, then each response delivery in turn, each after
+    /// a gap of the bytes given with it; returns (target, status) of the exchanges
+    /// reported.
+    fn pair_up(requests: &[u8], responses: &[(&[u8], u32)]) -> Vec<(String, Option<u16>)> {
         let mut p = pipeline();
         let mut events: Vec<Seen> = Vec::new();
-        let requests = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
         p.ingest(
             &segment(Direction::Request, 1, requests, 1_000, 0),
             &mut events,
         );
         let mut seq = 900;
-        for (t, response) in [
-            &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..],
-            b"HTTP/1.1 2x0 Broken\r\n\r\n",
-            b"HTTP/1.1 204 No Content\r\n\r\n",
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (t, (response, gap_before)) in responses.iter().enumerate() {
+            seq += gap_before;
             p.ingest(
                 &segment(Direction::Response, seq, response, 2_000 + t as u64, 0),
                 &mut events,
             );
             seq += response.len() as u32;
         }
-        let done: Vec<_> = exchanges(&events)
+        exchanges(&events)
             .iter()
-            .map(|x| (x.request.target(), x.status))
-            .collect();
+            .map(|x| (x.request.target().to_owned(), x.status))
+            .collect()
+    }
+
+    /// A response head that breaks answers its request (unreadably): the responses
+    /// after it, in the same delivery too, pair with their own requests, a HEAD's
+    /// bodiless answer included.
+    #[test]
+    fn a_broken_response_head_does_not_shift_the_pairing() {
+        let done = pair_up(
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n",
+            &[(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n\
+                  HTTP/1.1 2x0 Broken\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n\
+                  HTTP/1.1 204 No Content\r\n\r\n",
+                0,
+            )],
+        );
+        let want = [
+            ("/a", Some(200)),
+            ("/b", None),
+            ("/c", Some(200)),
+            ("/d", Some(204)),
+        ];
+        assert_eq!(done, want.map(|(t, s)| (t.to_owned(), s)));
+    }
+
+    /// A head cut by a gap counts as a response; a gap between messages guesses none.
+    #[test]
+    fn a_response_head_cut_by_a_gap_answers_its_request() {
+        let done = pair_up(
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            &[
+                (b"HTTP/1.1 200 OK\r\nContent-", 0),
+                (b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", 40),
+            ],
+        );
         assert_eq!(
             done,
-            [("/a", Some(200)), ("/b", None), ("/c", Some(204))],
-            "{events:?}"
+            [("/a".to_owned(), None), ("/b".to_owned(), Some(201))]
         );
+    }
+
+    /// Bytes after a whole response that start no response are no answer to anything.
+    #[test]
+    fn stray_bytes_after_a_response_answer_no_request() {
+        let done = pair_up(
+            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            &[(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA\r\n\r\n",
+                0,
+            )],
+        );
+        assert_eq!(done, [("/a".to_owned(), Some(200))], "/b still waits");
     }
 
     #[test]

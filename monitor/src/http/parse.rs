@@ -517,6 +517,9 @@ pub enum Item {
     Body(Vec<u8>),
     /// The stream is not HTTP/1.x; nothing more is parsed on it.
     NotHttp(OtherProtocol),
+    /// A final response whose head could not be read (it broke, or part of it went
+    /// missing in a gap): it still answers one request. Comes after its `Error`.
+    UnreadableResponse,
 }
 
 #[derive(Debug)]
@@ -641,6 +644,12 @@ impl MessageParser {
             }
             State::UntilClose { seen } => *seen += missing,
             State::Resync | State::NotHttp => {}
+            // Part of a head went missing: it counts as a message. A gap between two
+            // messages may hold any number of them: none is guessed.
+            State::Head if !self.buf.is_empty() => {
+                let head = std::mem::take(&mut self.buf);
+                self.fail_head(&head, ParseErrorKind::Gap, out);
+            }
             _ => self.fail(ParseErrorKind::Gap, out),
         }
     }
@@ -690,7 +699,14 @@ impl MessageParser {
         }
         while !data.is_empty() {
             match &mut self.state {
-                State::NotHttp | State::Resync => return,
+                State::NotHttp => return,
+                // After a refused head: what follows it may be the next message.
+                State::Resync => {
+                    if !starts_message(self.side, data) {
+                        return;
+                    }
+                    self.state = State::Head;
+                }
                 State::Head => {
                     if self.buf.is_empty() {
                         self.head_started_ns = now_ns;
@@ -776,7 +792,17 @@ impl MessageParser {
             self.buf.clear();
             self.state = State::NotHttp;
         } else {
-            self.fail(kind, out);
+            self.fail_head(head, kind, out);
+        }
+    }
+
+    /// A head that cannot be read: an error, and, for a final response, one request
+    /// answered (the parser's queue of HEAD requests moves on with it).
+    fn fail_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Parsed) {
+        self.fail(kind, out);
+        if self.side == Side::Response && starts_final_response(head) {
+            self.head_requests.pop_front();
+            out.push(Item::UnreadableResponse);
         }
     }
 
@@ -808,12 +834,21 @@ impl MessageParser {
                 Some(len)
             }
             HeadParse::Partial => None,
+            // A refused head takes itself (to its blank line): pipelined messages may
+            // follow it in the same delivery.
             HeadParse::Invalid(kind) => {
-                self.invalid_head(bytes, kind, out);
-                Some(bytes.len())
+                let len = find_head_end(bytes).unwrap_or(bytes.len());
+                self.invalid_head(&bytes[..len], kind, out);
+                Some(len)
             }
             HeadParse::BadFraming(kind) => {
-                self.fail(kind, out);
+                self.fail_head(
+                    &bytes[..find_head_end(bytes).unwrap_or(bytes.len())],
+                    kind,
+                    out,
+                );
+                // Its body's length is unknown: what follows is not parsed as a message
+                // unless a later delivery starts one.
                 Some(bytes.len())
             }
         }
@@ -969,6 +1004,11 @@ impl MessageParser {
 /// pipeline's largest cost).
 static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+
+/// Whether `head` starts a final (not 1xx) response; too short to tell counts as one.
+fn starts_final_response(head: &[u8]) -> bool {
+    head.starts_with(b"HTTP/") && head.get(9) != Some(&b'1')
+}
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
     HEAD_END.find(bytes).map(|p| p + 4)
