@@ -829,19 +829,17 @@ mod tests {
     }
 
     /// A response head that breaks answers its request (unreadably): the responses
-    /// after it, in the same delivery too, pair with their own requests, a HEAD's
-    /// bodiless answer included.
+    /// after it pair with their own requests, a HEAD's bodiless answer included.
     #[test]
     fn a_broken_response_head_does_not_shift_the_pairing() {
         let done = pair_up(
             b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n",
-            &[(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n\
-                  HTTP/1.1 2x0 Broken\r\n\r\n\
-                  HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n\
-                  HTTP/1.1 204 No Content\r\n\r\n",
-                0,
-            )],
+            &[
+                (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
+                (b"\r\nHTTP/1.1 2x0 Broken\r\n\r\n", 0),
+                (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", 0),
+                (b"HTTP/1.1 204 No Content\r\n\r\n", 0),
+            ],
         );
         let want = [
             ("/a", Some(200)),

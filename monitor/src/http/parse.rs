@@ -699,14 +699,7 @@ impl MessageParser {
         }
         while !data.is_empty() {
             match &mut self.state {
-                State::NotHttp => return,
-                // After a refused head: what follows it may be the next message.
-                State::Resync => {
-                    if !starts_message(self.side, data) {
-                        return;
-                    }
-                    self.state = State::Head;
-                }
+                State::NotHttp | State::Resync => return,
                 State::Head => {
                     if self.buf.is_empty() {
                         self.head_started_ns = now_ns;
@@ -722,7 +715,8 @@ impl MessageParser {
                         find_head_end(&self.buf[searched_from..]).map(|e| e + searched_from)
                     else {
                         if self.buf.len() > MAX_HEAD_BYTES {
-                            self.fail(ParseErrorKind::HeadTooLarge, out);
+                            let head = std::mem::take(&mut self.buf);
+                            self.fail_head(&head, ParseErrorKind::HeadTooLarge, out);
                         } else if self.messages == 0 && self.looks_foreign() {
                             self.not_http(out);
                         }
@@ -1005,9 +999,23 @@ impl MessageParser {
 static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
-/// Whether `head` starts a final (not 1xx) response; too short to tell counts as one.
+/// Whether `head` starts a final response (not 1xx, but 101 is final), after the
+/// blank lines httparse skips; a start too short to tell counts as one.
 fn starts_final_response(head: &[u8]) -> bool {
-    head.starts_with(b"HTTP/") && head.get(9) != Some(&b'1')
+    let start = head
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(head.len());
+    let head = &head[start..];
+    let prefix = &head[..head.len().min(5)];
+    if head.is_empty() || !b"HTTP/".starts_with(prefix) {
+        return false;
+    }
+    // "HTTP/1.1 1xx": the status starts at byte 9.
+    match (head.get(9), head.get(10..12)) {
+        (Some(b'1'), Some(rest)) => rest == b"01",
+        _ => true,
+    }
 }
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
@@ -1017,6 +1025,29 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_heads_start_a_final_response() {
+        for (head, final_response) in [
+            (&b"HTTP/1.1 200 OK"[..], true),
+            (b"\r\n\r\nHTTP/1.1 404", true),
+            (b"HTTP/1.1 101 Switching", true),
+            (b"HTTP/1.1 100 Continue", false),
+            (b"HTTP/1.0 103", false),
+            (b"HTT", true),
+            (b"HTTP/1.1 1", true),
+            (b"xyz HTTP/1.1 200", false),
+            (b"\r\n", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                starts_final_response(head),
+                final_response,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
 
     /// `headers()` reads the accepted text again: it must agree with httparse on
     /// every head httparse accepts (line endings, blank lines before the request
