@@ -130,7 +130,9 @@ impl FlowId {
 
 #[derive(Debug)]
 struct Pending {
-    head: RequestHead,
+    /// None: a request whose head could not be read. It takes its response, so that
+    /// later ones pair with their own requests, and is not reported.
+    head: Option<RequestHead>,
     route: Arc<str>,
     started_ns: u64,
     /// Set once the request's body has ended, or stopped short.
@@ -397,7 +399,7 @@ fn pair(
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
                 flow.pending.push_back(Pending {
-                    head,
+                    head: Some(head),
                     route,
                     started_ns,
                     body_end: None,
@@ -405,11 +407,13 @@ fn pair(
                     response: None,
                     response_body_bytes: None,
                 });
-                if let Some(pending) = flow.pending.back() {
+                if let Some(pending) = flow.pending.back()
+                    && let Some(head) = &pending.head
+                {
                     events.observe(Event::Request(RequestStart {
                         client: flow.client,
                         server: flow.server,
-                        head: &pending.head,
+                        head,
                         route: &pending.route,
                         started_ns,
                     }));
@@ -446,14 +450,28 @@ fn pair(
                     server: flow.server,
                 }));
             }
-            // Its request is answered, unreadably (no status): later responses pair
-            // with their own requests.
-            Item::UnreadableResponse => {
-                if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
-                    pending.response_body_bytes = Some(0);
-                    report_completed(flow, events, parsed);
+            Item::UnreadableHead => match direction {
+                // A request all the same: its response is not the next one's.
+                Direction::Request => {
+                    flow.response.parser.expect_response(false);
+                    flow.pending.push_back(Pending {
+                        head: None,
+                        route: Arc::from(""),
+                        started_ns: 0,
+                        body_end: Some(BodyEnd::Whole(0)),
+                        body: Vec::new(),
+                        response: None,
+                        response_body_bytes: None,
+                    });
                 }
-            }
+                // Its request is answered, unreadably (no status).
+                Direction::Response => {
+                    if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
+                        pending.response_body_bytes = Some(0);
+                        report_completed(flow, events, parsed);
+                    }
+                }
+            },
             Item::NotHttp(protocol) => events.observe(Event::OtherProtocol(protocol)),
         }
     }
@@ -501,12 +519,14 @@ fn report(
     events: &mut impl Observer,
     parsed: &mut Parsed,
 ) {
-    let exchange = exchange(client, server, pending);
-    events.observe(Event::Exchange(&exchange));
-    parsed.recycle(exchange.request);
+    if let Some(exchange) = exchange(client, server, pending) {
+        events.observe(Event::Exchange(&exchange));
+        parsed.recycle(exchange.request);
+    }
 }
 
-fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchange {
+fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Option<Exchange> {
+    let request = pending.head?;
     let (status, latency) = match pending.response {
         Some((status, started_ns)) => (
             Some(status),
@@ -516,10 +536,10 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
         ),
         None => (None, None),
     };
-    Exchange {
+    Some(Exchange {
         client,
         server,
-        request: pending.head,
+        request,
         route: pending.route,
         started_ns: pending.started_ns,
         request_body_bytes: match pending.body_end {
@@ -531,7 +551,7 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Exchang
         status,
         response_body_bytes: pending.response_body_bytes.unwrap_or(0),
         latency,
-    }
+    })
 }
 
 /// A connection is gone: report what it still held.
@@ -803,16 +823,20 @@ mod tests {
         );
     }
 
-    /// Feeds `requests` in one segment, then each response delivery in turn, each after
-    /// a gap of the bytes given with it; returns (target, status) of the exchanges
+    /// Feeds each request delivery in turn, then each response delivery, each after a
+    /// gap of the bytes given with it; returns (target, status) of the exchanges
     /// reported.
-    fn pair_up(requests: &[u8], responses: &[(&[u8], u32)]) -> Vec<(String, Option<u16>)> {
+    fn pair_up(requests: &[&[u8]], responses: &[(&[u8], u32)]) -> Vec<(String, Option<u16>)> {
         let mut p = pipeline();
         let mut events: Vec<Seen> = Vec::new();
-        p.ingest(
-            &segment(Direction::Request, 1, requests, 1_000, 0),
-            &mut events,
-        );
+        let mut seq = 1;
+        for (t, request) in requests.iter().enumerate() {
+            p.ingest(
+                &segment(Direction::Request, seq, request, 1_000 + t as u64, 0),
+                &mut events,
+            );
+            seq += request.len() as u32;
+        }
         let mut seq = 900;
         for (t, (response, gap_before)) in responses.iter().enumerate() {
             seq += gap_before;
@@ -833,7 +857,7 @@ mod tests {
     #[test]
     fn a_broken_response_head_does_not_shift_the_pairing() {
         let done = pair_up(
-            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n",
+            &[b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nHEAD /c HTTP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n"],
             &[
                 (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0),
                 (b"\r\nHTTP/1.1 2x0 Broken\r\n\r\n", 0),
@@ -850,11 +874,32 @@ mod tests {
         assert_eq!(done, want.map(|(t, s)| (t.to_owned(), s)));
     }
 
+    /// A request head that cannot be read still takes its response (the server's 400):
+    /// the next request gets its own.
+    #[test]
+    fn a_broken_request_head_takes_its_own_response() {
+        let done = pair_up(
+            &[
+                b"GET /a HTTP/1.1\r\n\r\n",
+                b"GET /b HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+                b"GET /c HTTP/1.1\r\n\r\n",
+            ],
+            &[(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n\
+                  HTTP/1.1 400 Bad Request\r\nContent-Length: 3\r\n\r\nbad\
+                  HTTP/1.1 204 No Content\r\n\r\n",
+                0,
+            )],
+        );
+        let want = [("/a", Some(200)), ("/c", Some(204))];
+        assert_eq!(done, want.map(|(t, s)| (t.to_owned(), s)));
+    }
+
     /// A head cut by a gap counts as a response; a gap between messages guesses none.
     #[test]
     fn a_response_head_cut_by_a_gap_answers_its_request() {
         let done = pair_up(
-            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            &[b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"],
             &[
                 (b"HTTP/1.1 200 OK\r\nContent-", 0),
                 (b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", 40),
@@ -870,7 +915,7 @@ mod tests {
     #[test]
     fn stray_bytes_after_a_response_answer_no_request() {
         let done = pair_up(
-            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+            &[b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"],
             &[(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA\r\n\r\n",
                 0,

@@ -517,9 +517,10 @@ pub enum Item {
     Body(Vec<u8>),
     /// The stream is not HTTP/1.x; nothing more is parsed on it.
     NotHttp(OtherProtocol),
-    /// A final response whose head could not be read (it broke, or part of it went
-    /// missing in a gap): it still answers one request. Comes after its `Error`.
-    UnreadableResponse,
+    /// A request, or a final response, whose head could not be read (it broke, or
+    /// part of it went missing in a gap): it still counts as one message, so that
+    /// responses keep pairing with their own requests. Comes after its `Error`.
+    UnreadableHead,
 }
 
 #[derive(Debug)]
@@ -790,13 +791,20 @@ impl MessageParser {
         }
     }
 
-    /// A head that cannot be read: an error, and, for a final response, one request
-    /// answered (the parser's queue of HEAD requests moves on with it).
+    /// A head that cannot be read: an error, and, if it started a request or a final
+    /// response, one message all the same (a response's answers a request: the
+    /// parser's queue of HEAD requests moves on with it).
     fn fail_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Parsed) {
         self.fail(kind, out);
-        if self.side == Side::Response && starts_final_response(head) {
-            self.head_requests.pop_front();
-            out.push(Item::UnreadableResponse);
+        let counts = match self.side {
+            Side::Request => starts_message(Side::Request, after_blank_lines(head)),
+            Side::Response => starts_final_response(head),
+        };
+        if counts {
+            if self.side == Side::Response {
+                self.head_requests.pop_front();
+            }
+            out.push(Item::UnreadableHead);
         }
     }
 
@@ -999,14 +1007,19 @@ impl MessageParser {
 static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
+/// `bytes` after the blank lines httparse skips before a head.
+fn after_blank_lines(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
 /// Whether `head` starts a final response (not 1xx, but 101 is final), after the
 /// blank lines httparse skips; a start too short to tell counts as one.
 fn starts_final_response(head: &[u8]) -> bool {
-    let start = head
-        .iter()
-        .position(|b| !matches!(b, b'\r' | b'\n'))
-        .unwrap_or(head.len());
-    let head = &head[start..];
+    let head = after_blank_lines(head);
     let prefix = &head[..head.len().min(5)];
     if head.is_empty() || !b"HTTP/".starts_with(prefix) {
         return false;
