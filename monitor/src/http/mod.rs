@@ -450,10 +450,10 @@ fn pair(
                     server: flow.server,
                 }));
             }
-            Item::UnreadableHead => match direction {
+            Item::UnreadableHead { head_request } => match direction {
                 // A request all the same: its response is not the next one's.
                 Direction::Request => {
-                    flow.response.parser.expect_response(false);
+                    flow.response.parser.expect_response(head_request);
                     flow.pending.push_back(Pending {
                         head: None,
                         route: Arc::from(""),
@@ -893,6 +893,52 @@ mod tests {
         );
         let want = [("/a", Some(200)), ("/c", Some(204))];
         assert_eq!(done, want.map(|(t, s)| (t.to_owned(), s)));
+    }
+
+    /// A request head cut by a gap shows only when the next request arrives, after its
+    /// response: it must not take the next request's response.
+    #[test]
+    fn a_request_head_cut_by_a_gap_takes_no_response() {
+        let mut p = pipeline();
+        let mut events: Vec<Seen> = Vec::new();
+        let deliveries: [(Direction, u32, &[u8]); 4] = [
+            (Direction::Request, 1, b"GET /a HTTP/1.1\r\nX-Long: aaaa"),
+            (
+                Direction::Response,
+                900,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            ),
+            (Direction::Request, 20_000, b"GET /b HTTP/1.1\r\n\r\n"),
+            (Direction::Response, 938, b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ];
+        for (t, (direction, seq, data)) in deliveries.into_iter().enumerate() {
+            p.ingest(
+                &segment(direction, seq, data, 1_000 + t as u64, 0),
+                &mut events,
+            );
+        }
+        let done: Vec<_> = exchanges(&events)
+            .iter()
+            .map(|x| (x.request.target(), x.status))
+            .collect();
+        assert_eq!(done, [("/b", Some(204))], "{events:?}");
+    }
+
+    /// An unreadable HEAD request's answer has no body, whatever its Content-Length.
+    #[test]
+    fn a_broken_head_request_is_answered_without_a_body() {
+        let done = pair_up(
+            &[
+                b"HEAD /a HTTP/1.1\r\nBad Header: 1\r\n\r\n",
+                b"GET /b HTTP/1.1\r\n\r\n",
+            ],
+            &[(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n\
+                  HTTP/1.1 204 No Content\r\n\r\n",
+                0,
+            )],
+        );
+        assert_eq!(done, [("/b".to_owned(), Some(204))]);
     }
 
     /// A head cut by a gap counts as a response; a gap between messages guesses none.

@@ -517,10 +517,14 @@ pub enum Item {
     Body(Vec<u8>),
     /// The stream is not HTTP/1.x; nothing more is parsed on it.
     NotHttp(OtherProtocol),
-    /// A request, or a final response, whose head could not be read (it broke, or
-    /// part of it went missing in a gap): it still counts as one message, so that
-    /// responses keep pairing with their own requests. Comes after its `Error`.
-    UnreadableHead,
+    /// A request, or a final response, whose head could not be read (it broke, or,
+    /// for a response, part of it went missing in a gap): it still counts as one
+    /// message, so that responses keep pairing with their own requests. Comes after
+    /// its `Error`. `head_request`: a request whose method reads HEAD (its answer has
+    /// no body).
+    UnreadableHead {
+        head_request: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -796,15 +800,21 @@ impl MessageParser {
     /// parser's queue of HEAD requests moves on with it).
     fn fail_head(&mut self, head: &[u8], kind: ParseErrorKind, out: &mut Parsed) {
         self.fail(kind, out);
+        let start = after_blank_lines(head);
         let counts = match self.side {
-            Side::Request => starts_message(Side::Request, after_blank_lines(head)),
+            // A request head cut by a gap shows only when a later segment arrives,
+            // after its response may have come and gone: counting it then would shift
+            // the pairing instead of keeping it.
+            Side::Request => kind != ParseErrorKind::Gap && starts_message(Side::Request, start),
             Side::Response => starts_final_response(head),
         };
         if counts {
             if self.side == Side::Response {
                 self.head_requests.pop_front();
             }
-            out.push(Item::UnreadableHead);
+            out.push(Item::UnreadableHead {
+                head_request: self.side == Side::Request && start.starts_with(b"HEAD "),
+            });
         }
     }
 
