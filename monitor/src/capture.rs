@@ -210,10 +210,7 @@ impl ReaderFlag {
         } else {
             READER_POLLING
         };
-        self.map.set(0, state, 0).map_err(|source| MapsError::Map {
-            name: maps::CAPTURE_READER,
-            source,
-        })
+        self.map.set(0, state, 0).map_err(Self::error)
     }
 
     /// Whether the reader is parked: the kernel sets it back as it wakes it.
@@ -221,10 +218,14 @@ impl ReaderFlag {
         self.map
             .get(&0, 0)
             .map(|state| state == READER_PARKED)
-            .map_err(|source| MapsError::Map {
-                name: maps::CAPTURE_READER,
-                source,
-            })
+            .map_err(Self::error)
+    }
+
+    fn error(source: aya::maps::MapError) -> MapsError {
+        MapsError::Map {
+            name: maps::CAPTURE_READER,
+            source,
+        }
     }
 
     /// Parks the reader of `ring` unless a sample is already on its way; false: keep

@@ -155,6 +155,18 @@ enum BodyEnd {
 }
 
 impl Pending {
+    fn new(head: Option<RequestHead>, route: Arc<str>, started_ns: u64) -> Self {
+        Self {
+            head,
+            route,
+            started_ns,
+            body_end: None,
+            body: Vec::new(),
+            response: None,
+            response_body_bytes: None,
+        }
+    }
+
     /// Servers may answer before the request body is in (an early 413, or an
     /// endpoint that ignores the body): an exchange ends when both sides have.
     fn complete(&self) -> bool {
@@ -398,15 +410,8 @@ fn pair(
                 flow.response
                     .parser
                     .expect_response(head.method().eq_ignore_ascii_case("HEAD"));
-                flow.pending.push_back(Pending {
-                    head: Some(head),
-                    route,
-                    started_ns,
-                    body_end: None,
-                    body: Vec::new(),
-                    response: None,
-                    response_body_bytes: None,
-                });
+                flow.pending
+                    .push_back(Pending::new(Some(head), route, started_ns));
                 if let Some(pending) = flow.pending.back()
                     && let Some(head) = &pending.head
                 {
@@ -455,13 +460,8 @@ fn pair(
                 Direction::Request => {
                     flow.response.parser.expect_response(head_request);
                     flow.pending.push_back(Pending {
-                        head: None,
-                        route: Arc::from(""),
-                        started_ns: 0,
                         body_end: Some(BodyEnd::Whole(0)),
-                        body: Vec::new(),
-                        response: None,
-                        response_body_bytes: None,
+                        ..Pending::new(None, Arc::from(""), 0)
                     });
                 }
                 // Its request is answered, unreadably (no status).
@@ -586,6 +586,11 @@ mod tests {
         }
     }
 
+    /// The client resets the connection after sending `sent` request bytes from seq 1.
+    fn reset_after(sent: &[u8], t: u64) -> Segment<'static> {
+        segment(Direction::Request, 1 + sent.len() as u32, b"", t, TCP_RST)
+    }
+
     fn pipeline() -> Pipeline {
         Pipeline::new(
             Limits {
@@ -667,14 +672,7 @@ mod tests {
         let mut events: Vec<Seen> = Vec::new();
         let head = b"POST /up HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234";
         p.ingest(&segment(Direction::Request, 1, head, 1_000, 0), &mut events);
-        let reset = segment(
-            Direction::Request,
-            1 + head.len() as u32,
-            b"",
-            2_000,
-            TCP_RST,
-        );
-        p.ingest(&reset, &mut events);
+        p.ingest(&reset_after(head, 2_000), &mut events);
         let done = exchanges(&events);
         assert_eq!(done.len(), 1, "{events:?}");
         assert!(!done[0].request_body_complete);
@@ -807,14 +805,7 @@ mod tests {
             &segment(Direction::Response, 900, response, 2_000, 0),
             &mut events,
         );
-        let reset = segment(
-            Direction::Request,
-            1 + request.len() as u32,
-            b"",
-            3_000,
-            TCP_RST,
-        );
-        p.ingest(&reset, &mut events);
+        p.ingest(&reset_after(request, 3_000), &mut events);
         let done = exchanges(&events);
         assert_eq!(done.len(), 1, "{events:?}");
         assert_eq!(

@@ -846,21 +846,15 @@ impl MessageParser {
                 Some(len)
             }
             HeadParse::Partial => None,
-            // A refused head takes itself (to its blank line): pipelined messages may
-            // follow it in the same delivery.
+            // A refused head takes the rest of the delivery: where it ends is not known
+            // for sure (httparse may refuse it early), nor, with bad framing, where its
+            // body ends. The stream resyncs at a later delivery that starts a message.
             HeadParse::Invalid(kind) => {
-                let len = find_head_end(bytes).unwrap_or(bytes.len());
-                self.invalid_head(&bytes[..len], kind, out);
-                Some(len)
+                self.invalid_head(bytes, kind, out);
+                Some(bytes.len())
             }
             HeadParse::BadFraming(kind) => {
-                self.fail_head(
-                    &bytes[..find_head_end(bytes).unwrap_or(bytes.len())],
-                    kind,
-                    out,
-                );
-                // Its body's length is unknown: what follows is not parsed as a message
-                // unless a later delivery starts one.
+                self.fail_head(bytes, kind, out);
                 Some(bytes.len())
             }
         }
