@@ -138,11 +138,19 @@ struct Pending {
     /// Set once the request's body has ended, or stopped short.
     body_end: Option<BodyEnd>,
     body: Vec<u8>,
-    /// Status and first-byte time of the response.
-    response: Option<(u16, u64)>,
-    /// Set once the response's body has ended (or stopped short, or the response
-    /// could not be read: then 0 without a `response`).
-    response_body_bytes: Option<u64>,
+    answer: Answer,
+}
+
+/// How far a request's response has come; a head is (status, first-byte time).
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// No response head yet.
+    Awaited,
+    /// Its head came; its body is arriving.
+    Arriving((u16, u64)),
+    /// It ended (or stopped short): its head, None when it could not be read, and
+    /// its body's size.
+    Ended(Option<(u16, u64)>, u64),
 }
 
 /// How a request body ended, and after how many bytes.
@@ -162,20 +170,18 @@ impl Pending {
             started_ns,
             body_end: None,
             body: Vec::new(),
-            response: None,
-            response_body_bytes: None,
+            answer: Answer::Awaited,
         }
     }
 
     /// Servers may answer before the request body is in (an early 413, or an
     /// endpoint that ignores the body): an exchange ends when both sides have.
     fn complete(&self) -> bool {
-        self.body_end.is_some() && self.response_body_bytes.is_some()
+        self.body_end.is_some() && matches!(self.answer, Answer::Ended(..))
     }
 
-    /// No response head yet, and none broke (that one ended as unreadable).
     fn awaits_response(&self) -> bool {
-        self.response.is_none() && self.response_body_bytes.is_none()
+        matches!(self.answer, Answer::Awaited)
     }
 }
 
@@ -429,7 +435,7 @@ fn pair(
                     continue;
                 }
                 if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
-                    pending.response = Some((head.status, started_ns));
+                    pending.answer = Answer::Arriving((head.status, started_ns));
                 }
             }
             Item::End { body_bytes } => {
@@ -467,7 +473,7 @@ fn pair(
                 // Its request is answered, unreadably (no status).
                 Direction::Response => {
                     if let Some(pending) = flow.pending.iter_mut().find(|p| p.awaits_response()) {
-                        pending.response_body_bytes = Some(0);
+                        pending.answer = Answer::Ended(None, 0);
                         report_completed(flow, events, parsed);
                     }
                 }
@@ -488,13 +494,13 @@ fn end_message(flow: &mut Flow, direction: Direction, end: BodyEnd) {
             }
         }
         Direction::Response => {
-            if let Some(pending) = flow
-                .pending
-                .iter_mut()
-                .find(|p| p.response.is_some() && p.response_body_bytes.is_none())
-            {
+            let oldest_arriving = flow.pending.iter_mut().find_map(|p| match p.answer {
+                Answer::Arriving(head) => Some((p, head)),
+                _ => None,
+            });
+            if let Some((pending, head)) = oldest_arriving {
                 let (BodyEnd::Whole(bytes) | BodyEnd::Cut(bytes)) = end;
-                pending.response_body_bytes = Some(bytes);
+                pending.answer = Answer::Ended(Some(head), bytes);
             }
         }
     }
@@ -527,7 +533,12 @@ fn report(
 
 fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Option<Exchange> {
     let request = pending.head?;
-    let (status, latency) = match pending.response {
+    let (response, response_body_bytes) = match pending.answer {
+        Answer::Awaited => (None, 0),
+        Answer::Arriving(head) => (Some(head), 0),
+        Answer::Ended(head, bytes) => (head, bytes),
+    };
+    let (status, latency) = match response {
         Some((status, started_ns)) => (
             Some(status),
             Some(Duration::from_nanos(
@@ -549,7 +560,7 @@ fn exchange(client: SocketAddr, server: SocketAddr, pending: Pending) -> Option<
         request_body_complete: matches!(pending.body_end, Some(BodyEnd::Whole(_))),
         request_body: pending.body,
         status,
-        response_body_bytes: pending.response_body_bytes.unwrap_or(0),
+        response_body_bytes,
         latency,
     })
 }
