@@ -127,6 +127,8 @@ pub struct DaemonConfig {
     pub metrics_addr: MetricsAddr,
     #[serde(with = "humantime_serde_compat")]
     pub sweep_interval: std::time::Duration,
+    /// The daemon's CPU scheduling policy, set at start.
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 impl Default for DaemonConfig {
@@ -141,6 +143,7 @@ impl Default for DaemonConfig {
             audit_log: PathBuf::from(DEFAULT_AUDIT_LOG),
             metrics_addr: MetricsAddr::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            scheduling_policy: SchedulingPolicy::Batch,
         }
     }
 }
@@ -243,6 +246,25 @@ pub enum IngressHook {
     #[default]
     Xdp,
     Tc,
+}
+
+/// The daemon's CPU scheduling policy, named as `chrt` and systemd's
+/// `CPUSchedulingPolicy=` name them.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// `SCHED_BATCH`: the same share of the CPU, but a waking daemon does not preempt
+    /// the running thread; it runs when that thread blocks or its slice ends. The
+    /// daemon's work is batch work (it drains a ring that buffers tens of
+    /// milliseconds), while the thread it would preempt may be the server it watches
+    /// or that server's client: under wrk against nginx on two CPUs this took the
+    /// daemon's cost from about 15 % to about 8 % of requests per second, and the
+    /// decision-to-drop p50 from 0.9 to 1.9 ms (p99 within 10 ms either way).
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`: the kernel's default; the daemon reacts sooner on a busy host,
+    /// at the cost above.
+    Other,
 }
 
 /// The metrics listener, or `off`.
@@ -450,6 +472,7 @@ mod tests {
         assert_eq!(config.daemon.socket, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(config.daemon.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(config.datapath.ip_stats_capacity, 1 << 20);
+        assert_eq!(config.daemon.scheduling_policy, SchedulingPolicy::Batch);
     }
 
     #[test]
@@ -466,6 +489,7 @@ mod tests {
             audit_log = "/tmp/audit.jsonl"
             metrics_addr = "off"
             sweep_interval = "2s"
+            scheduling_policy = "other"
             [datapath]
             ip_stats_capacity = 1000
             blocklist_capacity = 2000
@@ -511,6 +535,7 @@ mod tests {
             }
         );
         assert_eq!(config.daemon.metrics_addr, MetricsAddr::Off);
+        assert_eq!(config.daemon.scheduling_policy, SchedulingPolicy::Other);
         assert_eq!(
             config.daemon.sweep_interval,
             std::time::Duration::from_secs(2)
@@ -566,6 +591,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("turbo"), "{err}");
+
+        let err = parse("[daemon]\nscheduling_policy = \"fifo\"\n").unwrap_err();
+        assert!(
+            err.starts_with("invalid config apimon.toml:2:21: ")
+                && err.contains("unknown variant `fifo`, expected `batch` or `other`"),
+            "{err}"
+        );
 
         let err = parse("[daemon]\nsockets = \"/x\"\n").unwrap_err();
         assert!(err.contains("unknown field `sockets`"), "{err}");

@@ -21,7 +21,7 @@ use crate::{
     capture::{self, CaptureMaps, Segment},
     cidr,
     clock::{self, Clocks},
-    config::{Config, IngressHook, MetricsAddr},
+    config::{Config, IngressHook, MetricsAddr, SchedulingPolicy},
     control::{
         self, ControlError, InterfaceView, ListEntryView, PolicyView, Request, SampleCounts,
         StatsView, StatusView, TopKey, TopRow,
@@ -191,6 +191,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     // Loaded and attached: from here on the daemon runs with what it still needs. The
     // audit writer and every other thread start afterwards, so they inherit the drop.
     privilege::keep_only_runtime_capabilities()?;
+    set_scheduling_policy(daemon.scheduling_policy);
     let (audit, audit_writer) = AuditLog::open(AuditOptions {
         path: daemon.audit_log.clone(),
         max_file_bytes: config.audit.max_file_bytes,
@@ -263,6 +264,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         interfaces = %interfaces.join(","),
         socket = %daemon.socket.display(),
         pins = %daemon.bpffs_dir.display(),
+        scheduling_policy = ?daemon.scheduling_policy,
         version = VERSION,
         "Daemon started"
     );
@@ -432,6 +434,22 @@ fn release_or_detach(attachment: Attachment) {
     }
     if let Err(e) = attachment.detach() {
         error!(iface, error = %e, "Detaching XDP failed");
+    }
+}
+
+/// Sets the calling thread's scheduling policy (see `SchedulingPolicy`). The daemon's
+/// runtime runs on this thread, and the threads it starts later inherit the policy.
+/// Either policy works, so a failure is only worth a warning.
+fn set_scheduling_policy(policy: SchedulingPolicy) {
+    let value = match policy {
+        SchedulingPolicy::Batch => libc::SCHED_BATCH,
+        SchedulingPolicy::Other => libc::SCHED_OTHER,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid, initialised struct.
+    if unsafe { libc::sched_setscheduler(0, value, &param) } != 0 {
+        let error = std::io::Error::last_os_error();
+        warn!(%error, ?policy, "Setting the scheduling policy failed; keeping the inherited one");
     }
 }
 

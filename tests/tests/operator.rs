@@ -215,6 +215,65 @@ fn capabilities(pid: u32, set: &str) -> u64 {
     u64::from_str_radix(line.trim(), 16).unwrap()
 }
 
+/// The scheduling policy of each of a process's threads (`/proc/PID/task/TID/stat`,
+/// field 41), by thread id.
+fn scheduling_policies(pid: u32) -> Vec<(String, i32)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let task = task.unwrap().file_name().into_string().unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/stat")).unwrap();
+            // Fields after the command name, which may hold spaces: the state is field 3.
+            let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+            let policy = after_name.split_whitespace().nth(41 - 3).unwrap();
+            (task, policy.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Sets this test thread's scheduling policy, which the daemons it starts inherit.
+fn set_own_scheduling_policy(policy: i32) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names this thread; `param` is a valid struct.
+    assert_eq!(unsafe { libc::sched_setscheduler(0, policy, &param) }, 0);
+}
+
+#[test]
+fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
+    require_root();
+    let topo = Topology::new();
+    // Each daemon inherits the other policy, so only its own setting explains its policy.
+    set_own_scheduling_policy(libc::SCHED_OTHER);
+    let mut daemon = Daemon::start(&topo.server, &topo.server_if);
+    let policies = scheduling_policies(daemon.pid().unwrap());
+    // Threads started later (the audit writer) inherit it.
+    assert!(policies.len() > 1, "{policies:?}");
+    assert!(
+        policies
+            .iter()
+            .all(|(_, policy)| *policy == libc::SCHED_BATCH),
+        "{policies:?}"
+    );
+    daemon.stop();
+
+    let paths = DaemonPaths::new();
+    std::fs::write(
+        paths.config_file(),
+        "[daemon]\nscheduling_policy = \"other\"\n",
+    )
+    .unwrap();
+    set_own_scheduling_policy(libc::SCHED_BATCH);
+    let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
+    set_own_scheduling_policy(libc::SCHED_OTHER);
+    let policies = scheduling_policies(daemon.pid().unwrap());
+    assert!(
+        policies
+            .iter()
+            .all(|(_, policy)| *policy == libc::SCHED_OTHER),
+        "{policies:?}"
+    );
+}
+
 #[test]
 fn the_running_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
     require_root();

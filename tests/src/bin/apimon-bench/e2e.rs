@@ -99,23 +99,27 @@ pub enum Setup {
     TcObserving,
     /// The datapath alone (blocklist, counters): what capture's cost comes on top of.
     XdpCaptureOff,
+    /// The default setup with the kernel's default scheduling policy for the daemon.
+    XdpSchedOther,
 }
 
 impl Setup {
-    const ALL: [Setup; 5] = [
+    const ALL: [Setup; 6] = [
         Setup::NoMonitor,
         Setup::Xdp,
         Setup::Tc,
         Setup::TcObserving,
         Setup::XdpCaptureOff,
+        Setup::XdpSchedOther,
     ];
-    /// The setups that capture HTTP, for the runs that look at what apimon saw.
+    /// The setups whose observations (what apimon saw, at full and half rate, and its
+    /// kernel programs' cost) are reported.
     const CAPTURING: [Setup; 3] = [Setup::Xdp, Setup::Tc, Setup::TcObserving];
 
     fn run_args(self) -> &'static [&'static str] {
         match self {
             Setup::Tc | Setup::TcObserving => &["--ingress-hook", "tc"],
-            Setup::NoMonitor | Setup::Xdp | Setup::XdpCaptureOff => &[],
+            Setup::NoMonitor | Setup::Xdp | Setup::XdpCaptureOff | Setup::XdpSchedOther => &[],
         }
     }
 
@@ -124,6 +128,7 @@ impl Setup {
         match self {
             Setup::TcObserving => "[policy]\nrules = []\n[policy.detections]\nenabled = false\n",
             Setup::XdpCaptureOff => "[capture]\nports = []\n",
+            Setup::XdpSchedOther => "[daemon]\nscheduling_policy = \"other\"\n",
             Setup::NoMonitor | Setup::Xdp | Setup::Tc => "",
         }
     }
@@ -135,6 +140,7 @@ impl Setup {
             Setup::Tc => "apimon, TC ingress",
             Setup::TcObserving => "apimon, TC ingress, observing only",
             Setup::XdpCaptureOff => "apimon, XDP ingress, capture off",
+            Setup::XdpSchedOther => "apimon, XDP ingress, SCHED_OTHER",
         }
     }
 }
@@ -207,8 +213,11 @@ pub struct E2eResult {
     /// Best of the rounds at full speed, per setup (in `Setup::ALL` order).
     pub max_rate: Vec<(Setup, WrkResult)>,
     /// Per setup: median over rounds of (requests/s, p99) relative to the unmonitored
-    /// run of the same round.
+    /// runs around it.
     pub paired: Vec<(f64, f64)>,
+    /// Per setup: the middle half of the rounds' requests/s ratios (first and third
+    /// quartile), the noise the medians come with.
+    pub spread: Vec<(f64, f64)>,
     /// The last full-speed run of each monitored setup.
     pub at_max: Vec<(Setup, Observed)>,
     /// Paced runs at about half the unmonitored maximum.
@@ -328,16 +337,22 @@ pub fn run() -> Result<E2eResult> {
         }
     }
     at_max.sort_by_key(|(setup, _)| Setup::ALL.iter().position(|s| s == setup));
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let paired = ratios
-        .into_iter()
+        .iter()
         .map(|rounds| {
             (
-                median(rounds.iter().map(|r| r.0).collect()),
-                median(rounds.iter().map(|r| r.1).collect()),
+                crate::median(rounds.iter().map(|r| r.0).collect()),
+                crate::median(rounds.iter().map(|r| r.1).collect()),
+            )
+        })
+        .collect();
+    let spread = ratios
+        .iter()
+        .map(|rounds| {
+            let rps: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+            (
+                crate::quantile(rps.clone(), 0.25),
+                crate::quantile(rps, 0.75),
             )
         })
         .collect();
@@ -367,6 +382,7 @@ pub fn run() -> Result<E2eResult> {
     Ok(E2eResult {
         max_rate,
         paired,
+        spread,
         at_max,
         at_half,
         half_connections,
@@ -391,22 +407,28 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
          built-in policy rule, which fires on every request of this single client, and detections on every \
          exchange), its ingress datapath at XDP or at TC. *Observing only* is issue 3's pipeline alone: \
          the same without policy rules and detections. *Capture off* is the datapath alone \
-         (`capture.ports = []`): the share of the cost that is not capture's."
+         (`capture.ports = []`): the share of the cost that is not capture's. *SCHED_OTHER* is the \
+         default setup with the daemon under the kernel's default scheduling policy \
+         (`daemon.scheduling_policy = \"other\"`) instead of apimon's default, `SCHED_BATCH`."
     )?;
     writeln!(out)?;
     writeln!(
         out,
-        "| | requests/s (best) | p99 latency (ms, best) | requests/s vs no monitor | p99 vs no monitor |"
+        "| | requests/s (best) | p99 latency (ms, best) | requests/s vs no monitor | middle half of the rounds | p99 vs no monitor |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|")?;
-    for ((setup, result), (rps, p99)) in r.max_rate.iter().zip(&r.paired) {
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
+    for (((setup, result), (rps, p99)), (low, high)) in
+        r.max_rate.iter().zip(&r.paired).zip(&r.spread)
+    {
         writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:+.1}% | {:+.1}% |",
+            "| {} | {:.0} | {:.2} | {:+.1}% | {:+.1}% to {:+.1}% | {:+.1}% |",
             setup.name(),
             result.requests_per_s,
             result.p99_ms,
             (rps - 1.0) * 100.0,
+            (low - 1.0) * 100.0,
+            (high - 1.0) * 100.0,
             (p99 - 1.0) * 100.0
         )?;
     }
@@ -415,7 +437,8 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
         out,
         "Each monitored run is compared with the mean of the unmonitored runs right before and right \
          after it (so the machine slowing down or speeding up across the three cancels out); the changes \
-         are the medians of those ratios over the rounds."
+         are the medians of those ratios over the rounds, and the middle half of the rounds lies between \
+         their first and third quartiles."
     )?;
     writeln!(out)?;
     writeln!(

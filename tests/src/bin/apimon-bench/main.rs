@@ -106,9 +106,14 @@ fn run_once(
     Ok(ns)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+fn median(values: Vec<f64>) -> f64 {
+    quantile(values, 0.5)
+}
+
+/// The value a fraction `at` (0..=1) of the way through the sorted values.
+fn quantile(mut values: Vec<f64>, at: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    values[((values.len() - 1) as f64 * at).round() as usize]
 }
 
 fn fill(dp: &mut TestDatapath, entries: u32) -> Result<f64> {
