@@ -249,21 +249,23 @@ pub enum IngressHook {
 }
 
 /// The daemon's CPU scheduling policy, named as `chrt` and systemd's
-/// `CPUSchedulingPolicy=` name them.
+/// `CPUSchedulingPolicy=` name them. Set at start, it replaces the policy the daemon
+/// was started with.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SchedulingPolicy {
-    /// `SCHED_BATCH`: the same share of the CPU, but a waking daemon does not preempt
-    /// the running thread; it runs when that thread blocks or its slice ends. The
-    /// daemon's work is batch work (it drains a ring that buffers tens of
+    /// `SCHED_BATCH`: the same weight (nice value) as before, but a waking daemon does
+    /// not preempt the running thread; it runs when that thread blocks or its slice
+    /// ends. The daemon's work is batch work (it drains a ring that buffers tens of
     /// milliseconds), while the thread it would preempt may be the server it watches
-    /// or that server's client: under wrk against nginx on two CPUs this took the
-    /// daemon's cost from 11–15 % to 6–9 % of requests per second, and the
-    /// decision-to-drop p50 from 0.9 to 1.9 ms (p99 within 10 ms either way).
+    /// or that server's client. Under wrk against nginx on two CPUs, in bracketed
+    /// rounds of one session each (noisy), the daemon's cost went from 11–16 % to
+    /// 6–9 % of requests per second, and the decision-to-drop p50 from about 0.9 to
+    /// 1.9 ms (p99 within 10 ms either way).
     #[default]
     Batch,
-    /// `SCHED_OTHER`: the kernel's default; the daemon reacts sooner on a busy host,
-    /// at the cost above.
+    /// `SCHED_OTHER`, the kernel's default policy: the daemon reacts sooner on a busy
+    /// host, at the cost above.
     Other,
 }
 

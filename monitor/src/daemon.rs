@@ -189,9 +189,10 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
         }
     }
     // Loaded and attached: from here on the daemon runs with what it still needs. The
-    // audit writer and every other thread start afterwards, so they inherit the drop.
-    privilege::keep_only_runtime_capabilities()?;
+    // audit writer and every other thread start afterwards, so they inherit the drop
+    // and the scheduling policy (set first: leaving some policies takes privilege).
     set_scheduling_policy(daemon.scheduling_policy);
+    privilege::keep_only_runtime_capabilities()?;
     let (audit, audit_writer) = AuditLog::open(AuditOptions {
         path: daemon.audit_log.clone(),
         max_file_bytes: config.audit.max_file_bytes,

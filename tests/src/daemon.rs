@@ -126,6 +126,14 @@ impl Drop for DaemonPaths {
     }
 }
 
+/// Field `number` (3 or more, numbered as proc(5) numbers them) of a
+/// `/proc/PID/stat` or `/proc/PID/task/TID/stat` text. Fields after the command name,
+/// which may hold spaces and parentheses, are space-separated.
+pub fn stat_field(stat: &str, number: usize) -> Option<&str> {
+    let after_name = stat.rsplit_once(')')?.1;
+    after_name.split_whitespace().nth(number.checked_sub(3)?)
+}
+
 /// A running `apimon run` in `ns`, attached to `iface`. Stopped on drop (and its pins
 /// removed with its paths); its log is printed when a test fails.
 pub struct Daemon {
@@ -187,12 +195,8 @@ impl Daemon {
     pub fn cpu_time(&self) -> Option<Duration> {
         let pid = self.child.as_ref()?.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces) are space-separated;
-        // utime and stime are the 14th and 15th fields overall.
-        let after_name = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let ticks: u64 = stat_field(&stat, 14)?.parse::<u64>().ok()?
+            + stat_field(&stat, 15)?.parse::<u64>().ok()?;
         let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
         Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
     }
@@ -541,5 +545,19 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stat_field;
+
+    #[test]
+    fn stat_fields_are_counted_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (a) (b c) S 1 2 3\n";
+        assert_eq!(stat_field(stat, 3), Some("S"));
+        assert_eq!(stat_field(stat, 6), Some("3"));
+        assert_eq!(stat_field(stat, 7), None);
+        assert_eq!(stat_field(stat, 2), None, "the name is not a field here");
     }
 }

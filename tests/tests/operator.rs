@@ -15,7 +15,7 @@ use std::{
 };
 
 use apimon_tests::{
-    daemon::{Daemon, DaemonPaths, apimon_bin, json_lines},
+    daemon::{Daemon, DaemonPaths, apimon_bin, json_lines, stat_field},
     netns::Topology,
     nginx::{Nginx, curl},
     require_root,
@@ -215,18 +215,17 @@ fn capabilities(pid: u32, set: &str) -> u64 {
     u64::from_str_radix(line.trim(), 16).unwrap()
 }
 
-/// The scheduling policy of each of a process's threads (`/proc/PID/task/TID/stat`,
-/// field 41), by thread id.
+/// The scheduling policy (field 41 of `/proc/PID/task/TID/stat`) of each of a
+/// process's threads, by thread id. A thread that ends while being read (an idle
+/// blocking-pool thread) is left out.
 fn scheduling_policies(pid: u32) -> Vec<(String, i32)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
-        .map(|task| {
-            let task = task.unwrap().file_name().into_string().unwrap();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/stat")).unwrap();
-            // Fields after the command name, which may hold spaces: the state is field 3.
-            let after_name = &stat[stat.rfind(')').unwrap() + 1..];
-            let policy = after_name.split_whitespace().nth(41 - 3).unwrap();
-            (task, policy.parse().unwrap())
+        .filter_map(|task| {
+            let task = task.ok()?.file_name().into_string().unwrap();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/stat")).ok()?;
+            let policy = stat_field(&stat, 41).unwrap().parse().unwrap();
+            Some((task, policy))
         })
         .collect()
 }

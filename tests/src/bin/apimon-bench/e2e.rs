@@ -212,12 +212,8 @@ fn kernel_cost(topo: &Topology, setup: Setup) -> Result<KernelCost> {
 pub struct E2eResult {
     /// Best of the rounds at full speed, per setup (in `Setup::ALL` order).
     pub max_rate: Vec<(Setup, WrkResult)>,
-    /// Per setup: median over rounds of (requests/s, p99) relative to the unmonitored
-    /// runs around it.
-    pub paired: Vec<(f64, f64)>,
-    /// Per setup: the middle half of the rounds' requests/s ratios (first and third
-    /// quartile), the noise the medians come with.
-    pub spread: Vec<(f64, f64)>,
+    /// Per setup, its runs relative to the unmonitored runs around them.
+    pub paired: Vec<Paired>,
     /// The last full-speed run of each monitored setup.
     pub at_max: Vec<(Setup, Observed)>,
     /// Paced runs at about half the unmonitored maximum.
@@ -227,6 +223,17 @@ pub struct E2eResult {
     pub half_rate: f64,
     /// Per monitored setup, its kernel programs' cost at full speed.
     pub kernel: Vec<(Setup, KernelCost)>,
+}
+
+/// A setup's runs over the rounds, each relative to the unmonitored runs around it.
+pub struct Paired {
+    /// Median requests/s ratio.
+    pub rps: f64,
+    /// Median p99 ratio.
+    pub p99: f64,
+    /// First and third quartile of the requests/s ratios: the noise the median comes
+    /// with. None for the unmonitored baseline.
+    pub rps_middle_half: Option<(f64, f64)>,
 }
 
 /// Setups with apimon running: all but the first.
@@ -339,21 +346,19 @@ pub fn run() -> Result<E2eResult> {
     at_max.sort_by_key(|(setup, _)| Setup::ALL.iter().position(|s| s == setup));
     let paired = ratios
         .iter()
-        .map(|rounds| {
-            (
-                crate::median(rounds.iter().map(|r| r.0).collect()),
-                crate::median(rounds.iter().map(|r| r.1).collect()),
-            )
-        })
-        .collect();
-    let spread = ratios
-        .iter()
-        .map(|rounds| {
+        .enumerate()
+        .map(|(index, rounds)| {
             let rps: Vec<f64> = rounds.iter().map(|r| r.0).collect();
-            (
-                crate::quantile(rps.clone(), 0.25),
-                crate::quantile(rps, 0.75),
-            )
+            Paired {
+                rps: crate::median(rps.clone()),
+                p99: crate::median(rounds.iter().map(|r| r.1).collect()),
+                rps_middle_half: (index > 0).then(|| {
+                    (
+                        crate::quantile(rps.clone(), 0.25),
+                        crate::quantile(rps, 0.75),
+                    )
+                }),
+            }
         })
         .collect();
     // Half the unmonitored maximum, paced: each connection waits HALF_DELAY_MS between
@@ -382,7 +387,6 @@ pub fn run() -> Result<E2eResult> {
     Ok(E2eResult {
         max_rate,
         paired,
-        spread,
         at_max,
         at_half,
         half_connections,
@@ -417,19 +421,24 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
         "| | requests/s (best) | p99 latency (ms, best) | requests/s vs no monitor | middle half of the rounds | p99 vs no monitor |"
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
-    for (((setup, result), (rps, p99)), (low, high)) in
-        r.max_rate.iter().zip(&r.paired).zip(&r.spread)
-    {
+    for ((setup, result), paired) in r.max_rate.iter().zip(&r.paired) {
+        let middle_half = paired
+            .rps_middle_half
+            .map_or("-".to_owned(), |(low, high)| {
+                format!(
+                    "{:+.1}% to {:+.1}%",
+                    (low - 1.0) * 100.0,
+                    (high - 1.0) * 100.0
+                )
+            });
         writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:+.1}% | {:+.1}% to {:+.1}% | {:+.1}% |",
+            "| {} | {:.0} | {:.2} | {:+.1}% | {middle_half} | {:+.1}% |",
             setup.name(),
             result.requests_per_s,
             result.p99_ms,
-            (rps - 1.0) * 100.0,
-            (low - 1.0) * 100.0,
-            (high - 1.0) * 100.0,
-            (p99 - 1.0) * 100.0
+            (paired.rps - 1.0) * 100.0,
+            (paired.p99 - 1.0) * 100.0
         )?;
     }
     writeln!(out)?;
@@ -499,7 +508,7 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
         }
     }
     writeln!(out)?;
-    for ((setup, _), (rps, p99)) in r.max_rate.iter().zip(&r.paired).skip(1) {
+    for ((setup, _), paired) in r.max_rate.iter().zip(&r.paired).skip(1) {
         let lost: u64 = r
             .at_half
             .iter()
@@ -515,8 +524,8 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
             out,
             "- {}: requests/s {}, p99 {}{loss}.",
             setup.name(),
-            crate::verdict(*rps >= 0.95),
-            crate::verdict(*p99 <= 1.10),
+            crate::verdict(paired.rps >= 0.95),
+            crate::verdict(paired.p99 <= 1.10),
         )?;
     }
     writeln!(out)

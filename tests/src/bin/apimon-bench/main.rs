@@ -110,10 +110,14 @@ fn median(values: Vec<f64>) -> f64 {
     quantile(values, 0.5)
 }
 
-/// The value a fraction `at` (0..=1) of the way through the sorted values.
+/// The value a fraction `at` (0..=1) of the way through the sorted values; NaN for none.
 fn quantile(mut values: Vec<f64>, at: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * at).round() as usize]
+    let last = values.len().saturating_sub(1);
+    values
+        .get((last as f64 * at).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 fn fill(dp: &mut TestDatapath, entries: u32) -> Result<f64> {
