@@ -258,10 +258,10 @@ pub enum SchedulingPolicy {
     /// not preempt the running thread; it runs when that thread blocks or its slice
     /// ends. The daemon's work is batch work (it drains a ring that buffers tens of
     /// milliseconds), while the thread it would preempt may be the server it watches
-    /// or that server's client. Under wrk against nginx on two CPUs, in bracketed
-    /// rounds of one session each (noisy), the daemon's cost went from 11–16 % to
-    /// 6–9 % of requests per second, and the decision-to-drop p50 from about 0.9 to
-    /// 1.9 ms (p99 within 10 ms either way).
+    /// or that server's client. Under wrk against nginx on two CPUs, in four
+    /// comparisons within one session each (noisy), the daemon cost 5–9 % of requests
+    /// per second against 6–16 % under `SCHED_OTHER`, and the decision-to-drop p50
+    /// went from about 0.9 to 1.9 ms (p99 within 10 ms either way).
     #[default]
     Batch,
     /// `SCHED_OTHER`, the kernel's default policy: the daemon reacts sooner on a busy
