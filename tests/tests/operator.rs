@@ -237,6 +237,14 @@ fn set_own_scheduling_policy(policy: i32) {
     assert_eq!(unsafe { libc::sched_setscheduler(0, policy, &param) }, 0);
 }
 
+/// Every thread of the daemon runs under `policy`: the main one, and those it started
+/// later (the audit writer), which inherit it.
+fn assert_every_thread_runs_under(daemon: &Daemon, policy: i32) {
+    let policies = scheduling_policies(daemon.pid().unwrap());
+    assert!(policies.len() > 1, "{policies:?}");
+    assert!(policies.iter().all(|(_, p)| *p == policy), "{policies:?}");
+}
+
 #[test]
 fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
     require_root();
@@ -244,15 +252,7 @@ fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
     // Each daemon inherits the other policy, so only its own setting explains its policy.
     set_own_scheduling_policy(libc::SCHED_OTHER);
     let mut daemon = Daemon::start(&topo.server, &topo.server_if);
-    let policies = scheduling_policies(daemon.pid().unwrap());
-    // Threads started later (the audit writer) inherit it.
-    assert!(policies.len() > 1, "{policies:?}");
-    assert!(
-        policies
-            .iter()
-            .all(|(_, policy)| *policy == libc::SCHED_BATCH),
-        "{policies:?}"
-    );
+    assert_every_thread_runs_under(&daemon, libc::SCHED_BATCH);
     daemon.stop();
 
     let paths = DaemonPaths::new();
@@ -264,13 +264,7 @@ fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
     set_own_scheduling_policy(libc::SCHED_BATCH);
     let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
     set_own_scheduling_policy(libc::SCHED_OTHER);
-    let policies = scheduling_policies(daemon.pid().unwrap());
-    assert!(
-        policies
-            .iter()
-            .all(|(_, policy)| *policy == libc::SCHED_OTHER),
-        "{policies:?}"
-    );
+    assert_every_thread_runs_under(&daemon, libc::SCHED_OTHER);
 }
 
 #[test]

@@ -764,24 +764,15 @@ mod tests {
     /// (with the bytes seen), and the next response pairs with its own request at once.
     #[test]
     fn a_response_cut_by_a_gap_ends_and_the_next_pairs_with_its_own_request() {
-        let mut p = pipeline();
-        let mut events: Vec<Seen> = Vec::new();
-        let requests = b"GET /big HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n";
-        p.ingest(
-            &segment(Direction::Request, 1, requests, 1_000, 0),
-            &mut events,
-        );
-        let first =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n";
-        p.ingest(
-            &segment(Direction::Response, 900, first, 2_000, 0),
-            &mut events,
-        );
-        let second = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
-        let after_gap = 900 + first.len() as u32 + 5_000;
-        p.ingest(
-            &segment(Direction::Response, after_gap, second, 3_000, 0),
-            &mut events,
+        let (_, events) = deliver(
+            &[b"GET /big HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n"],
+            &[
+                (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+                    0,
+                ),
+                (b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 5_000),
+            ],
         );
         let done: Vec<_> = exchanges(&events)
             .iter()
@@ -804,17 +795,13 @@ mod tests {
     /// A connection that ends inside a response reports the bytes that came.
     #[test]
     fn a_response_the_connection_cut_short_counts_what_came() {
-        let mut p = pipeline();
-        let mut events: Vec<Seen> = Vec::new();
         let request = b"GET /file HTTP/1.1\r\n\r\n";
-        p.ingest(
-            &segment(Direction::Request, 1, request, 1_000, 0),
-            &mut events,
-        );
-        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789";
-        p.ingest(
-            &segment(Direction::Response, 900, response, 2_000, 0),
-            &mut events,
+        let (mut p, mut events) = deliver(
+            &[request],
+            &[(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                0,
+            )],
         );
         p.ingest(&reset_after(request, 3_000), &mut events);
         let done = exchanges(&events);
@@ -825,10 +812,10 @@ mod tests {
         );
     }
 
-    /// Feeds each request delivery in turn, then each response delivery, each after a
-    /// gap of the bytes given with it; returns (target, status) of the exchanges
-    /// reported.
-    fn pair_up(requests: &[&[u8]], responses: &[(&[u8], u32)]) -> Vec<(String, Option<u16>)> {
+    /// Feeds each request delivery in turn (from seq 1, at t = 1000 ns on), then each
+    /// response delivery (from seq 900, at t = 2000 ns on), each after a gap of the
+    /// bytes given with it.
+    fn deliver(requests: &[&[u8]], responses: &[(&[u8], u32)]) -> (Pipeline, Vec<Seen>) {
         let mut p = pipeline();
         let mut events: Vec<Seen> = Vec::new();
         let mut seq = 1;
@@ -848,6 +835,12 @@ mod tests {
             );
             seq += response.len() as u32;
         }
+        (p, events)
+    }
+
+    /// (target, status) of the exchanges `deliver` reports.
+    fn pair_up(requests: &[&[u8]], responses: &[(&[u8], u32)]) -> Vec<(String, Option<u16>)> {
+        let (_, events) = deliver(requests, responses);
         exchanges(&events)
             .iter()
             .map(|x| (x.request.target().to_owned(), x.status))

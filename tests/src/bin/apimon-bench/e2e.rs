@@ -348,16 +348,12 @@ pub fn run() -> Result<E2eResult> {
         .iter()
         .enumerate()
         .map(|(index, rounds)| {
-            let rps: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+            let rps = crate::sorted(rounds.iter().map(|r| r.0).collect());
             Paired {
-                rps: crate::median(rps.clone()),
+                rps: crate::quantile(&rps, 0.5),
                 p99: crate::median(rounds.iter().map(|r| r.1).collect()),
-                rps_middle_half: (index > 0).then(|| {
-                    (
-                        crate::quantile(rps.clone(), 0.25),
-                        crate::quantile(rps, 0.75),
-                    )
-                }),
+                rps_middle_half: (index > 0)
+                    .then(|| (crate::quantile(&rps, 0.25), crate::quantile(&rps, 0.75))),
             }
         })
         .collect();

@@ -107,14 +107,18 @@ fn run_once(
 }
 
 fn median(values: Vec<f64>) -> f64 {
-    quantile(values, 0.5)
+    quantile(&sorted(values), 0.5)
 }
 
-/// The value a fraction `at` (0..=1) of the way through the sorted values; NaN for none.
-fn quantile(mut values: Vec<f64>, at: f64) -> f64 {
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
     values.sort_by(f64::total_cmp);
-    let last = values.len().saturating_sub(1);
     values
+}
+
+/// The value a fraction `at` (0..=1) of the way through `sorted`; NaN for none.
+fn quantile(sorted: &[f64], at: f64) -> f64 {
+    let last = sorted.len().saturating_sub(1);
+    sorted
         .get((last as f64 * at).round() as usize)
         .copied()
         .unwrap_or(f64::NAN)
