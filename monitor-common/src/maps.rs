@@ -44,8 +44,10 @@ pub const RATE_STATE: &str = "RATE_STATE";
 /// One-slot array: `DatapathState`, which list maps are non-empty.
 pub const DATAPATH_STATE: &str = "DATAPATH_STATE";
 
-/// Ring buffer of `Sample`s (HTTP payload), kernel to daemon.
-pub const SAMPLES: &str = "SAMPLES";
+/// Ring buffer of request `Sample`s (HTTP payload, captured on ingress).
+pub const REQUEST_SAMPLES: &str = "REQUEST_SAMPLES";
+/// Ring buffer of response `Sample`s (captured on egress).
+pub const RESPONSE_SAMPLES: &str = "RESPONSE_SAMPLES";
 /// Per-CPU count of samples the kernel could not reserve ring space for (index 0).
 pub const SAMPLES_LOST: &str = "SAMPLES_LOST";
 /// Per-CPU count of samples written (index 0).

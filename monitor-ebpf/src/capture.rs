@@ -1,5 +1,5 @@
 //! HTTP payload capture: segments to and from the monitored server ports go to the
-//! daemon through the `SAMPLES` ring buffer, bounded per message by a budget the
+//! daemon through one ring buffer per direction, bounded per message by a budget the
 //! kernel keeps per connection.
 
 use aya_ebpf::{
@@ -22,8 +22,13 @@ use monitor_common::{
 
 use crate::packet::Tcp;
 
+// One ring per direction: requests are captured on the CPUs that receive, responses
+// on those that send, and a shared ring's producer lock and position would bounce
+// between them on every packet.
 #[map]
-static SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
+static REQUEST_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
+#[map]
+static RESPONSE_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
 #[map]
 static SAMPLES_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -232,7 +237,12 @@ fn emit<P: Payload>(
     len: usize,
     segment_len: usize,
 ) -> bool {
-    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+    let ring = if segment.direction == DIRECTION_REQUEST {
+        &REQUEST_SAMPLES
+    } else {
+        &RESPONSE_SAMPLES
+    };
+    let Some(mut entry) = ring.reserve::<Sample>(0) else {
         bump(&SAMPLES_LOST);
         return false;
     };
@@ -266,7 +276,7 @@ fn emit<P: Payload>(
             return false;
         }
     }
-    let wakeup = if wakes_reader(config) {
+    let wakeup = if wakes_reader(config, ring) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -282,7 +292,7 @@ fn emit<P: Payload>(
 /// and the sample whose record crosses the threshold (unread bytes include it, as it
 /// is reserved), wake it.
 #[inline(always)]
-fn wakes_reader(config: &CaptureConfig) -> bool {
+fn wakes_reader(config: &CaptureConfig, ring: &RingBuf) -> bool {
     if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
         // SAFETY: a map value. Two CPUs seeing the reader parked both wake it: harmless.
         unsafe {
@@ -292,7 +302,7 @@ fn wakes_reader(config: &CaptureConfig) -> bool {
             }
         }
     }
-    let unread = SAMPLES.query(u64::from(BPF_RB_AVAIL_DATA));
+    let unread = ring.query(u64::from(BPF_RB_AVAIL_DATA));
     let threshold = u64::from(config.wakeup_bytes);
     threshold > 0 && unread >= threshold && unread < threshold + u64::from(SAMPLE_RING_BYTES)
 }

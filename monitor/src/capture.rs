@@ -1,5 +1,5 @@
 //! The daemon's side of payload capture: configuring what the kernel captures,
-//! draining the sample ring buffer and decoding samples into segments.
+//! draining the sample ring buffers (one per direction) and decoding samples into segments.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -177,16 +177,19 @@ fn wakeup_bytes(ring_bytes: u32) -> u32 {
     (ring_bytes / 4).max(SAMPLE_RING_BYTES)
 }
 
-/// The sample ring and the flag by which the daemon asks the kernel to wake it.
-pub struct SampleRing {
-    pub ring: RingBuf<MapData>,
+/// The sample rings (one per direction) and the flag by which the daemon asks the
+/// kernel to wake it.
+pub struct SampleRings {
+    pub requests: RingBuf<MapData>,
+    pub responses: RingBuf<MapData>,
     pub reader: ReaderFlag,
 }
 
-impl SampleRing {
+impl SampleRings {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
-            ring: take(ebpf, maps::SAMPLES)?,
+            requests: take(ebpf, maps::REQUEST_SAMPLES)?,
+            responses: take(ebpf, maps::RESPONSE_SAMPLES)?,
             reader: ReaderFlag {
                 map: take(ebpf, maps::CAPTURE_READER)?,
                 warned: false,
@@ -195,7 +198,7 @@ impl SampleRing {
     }
 }
 
-/// Whether the daemon polls the ring (`READER_POLLING`) or sleeps until the kernel
+/// Whether the daemon polls the rings (`READER_POLLING`) or sleeps until the kernel
 /// wakes it with the next sample (`READER_PARKED`).
 pub struct ReaderFlag {
     map: Array<MapData, u32>,
@@ -228,10 +231,10 @@ impl ReaderFlag {
         }
     }
 
-    /// Parks the reader of `ring` unless a sample is already on its way; false: keep
+    /// Parks the reader of `rings` unless a sample is already on its way; false: keep
     /// polling (a sample is coming, or the flag cannot be written, which short of the
     /// map vanishing cannot happen: then it warns once).
-    fn park(&mut self, ring: BorrowedFd<'_>) -> bool {
+    fn park(&mut self, rings: [BorrowedFd<'_>; 2]) -> bool {
         if let Err(error) = self.set_parked(true) {
             if !std::mem::replace(&mut self.warned, true) {
                 warn!(%error, "Cannot ask the kernel for wake-ups; polling on");
@@ -241,7 +244,7 @@ impl ReaderFlag {
         // The kernel reads the flag between reserving a sample and committing it: one
         // reserved before the flag was set wakes nobody. The ring's poll counts
         // reserved bytes, committed or not.
-        if reserved_bytes_pending(ring) {
+        if reserved_bytes_pending(rings) {
             self.unpark();
             return false;
         }
@@ -260,10 +263,10 @@ impl ReaderFlag {
     }
 }
 
-/// Whether the ring holds bytes not consumed yet (reserved, committed or not). An
+/// Whether either ring holds bytes not consumed yet (reserved, committed or not). An
 /// error counts as yes: the caller then keeps polling.
-fn reserved_bytes_pending(ring: BorrowedFd<'_>) -> bool {
-    let mut fds = [PollFd::new(ring, PollFlags::POLLIN)];
+fn reserved_bytes_pending(rings: [BorrowedFd<'_>; 2]) -> bool {
+    let mut fds = rings.map(|ring| PollFd::new(ring, PollFlags::POLLIN));
     !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
 }
 
@@ -272,15 +275,15 @@ const BATCH: usize = 1024;
 /// Empty drains in a row after which the reader parks: a trickle of samples keeps it
 /// on the timer instead of paying a forced wake-up and a park per sample.
 const PARK_AFTER_EMPTY_DRAINS: u32 = 5;
-/// While parked, the ring is still looked at this often (or at the poll interval, if
+/// While parked, the rings are still looked at this often (or at the poll interval, if
 /// longer): the bound on the delay of a sample whose wake-up a race took away.
 const PARKED_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the sink is told time passed with nothing new (idle flows end).
 const IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Who consumes samples as the ring yields them.
+/// Who consumes samples as the rings yield them.
 pub trait SampleSink {
-    /// One segment, borrowed from the ring for the duration of the call.
+    /// One segment, borrowed from its ring for the duration of the call.
     fn segment(&mut self, segment: &Segment<'_>);
     /// The end of a batch of segments (at most `BATCH`).
     fn batch_done(&mut self);
@@ -288,11 +291,11 @@ pub trait SampleSink {
     fn idle(&mut self);
 }
 
-/// Drains the ring buffer straight into `sink`: no copy, no queue. Ends only if the
-/// ring cannot be polled.
+/// Drains the two sample rings straight into `sink`, in time order: no copy, no
+/// queue. Ends only if a ring cannot be polled.
 ///
-/// While samples flow, the ring is drained every `poll_interval` (the kernel wakes the
-/// reader early only when a quarter of the ring is unread): one wake-up per batch, not
+/// While samples flow, the rings are drained every `poll_interval` (the kernel wakes
+/// the reader early only when a quarter of a ring is unread): one wake-up per batch, not
 /// per sample. After `PARK_AFTER_EMPTY_DRAINS` empty drains the reader parks: the
 /// kernel wakes it with the next sample, and until then it looks only every
 /// `PARKED_POLL_INTERVAL`. A quiet daemon's thread then wakes about 20 times a second
@@ -301,21 +304,25 @@ pub trait SampleSink {
 /// cost the workload about 4 % of its throughput), and the first request after a
 /// quiet spell is read as it arrives rather than at the next tick.
 pub async fn read_samples(
-    ring: SampleRing,
+    rings: SampleRings,
     poll_interval: std::time::Duration,
     sink: &mut impl SampleSink,
 ) {
-    let SampleRing { ring, mut reader } = ring;
-    let fd = ring.as_raw_fd();
-    // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it exists.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut ring = match registered {
-        Ok(ring) => ring,
-        Err(error) => {
-            warn!(%error, fd, "Sample ring buffer cannot be polled; no HTTP capture");
-            return;
-        }
+    let SampleRings {
+        requests,
+        responses,
+        mut reader,
+    } = rings;
+    let register = |ring: RingBuf<MapData>| {
+        let fd = ring.as_raw_fd();
+        // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it
+        // exists.
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(
+            |error| warn!(%error, fd, "Sample ring buffer cannot be polled; no HTTP capture"),
+        )
+    };
+    let (Ok(mut requests), Ok(mut responses)) = (register(requests), register(responses)) else {
+        return;
     };
     let interval = |period| {
         let mut interval = tokio::time::interval(period);
@@ -328,25 +335,25 @@ pub async fn read_samples(
     let mut parked = false;
     let mut empty_drains = 0;
     loop {
-        let (taken, woken) = tokio::select! {
-            readable = ring.readable_mut() => match readable {
-                Ok(mut guard) => {
-                    let taken = drain(guard.get_inner_mut(), sink).await;
-                    guard.clear_ready();
-                    (taken, true)
-                }
-                Err(error) => {
-                    warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
-                    return;
-                }
-            },
-            _ = tick.tick(), if !parked => (drain(ring.get_mut(), sink).await, false),
-            _ = parked_tick.tick(), if parked => (drain(ring.get_mut(), sink).await, false),
+        // Readiness is cleared before draining: a wake-up during the drain is not lost.
+        let woken = tokio::select! {
+            readable = requests.readable_mut() => readable.map(cleared),
+            readable = responses.readable_mut() => readable.map(cleared),
+            _ = tick.tick(), if !parked => Ok(false),
+            _ = parked_tick.tick(), if parked => Ok(false),
             _ = idle.tick() => {
                 sink.idle();
                 continue;
             }
         };
+        let woken = match woken {
+            Ok(woken) => woken,
+            Err(error) => {
+                warn!(%error, "Sample ring buffer polling failed; no HTTP capture");
+                return;
+            }
+        };
+        let taken = drain(requests.get_mut(), responses.get_mut(), sink).await;
         if taken > 0 {
             empty_drains = 0;
             if parked {
@@ -360,37 +367,104 @@ pub async fn read_samples(
             empty_drains += 1;
             if empty_drains >= PARK_AFTER_EMPTY_DRAINS {
                 empty_drains = 0;
-                parked = reader.park(ring.get_ref().as_fd());
+                parked = reader.park([requests.get_ref().as_fd(), responses.get_ref().as_fd()]);
                 parked_tick.reset();
             }
         }
     }
 }
 
-/// Hands everything in the ring to the sink, yielding between batches so that the
-/// control socket and metrics stay responsive under load.
-async fn drain(ring: &mut RingBuf<MapData>, sink: &mut impl SampleSink) -> usize {
-    let mut total = 0;
+/// Clears a ring's readiness; true: the kernel woke the reader.
+fn cleared(mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>) -> bool {
+    guard.clear_ready();
+    true
+}
+
+/// A ring of records in time order, each consumed once read and dropped.
+pub trait RecordRing {
+    type Record<'a>: std::ops::Deref<Target = [u8]>
+    where
+        Self: 'a;
+    fn next_record(&mut self) -> Option<Self::Record<'_>>;
+}
+
+impl RecordRing for RingBuf<MapData> {
+    type Record<'a> = aya::maps::ring_buf::RingBufItem<'a>;
+
+    fn next_record(&mut self) -> Option<Self::Record<'_>> {
+        self.next()
+    }
+}
+
+/// The kernel timestamp of a record (0 for one too short to be a sample: handed on,
+/// and reported, at once).
+fn timestamp(record: &[u8]) -> u64 {
+    record
+        .first_chunk::<8>()
+        .map_or(0, |bytes| u64::from_ne_bytes(*bytes))
+}
+
+/// Hands everything in the two rings to the sink, merged in time order, in batches of
+/// `BATCH` with a yield between them so that the control socket and metrics stay
+/// responsive under load.
+///
+/// Merged, not drained one after the other: a client's FIN sent after a response must
+/// reach the pipeline after that response. Each ring is in time order. Across them,
+/// whatever one side sent in answer to the other was captured after what it answers,
+/// and that was committed to its ring before the packet went on: so once the answer is
+/// read, what it answers is in the other ring. A ring found empty earlier may have
+/// filled since, so it is looked at again after the other ring's record was read.
+async fn drain(
+    requests: &mut impl RecordRing,
+    responses: &mut impl RecordRing,
+    sink: &mut impl SampleSink,
+) -> usize {
+    let (mut total, mut in_batch) = (0, 0);
+    let mut request = requests.next_record();
+    let mut response = responses.next_record();
     loop {
-        let mut taken = 0;
-        while taken < BATCH {
-            let Some(record) = ring.next() else {
-                break;
-            };
-            taken += 1;
-            match decode(&record) {
-                Ok(segment) => sink.segment(&segment),
-                Err(error) => warn!(%error, "Dropped an undecodable sample"),
-            }
+        // (Moved out before each read: the empty slot still holds the ring's loan.)
+        if request.is_some() && response.is_none() {
+            drop(response);
+            response = responses.next_record();
+        } else if request.is_none() && response.is_some() {
+            drop(request);
+            request = requests.next_record();
         }
-        total += taken;
-        if taken > 0 {
+        let request_first = match (&request, &response) {
+            (Some(request), Some(response)) => timestamp(request) <= timestamp(response),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        // Moved into `hand_over`, which drops it: a ring is read again only once the
+        // record it lent is consumed.
+        if request_first {
+            hand_over(request, sink);
+            request = requests.next_record();
+        } else {
+            hand_over(response, sink);
+            response = responses.next_record();
+        }
+        total += 1;
+        in_batch += 1;
+        if in_batch == BATCH {
+            in_batch = 0;
             sink.batch_done();
+            tokio::task::yield_now().await;
         }
-        if taken < BATCH {
-            return total;
-        }
-        tokio::task::yield_now().await;
+    }
+    if in_batch > 0 {
+        sink.batch_done();
+    }
+    total
+}
+
+fn hand_over<R: std::ops::Deref<Target = [u8]>>(record: Option<R>, sink: &mut impl SampleSink) {
+    match record.as_deref().map(decode) {
+        Some(Ok(segment)) => sink.segment(&segment),
+        Some(Err(error)) => warn!(%error, "Dropped an undecodable sample"),
+        None => {}
     }
 }
 
@@ -438,6 +512,147 @@ mod tests {
             (segment.seq, segment.flags, segment.direction),
             (1000, TCP_FIN, Direction::Request)
         );
+    }
+
+    type Records = std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>;
+
+    /// A ring in a test, and what the kernel commits to the other ring while the
+    /// daemon drains: each `(timestamp, other ring, record)` reaches that ring just
+    /// before this ring's record with that timestamp is read.
+    #[derive(Default)]
+    struct TestRing {
+        records: Records,
+        commits_before: Vec<(u64, Records, Vec<u8>)>,
+    }
+
+    impl TestRing {
+        fn new(direction: u8, timestamps: &[u64]) -> Self {
+            let records = timestamps.iter().map(|&t| sample(direction, t)).collect();
+            Self {
+                records: std::rc::Rc::new(std::cell::RefCell::new(records)),
+                commits_before: Vec::new(),
+            }
+        }
+
+        fn is_empty(&self) -> bool {
+            self.records.borrow().is_empty()
+        }
+    }
+
+    impl RecordRing for TestRing {
+        type Record<'a> = Vec<u8>;
+
+        fn next_record(&mut self) -> Option<Vec<u8>> {
+            let next = self.records.borrow_mut().pop_front()?;
+            for (at, ring, record) in &self.commits_before {
+                if *at == timestamp(&next) {
+                    ring.borrow_mut().push_back(record.clone());
+                }
+            }
+            Some(next)
+        }
+    }
+
+    fn sample(direction: u8, timestamp_ns: u64) -> Vec<u8> {
+        let header = SampleHeader {
+            timestamp_ns,
+            direction,
+            ..SampleHeader::default()
+        };
+        record(header, b"")
+    }
+
+    /// Remembers what it was handed: (direction, timestamp), and how many batches.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<(Direction, u64)>,
+        batches: usize,
+    }
+
+    impl SampleSink for Recorder {
+        fn segment(&mut self, segment: &Segment<'_>) {
+            self.seen.push((segment.direction, segment.timestamp_ns));
+        }
+        fn batch_done(&mut self) {
+            self.batches += 1;
+        }
+        fn idle(&mut self) {}
+    }
+
+    use Direction::{Request as Req, Response as Resp};
+
+    #[tokio::test]
+    async fn the_two_rings_reach_the_pipeline_in_time_order() {
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[1, 4, 5, 9]);
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[2, 3, 5, 6]);
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 8);
+        assert_eq!(
+            sink.seen,
+            [
+                (Req, 1),
+                (Resp, 2),
+                (Resp, 3),
+                (Req, 4),
+                // A tie goes to the request: the kernel saw it first or at once.
+                (Req, 5),
+                (Resp, 5),
+                (Resp, 6),
+                (Req, 9)
+            ]
+        );
+        assert!(requests.is_empty() && responses.is_empty());
+        assert_eq!(sink.batches, 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_committed_while_its_response_is_read_goes_first() {
+        // The request ring is empty when first read; the request (10) is committed,
+        // answered, and its response (20) committed before the response ring is read.
+        // Then the client's FIN (30) reaches the request ring before the server's (40).
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[]);
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20, 40]);
+        responses.commits_before = vec![
+            (20, requests.records.clone(), sample(DIRECTION_REQUEST, 10)),
+            (40, requests.records.clone(), sample(DIRECTION_REQUEST, 30)),
+        ];
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 4);
+        assert_eq!(sink.seen, [(Req, 10), (Resp, 20), (Req, 30), (Resp, 40)]);
+    }
+
+    #[tokio::test]
+    async fn batches_are_handed_over_whole_and_nothing_is_lost() {
+        let many: Vec<u64> = (0..BATCH as u64 + 10).collect();
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &many);
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &many);
+        let mut sink = Recorder::default();
+        let total = drain(&mut requests, &mut responses, &mut sink).await;
+        assert_eq!(total, 2 * many.len());
+        assert_eq!(sink.seen.len(), total);
+        // Two full batches and the rest.
+        assert_eq!(sink.batches, 3);
+        // Each ring's records in their order, none twice.
+        for direction in [Req, Resp] {
+            let order: Vec<u64> = sink
+                .seen
+                .iter()
+                .filter(|(d, _)| *d == direction)
+                .map(|(_, t)| *t)
+                .collect();
+            assert_eq!(order, many);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_is_consumed_and_the_rest_follows() {
+        let requests = TestRing::new(DIRECTION_REQUEST, &[3]);
+        requests.records.borrow_mut().push_front(vec![0; 12]);
+        let mut requests = requests;
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[1]);
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 3);
+        assert_eq!(sink.seen, [(Resp, 1), (Req, 3)]);
     }
 
     #[test]

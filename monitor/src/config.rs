@@ -81,7 +81,8 @@ pub struct CaptureSettings {
     /// Server ports to capture (requests to them, responses from them); empty: off.
     pub ports: Vec<u16>,
     pub max_bytes_per_request: u32,
-    /// Ring buffer size in bytes: a power of two, at least one page.
+    /// Size in bytes of each of the two sample rings (requests, responses): a power of
+    /// two, at least one page.
     pub ring_bytes: u32,
     pub max_flows: usize,
     pub max_flow_memory: usize,

@@ -147,7 +147,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let traffic = Traffic::new(&mut ebpf)?;
     let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
     capture_maps.configure(&config.capture)?;
-    let ring = capture::SampleRing::take(&mut ebpf)?;
+    let ring = capture::SampleRings::take(&mut ebpf)?;
     // Lists go into the maps before anything is attached: no window for blocked traffic.
     let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
 

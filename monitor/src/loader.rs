@@ -146,7 +146,8 @@ pub fn load(options: &LoadOptions<'_>) -> Result<Ebpf, LoaderError> {
         .map_max_entries(maps::BLOCK_V6_NETS, capacities.blocklist_capacity)
         .map_max_entries(maps::ALLOW_V4, capacities.allowlist_capacity)
         .map_max_entries(maps::ALLOW_V6, capacities.allowlist_capacity)
-        .map_max_entries(maps::SAMPLES, options.ring_bytes);
+        .map_max_entries(maps::REQUEST_SAMPLES, options.ring_bytes)
+        .map_max_entries(maps::RESPONSE_SAMPLES, options.ring_bytes);
     for (name, path) in &pin_paths {
         warn_on_capacity_change(name, path, capacities);
         loader.map_pin_path(name, path.as_path());

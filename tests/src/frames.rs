@@ -61,6 +61,8 @@ pub struct Frame {
     pub ipv4_fragment_offset: u16,
     pub ipv6_ext: Vec<Ext>,
     pub l4: L4,
+    /// Source port of TCP and UDP.
+    pub sport: u16,
     pub payload: usize,
     /// TCP flags byte (SYN unless set).
     pub tcp_flags: u8,
@@ -76,6 +78,7 @@ impl Frame {
             ipv4_fragment_offset: 0,
             ipv6_ext: Vec::new(),
             l4: L4::Tcp { dport: 8080 },
+            sport: 40000,
             payload: 0,
             tcp_flags: 0x02,
         }
@@ -125,6 +128,23 @@ impl Frame {
         self
     }
 
+    /// The same connection the other way (a TCP or UDP reply), without payload.
+    pub fn reply(&self) -> Self {
+        let l4 = match self.l4 {
+            L4::Tcp { dport } => (L4::Tcp { dport: self.sport }, dport),
+            L4::Udp { dport } => (L4::Udp { dport: self.sport }, dport),
+            other => (other, self.sport),
+        };
+        Self {
+            src: self.dst,
+            dst: self.src,
+            l4: l4.0,
+            sport: l4.1,
+            payload: 0,
+            ..self.clone()
+        }
+    }
+
     /// An established connection's segment (ACK) instead of a SYN.
     pub fn established(mut self) -> Self {
         self.tcp_flags = 0x10;
@@ -141,6 +161,14 @@ impl Frame {
     pub fn headers_len(&self) -> usize {
         let bytes = self.build();
         bytes.len() - self.payload
+    }
+
+    /// The frame with `text` as its payload.
+    pub fn build_with_payload(&self, text: &[u8]) -> Vec<u8> {
+        let mut frame = self.clone().with_payload(text.len()).build();
+        let start = frame.len() - text.len();
+        frame[start..].copy_from_slice(text);
+        frame
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -249,7 +277,7 @@ impl Frame {
         match self.l4 {
             L4::Tcp { dport } => {
                 let mut tcp = vec![0u8; 20];
-                tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 tcp[2..4].copy_from_slice(&dport.to_be_bytes());
                 tcp[12] = 5 << 4;
                 tcp[13] = self.tcp_flags;
@@ -257,7 +285,7 @@ impl Frame {
             }
             L4::Udp { dport } => {
                 let mut udp = vec![0u8; 8];
-                udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                udp[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 udp[2..4].copy_from_slice(&dport.to_be_bytes());
                 udp[4..6].copy_from_slice(&((8 + self.payload) as u16).to_be_bytes());
                 udp

@@ -3,7 +3,7 @@
 
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use monitor::{
     config::DatapathConfig,
@@ -60,6 +60,17 @@ impl TestDatapath {
         run_program(&self.ebpf, name, frame, repeat)
     }
 
+    /// Runs a TC program `repeat` times on `frame`; returns its action and the kernel's
+    /// mean ns per run.
+    pub fn run_tc(&self, name: &str, frame: &[u8], repeat: u32) -> (u32, f64) {
+        let program = self
+            .ebpf
+            .program(name)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .unwrap_or_else(|| panic!("program {name}"));
+        test_run(program, name, frame, repeat)
+    }
+
     pub fn counter(&self, action: Action) -> ActionCounter {
         self.traffic.counters().expect("counters")[action as usize]
     }
@@ -76,6 +87,15 @@ fn run_program(ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32) -> (u32, f64)
         .program(name)
         .and_then(|p| <&Xdp>::try_from(p).ok())
         .unwrap_or_else(|| panic!("program {name}"));
+    test_run(program, name, frame, repeat)
+}
+
+fn test_run<P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>>(
+    program: &P,
+    name: &str,
+    frame: &[u8],
+    repeat: u32,
+) -> (u32, f64) {
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),

@@ -15,9 +15,10 @@ use apimon_tests::{
 };
 use ipnet::IpNet;
 use monitor::{
-    capture::{CaptureMaps, SampleRing, decode},
+    capture::{CaptureMaps, Direction, SampleRings, decode},
     clock,
     config::CaptureSettings,
+    loader,
     maps::ListKind,
 };
 use monitor_common::datapath::{Action, ListEntry, RateConfig};
@@ -620,34 +621,56 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
         .unwrap()
         .configure(&CaptureSettings::default())
         .unwrap();
-    let mut ring = SampleRing::take(&mut dp.ebpf).unwrap();
-    // Edge-triggered, as the daemon's reactor: an event per wake-up the kernel sends.
+    let mut rings = SampleRings::take(&mut dp.ebpf).unwrap();
+    // Edge-triggered, as the daemon's reactor: an event per wake-up the kernel sends,
+    // tagged with the ring it came from.
     let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
-    let interest = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0);
-    epoll.add(&ring.ring, interest).unwrap();
+    let (requests, responses) = (1u64, 2u64);
+    for (ring, tag) in [(&rings.requests, requests), (&rings.responses, responses)] {
+        let interest = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, tag);
+        epoll.add(ring, interest).unwrap();
+    }
     let wake_ups = || {
         let mut events = [EpollEvent::empty(); 4];
-        epoll.wait(&mut events, EpollTimeout::ZERO).unwrap()
+        let woken = epoll.wait(&mut events, EpollTimeout::ZERO).unwrap();
+        events[..woken]
+            .iter()
+            .map(EpollEvent::data)
+            .collect::<Vec<_>>()
     };
     let client = Frame::v4([198, 51, 100, 9]);
     let syn = client.clone().build();
-    let segment = client.established().with_payload(10).build();
+    let segment = client.clone().established().with_payload(10).build();
 
-    ring.reader.set_parked(true).unwrap();
+    rings.reader.set_parked(true).unwrap();
     // A SYN opens the connection's capture budget but yields no sample: no wake-up.
     assert_eq!(dp.run(&syn), XDP_PASS);
-    assert!(ring.ring.next().is_none());
-    assert_eq!(wake_ups(), 0);
-    assert!(ring.reader.parked().unwrap());
+    assert!(rings.requests.next().is_none());
+    assert_eq!(wake_ups(), [0u64; 0]);
+    assert!(rings.reader.parked().unwrap());
     // Its first payload is a sample: the kernel wakes the reader and says so.
     assert_eq!(dp.run(&segment), XDP_PASS);
-    assert_eq!(wake_ups(), 1);
-    assert!(!ring.reader.parked().unwrap());
-    let record = ring.ring.next().expect("a sample");
+    assert_eq!(wake_ups(), [requests]);
+    assert!(!rings.reader.parked().unwrap());
+    let record = rings.requests.next().expect("a sample");
     assert_eq!(decode(&record).unwrap().data.len(), 10);
     drop(record);
     // A polling reader is not woken: it drains on its own timer.
     assert_eq!(dp.run(&segment), XDP_PASS);
-    assert_eq!(wake_ups(), 0);
-    assert!(ring.ring.next().is_some());
+    assert_eq!(wake_ups(), [0u64; 0]);
+    assert!(rings.requests.next().is_some());
+
+    // The reply leaves through the egress program, into the response ring: a parked
+    // reader is woken through that ring.
+    rings.reader.set_parked(true).unwrap();
+    let reply = client.reply().established().with_payload(7).build();
+    dp.run_tc(loader::EGRESS_PROGRAM, &reply, 1);
+    assert_eq!(wake_ups(), [responses]);
+    assert!(rings.requests.next().is_none());
+    let record = rings.responses.next().expect("a response sample");
+    let sample = decode(&record).unwrap();
+    assert_eq!(
+        (sample.direction, sample.data.len(), sample.client.port()),
+        (Direction::Response, 7, 40000)
+    );
 }

@@ -39,6 +39,8 @@ struct Args {
     decision_only: bool,
     /// Only the scrape-latency section, printed.
     scrape_only: bool,
+    /// Only the two-CPU capture section, printed.
+    capture_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -50,6 +52,7 @@ fn parse_args() -> Result<Args> {
     let mut e2e_only = false;
     let mut decision_only = false;
     let mut scrape_only = false;
+    let mut capture_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Args> {
             "--e2e-only" => e2e_only = true,
             "--decision-only" => decision_only = true,
             "--scrape-only" => scrape_only = true,
+            "--capture-only" => capture_only = true,
             "--sizes" => {
                 sizes = args
                     .next()
@@ -70,7 +74,7 @@ fn parse_args() -> Result<Args> {
             }
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only, --scrape-only)"
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only, --scrape-only, --capture-only)"
                 )
             }
         }
@@ -84,6 +88,7 @@ fn parse_args() -> Result<Args> {
         e2e_only,
         decision_only,
         scrape_only,
+        capture_only,
     })
 }
 
@@ -175,6 +180,7 @@ pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
+mod capture;
 mod decision;
 mod e2e;
 mod pipeline;
@@ -185,6 +191,12 @@ fn main() -> Result<()> {
     if args.scrape_only {
         let mut out = String::new();
         scrape::report(&mut out, &scrape::run()?)?;
+        print!("{out}");
+        return Ok(());
+    }
+    if args.capture_only {
+        let mut out = String::new();
+        capture::report(&mut out, &capture::run()?)?;
         print!("{out}");
         return Ok(());
     }
@@ -215,6 +227,8 @@ fn main() -> Result<()> {
     let decision = decision::run()?;
     eprintln!("bench: scrape latency with a million sources");
     let scrape = scrape::run()?;
+    eprintln!("bench: capture on two CPUs at once");
+    let two_cpus = capture::run()?;
     let cpu = pin_to_last_cpu()?;
     eprintln!("bench: pinned to CPU {cpu}");
     eprintln!("bench: HTTP pipeline against plain httparse");
@@ -298,6 +312,7 @@ fn main() -> Result<()> {
     }
     let mut report = report(&rows, args.repeat, &machine)?;
     report.push('\n');
+    capture::report(&mut report, &two_cpus)?;
     pipeline::report(&mut report, &http)?;
     decision::report(&mut report, &decision)?;
     scrape::report(&mut report, &scrape)?;
