@@ -1,4 +1,5 @@
-//! HTTP payload samples streamed from the kernel to the daemon through a ring buffer.
+//! HTTP payload samples streamed from the kernel to the daemon through two ring buffers
+//! (requests, responses).
 
 /// Bytes of TCP payload one sample carries: an Ethernet MTU's segment fits one sample,
 /// larger (GSO) egress skbs are cut into pieces of this size. A power of two, so the
@@ -66,9 +67,9 @@ pub struct CaptureConfig {
 }
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 8);
 
-/// `CAPTURE_READER` value: the daemon polls the ring on its own timer.
+/// `CAPTURE_READER` value: the daemon polls the rings on its own timer.
 pub const READER_POLLING: u32 = 0;
-/// `CAPTURE_READER` value: the daemon found the ring empty and sleeps until the next
+/// `CAPTURE_READER` value: the daemon found the rings empty and sleeps until the next
 /// sample wakes it (the kernel sets `READER_POLLING` back as it does).
 pub const READER_PARKED: u32 = 1;
 

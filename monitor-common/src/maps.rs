@@ -56,7 +56,7 @@ pub const SAMPLES_CAPTURED: &str = "SAMPLES_CAPTURED";
 pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
 /// Bitmap of monitored server ports: `PORT_BITMAP_WORDS` u32 words.
 pub const CAPTURE_PORTS: &str = "CAPTURE_PORTS";
-/// One-slot array: `READER_*`, whether the daemon stopped polling the ring and waits
+/// One-slot array: `READER_*`, whether the daemon stopped polling the rings and waits
 /// for the kernel to wake it.
 pub const CAPTURE_READER: &str = "CAPTURE_READER";
 /// Per-connection capture budget (LRU): `FlowKey` -> `FlowBudget`.

@@ -170,7 +170,7 @@ impl CaptureMaps {
     }
 }
 
-/// Unread bytes at which the kernel wakes the reader early: a quarter of the ring, so
+/// Unread bytes at which the kernel wakes the reader early: a quarter of a ring, so
 /// that a burst between two polls still finds three quarters free. At least one
 /// sample, so that a tiny ring still wakes it.
 fn wakeup_bytes(ring_bytes: u32) -> u32 {
@@ -180,21 +180,121 @@ fn wakeup_bytes(ring_bytes: u32) -> u32 {
 /// The sample rings (one per direction) and the flag by which the daemon asks the
 /// kernel to wake it.
 pub struct SampleRings {
-    pub requests: RingBuf<MapData>,
-    pub responses: RingBuf<MapData>,
+    pub requests: SampleRing,
+    pub responses: SampleRing,
     pub reader: ReaderFlag,
 }
 
 impl SampleRings {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
-            requests: take(ebpf, maps::REQUEST_SAMPLES)?,
-            responses: take(ebpf, maps::RESPONSE_SAMPLES)?,
+            requests: SampleRing::take(ebpf, maps::REQUEST_SAMPLES)?,
+            responses: SampleRing::take(ebpf, maps::RESPONSE_SAMPLES)?,
             reader: ReaderFlag {
                 map: take(ebpf, maps::CAPTURE_READER)?,
                 warned: false,
             },
         })
+    }
+}
+
+/// One direction's ring: aya's reader, and what aya does not tell, whether the ring
+/// holds bytes not consumed yet. aya reads a ring whose next record is still being
+/// written as empty; merging two rings in time order must tell the two apart.
+pub struct SampleRing {
+    ring: RingBuf<MapData>,
+    positions: std::sync::Arc<RingPositions>,
+}
+
+impl SampleRing {
+    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, MapsError> {
+        let ring: RingBuf<MapData> = take(ebpf, name)?;
+        let positions = RingPositions::map(ring.as_fd()).map_err(|errno| MapsError::Map {
+            name,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: errno.into(),
+            }),
+        })?;
+        Ok(Self {
+            ring,
+            positions: std::sync::Arc::new(positions),
+        })
+    }
+}
+
+impl std::os::fd::AsFd for SampleRing {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for SampleRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+/// A read-only mapping of a ring's first two pages: the position up to which the
+/// daemon consumed (aya publishes it at each record) and up to which the kernel
+/// reserved.
+pub struct RingPositions {
+    pages: std::ptr::NonNull<std::ffi::c_void>,
+    page_size: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone and is only read, through atomics.
+unsafe impl Send for RingPositions {}
+// SAFETY: as above.
+unsafe impl Sync for RingPositions {}
+
+impl RingPositions {
+    fn map(ring: BorrowedFd<'_>) -> Result<Self, nix::Error> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?
+            .and_then(|size| usize::try_from(size).ok())
+            .ok_or(nix::Error::EINVAL)?;
+        let length = std::num::NonZeroUsize::new(2 * page_size).ok_or(nix::Error::EINVAL)?;
+        // SAFETY: a new shared read-only mapping of the ring's position pages, which the
+        // kernel allows; nothing else refers to the address it returns.
+        let pages = unsafe {
+            mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                ring,
+                0,
+            )?
+        };
+        Ok(Self { pages, page_size })
+    }
+
+    fn load(&self, offset: usize) -> usize {
+        // SAFETY: `offset` is 0 or one page, within the mapping; both positions are
+        // page-aligned words the kernel and aya write atomically.
+        let position = unsafe {
+            &*self
+                .pages
+                .as_ptr()
+                .cast::<u8>()
+                .add(offset)
+                .cast::<std::sync::atomic::AtomicUsize>()
+        };
+        position.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for RingPositions {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of this length, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.pages, 2 * self.page_size) };
+    }
+}
+
+impl Unconsumed for RingPositions {
+    fn unconsumed(&self) -> bool {
+        self.load(0) != self.load(self.page_size)
     }
 }
 
@@ -242,7 +342,7 @@ impl ReaderFlag {
             return false;
         }
         // The kernel reads the flag between reserving a sample and committing it: one
-        // reserved before the flag was set wakes nobody. The ring's poll counts
+        // reserved before the flag was set wakes nobody. Each ring's poll counts
         // reserved bytes, committed or not.
         if reserved_bytes_pending(rings) {
             self.unpark();
@@ -313,7 +413,7 @@ pub async fn read_samples(
         responses,
         mut reader,
     } = rings;
-    let register = |ring: RingBuf<MapData>| {
+    let register = |ring: SampleRing| {
         let fd = ring.as_raw_fd();
         // SAFETY: `ring` owns the fd, and the AsyncFd owns `ring` for as long as it
         // exists.
@@ -363,7 +463,9 @@ pub async fn read_samples(
                 }
                 tick.reset();
             }
-        } else if !parked {
+        } else if !parked && !woken {
+            // (An empty drain right after a wake-up is the other ring's readiness,
+            // cleared by the drain before: it says nothing about a quiet spell.)
             empty_drains += 1;
             if empty_drains >= PARK_AFTER_EMPTY_DRAINS {
                 empty_drains = 0;
@@ -375,61 +477,112 @@ pub async fn read_samples(
 }
 
 /// Clears a ring's readiness; true: the kernel woke the reader.
-fn cleared(mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>) -> bool {
+fn cleared(mut guard: tokio::io::unix::AsyncFdReadyMutGuard<'_, SampleRing>) -> bool {
     guard.clear_ready();
     true
 }
 
-/// A ring of records in time order, each consumed once read and dropped.
+/// A ring of records, each consumed once read and dropped.
 pub trait RecordRing {
     type Record<'a>: std::ops::Deref<Target = [u8]>
     where
         Self: 'a;
+    type Positions: Unconsumed;
+    /// The next committed record: None if the ring is empty, or if its next record is
+    /// still being written.
     fn next_record(&mut self) -> Option<Self::Record<'_>>;
+    /// What tells those two apart, without borrowing the ring.
+    fn positions(&self) -> Self::Positions;
 }
 
-impl RecordRing for RingBuf<MapData> {
-    type Record<'a> = aya::maps::ring_buf::RingBufItem<'a>;
+/// Whether a ring holds records reserved and not consumed yet, committed or not.
+pub trait Unconsumed {
+    fn unconsumed(&self) -> bool;
+}
 
-    fn next_record(&mut self) -> Option<Self::Record<'_>> {
-        self.next()
+impl<T: Unconsumed> Unconsumed for std::sync::Arc<T> {
+    fn unconsumed(&self) -> bool {
+        T::unconsumed(self)
     }
 }
+
+impl RecordRing for SampleRing {
+    type Record<'a> = aya::maps::ring_buf::RingBufItem<'a>;
+    type Positions = std::sync::Arc<RingPositions>;
+
+    fn next_record(&mut self) -> Option<Self::Record<'_>> {
+        self.ring.next()
+    }
+
+    fn positions(&self) -> Self::Positions {
+        self.positions.clone()
+    }
+}
+
+/// Reads of a ring whose next record is still being written, at most, before the merge
+/// goes on without it. A record takes a few hundred ns to write; one whose writer was
+/// interrupted (or whose vCPU the host took away) for longer is handed over in the
+/// order it is read in instead.
+const BUSY_READS: u32 = 4096;
 
 /// The kernel timestamp of a record (0 for one too short to be a sample: handed on,
 /// and reported, at once).
 fn timestamp(record: &[u8]) -> u64 {
+    const AT: usize = std::mem::offset_of!(SampleHeader, timestamp_ns);
     record
-        .first_chunk::<8>()
-        .map_or(0, |bytes| u64::from_ne_bytes(*bytes))
+        .get(AT..AT + size_of::<u64>())
+        .and_then(|bytes| bytes.try_into().ok())
+        .map_or(0, u64::from_ne_bytes)
 }
 
 /// Hands everything in the two rings to the sink, merged in time order, in batches of
 /// `BATCH` with a yield between them so that the control socket and metrics stay
-/// responsive under load.
+/// responsive under load. Returns once both rings are empty at once (records read
+/// are consumed, so the merge cannot stop while it holds one); a daemon that cannot
+/// keep up goes on batch after batch, each batch's end ending idle connections.
 ///
-/// Merged, not drained one after the other: a client's FIN sent after a response must
-/// reach the pipeline after that response. Each ring is in time order. Across them,
-/// whatever one side sent in answer to the other was captured after what it answers,
-/// and that was committed to its ring before the packet went on: so once the answer is
-/// read, what it answers is in the other ring. A ring found empty earlier may have
-/// filled since, so it is looked at again after the other ring's record was read.
+/// Merged, not drained one after the other: a request must reach the pipeline before
+/// its response, and a client's FIN sent after a response after that response.
+/// Whatever one side sent in answer to the other was captured after what it answers,
+/// and that was committed to its ring before the packet went on: once the answer is
+/// read, what it answers is in the other ring. So a ring found empty is read again
+/// after the other ring's record was, and one whose next record is still being
+/// written is waited for (up to `BUSY_READS`). Timestamps order the rest: the clock
+/// is the same on every CPU, though within one ring, records written on two CPUs at
+/// once may be a few ns out of order; each ring's own order is always kept.
 async fn drain(
     requests: &mut impl RecordRing,
     responses: &mut impl RecordRing,
     sink: &mut impl SampleSink,
 ) -> usize {
+    // Reads `$ring` into the empty `$slot` again, while its next record is still being
+    // written (the slot is moved out before each read: it still holds the ring's loan).
+    macro_rules! read_again {
+        ($slot:ident, $ring:ident, $positions:ident) => {
+            for reads in 0..BUSY_READS {
+                if reads > 0 {
+                    if !$positions.unconsumed() {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                drop($slot);
+                $slot = $ring.next_record();
+                if $slot.is_some() {
+                    break;
+                }
+            }
+        };
+    }
+    let (requests_positions, responses_positions) = (requests.positions(), responses.positions());
     let (mut total, mut in_batch) = (0, 0);
     let mut request = requests.next_record();
     let mut response = responses.next_record();
     loop {
-        // (Moved out before each read: the empty slot still holds the ring's loan.)
         if request.is_some() && response.is_none() {
-            drop(response);
-            response = responses.next_record();
+            read_again!(response, responses, responses_positions);
         } else if request.is_none() && response.is_some() {
-            drop(request);
-            request = requests.next_record();
+            read_again!(request, requests, requests_positions);
         }
         let request_first = match (&request, &response) {
             (Some(request), Some(response)) => timestamp(request) <= timestamp(response),
@@ -519,10 +672,11 @@ mod tests {
     /// A ring in a test, and what the kernel commits to the other ring while the
     /// daemon drains: each `(timestamp, other ring, record)` reaches that ring just
     /// before this ring's record with that timestamp is read.
-    #[derive(Default)]
     struct TestRing {
         records: Records,
         commits_before: Vec<(u64, Records, Vec<u8>)>,
+        /// Reads still to find the next record being written.
+        busy_reads: u32,
     }
 
     impl TestRing {
@@ -531,6 +685,7 @@ mod tests {
             Self {
                 records: std::rc::Rc::new(std::cell::RefCell::new(records)),
                 commits_before: Vec::new(),
+                busy_reads: 0,
             }
         }
 
@@ -539,10 +694,25 @@ mod tests {
         }
     }
 
+    impl Unconsumed for Records {
+        fn unconsumed(&self) -> bool {
+            !self.borrow().is_empty()
+        }
+    }
+
     impl RecordRing for TestRing {
         type Record<'a> = Vec<u8>;
+        type Positions = Records;
+
+        fn positions(&self) -> Records {
+            self.records.clone()
+        }
 
         fn next_record(&mut self) -> Option<Vec<u8>> {
+            if self.busy_reads > 0 && !self.records.borrow().is_empty() {
+                self.busy_reads -= 1;
+                return None;
+            }
             let next = self.records.borrow_mut().pop_front()?;
             for (at, ring, record) in &self.commits_before {
                 if *at == timestamp(&next) {
@@ -645,14 +815,40 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_undecodable_record_is_consumed_and_the_rest_follows() {
-        let requests = TestRing::new(DIRECTION_REQUEST, &[3]);
-        requests.records.borrow_mut().push_front(vec![0; 12]);
-        let mut requests = requests;
-        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[1]);
+    async fn a_record_still_being_written_is_waited_for() {
+        // The request (10) is committed behind one another CPU is still writing; its
+        // response (20) is read meanwhile.
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
+        requests.busy_reads = 3;
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20]);
         let mut sink = Recorder::default();
-        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 3);
-        assert_eq!(sink.seen, [(Resp, 1), (Req, 3)]);
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 2);
+        assert_eq!(sink.seen, [(Req, 10), (Resp, 20)]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_gone_for_long_is_not_waited_for_forever() {
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
+        requests.busy_reads = BUSY_READS + 1;
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20]);
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
+        assert_eq!(sink.seen, [(Resp, 20)]);
+        // The next drain finds it written.
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
+        assert_eq!(sink.seen, [(Resp, 20), (Req, 10)]);
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_is_consumed_and_the_rest_follows() {
+        // Too short to hold a timestamp: consumed and reported, and the rest follows.
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[3]);
+        requests.records.borrow_mut().push_back(vec![0; 4]);
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[1, 4]);
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 4);
+        assert_eq!(sink.seen, [(Resp, 1), (Req, 3), (Resp, 4)]);
+        assert!(requests.is_empty());
     }
 
     #[test]

@@ -59,13 +59,13 @@ pub struct Config {
 pub const DEFAULT_CAPTURE_PORTS: [u16; 6] = [80, 3000, 5000, 8000, 8080, 9000];
 /// Payload bytes captured per request (and per response), from its start.
 pub const DEFAULT_MAX_BYTES_PER_REQUEST: u32 = 16 * 1024;
-/// Size of the kernel-to-daemon sample ring.
+/// Size of each kernel-to-daemon sample ring (one for requests, one for responses).
 pub const DEFAULT_RING_BYTES: u32 = monitor_common::maps::DEFAULT_SAMPLES_RING_BYTES;
 /// Connections the daemon reassembles at once; the least recently active go first.
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
 /// Bytes the daemon buffers across all connections awaiting reassembly.
 pub const DEFAULT_MAX_FLOW_MEMORY: usize = 256 << 20;
-/// While samples flow, the daemon drains the ring this often: bounds the delay to
+/// While samples flow, the daemon drains the rings this often: bounds the delay to
 /// metrics and decisions; shorter costs more wake-ups.
 pub const DEFAULT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
 /// tokio's timers tick in whole milliseconds; slower than the maximum, samples back up
@@ -88,7 +88,7 @@ pub struct CaptureSettings {
     pub max_flow_memory: usize,
     #[serde(with = "humantime_serde_compat")]
     pub flow_idle_timeout: std::time::Duration,
-    /// How often the ring is drained while samples flow (idle, the kernel wakes the
+    /// How often the rings are drained while samples flow (idle, the kernel wakes the
     /// daemon on the next sample instead).
     #[serde(with = "humantime_serde_compat")]
     pub poll_interval: std::time::Duration,

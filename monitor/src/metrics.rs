@@ -116,7 +116,7 @@ impl Metrics {
         )?;
         let samples_lost = IntCounter::new(
             "apimon_samples_lost_total",
-            "Payload samples the kernel dropped because the ring buffer was full",
+            "Payload samples the kernel dropped because their ring buffer was full",
         )?;
         let parse_errors = IntCounterVec::new(
             Opts::new(

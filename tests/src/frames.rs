@@ -130,7 +130,7 @@ impl Frame {
 
     /// The same connection the other way (a TCP or UDP reply), without payload.
     pub fn reply(&self) -> Self {
-        let l4 = match self.l4 {
+        let (l4, sport) = match self.l4 {
             L4::Tcp { dport } => (L4::Tcp { dport: self.sport }, dport),
             L4::Udp { dport } => (L4::Udp { dport: self.sport }, dport),
             other => (other, self.sport),
@@ -138,8 +138,8 @@ impl Frame {
         Self {
             src: self.dst,
             dst: self.src,
-            l4: l4.0,
-            sport: l4.1,
+            l4,
+            sport,
             payload: 0,
             ..self.clone()
         }

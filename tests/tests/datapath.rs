@@ -15,7 +15,7 @@ use apimon_tests::{
 };
 use ipnet::IpNet;
 use monitor::{
-    capture::{CaptureMaps, Direction, SampleRings, decode},
+    capture::{CaptureMaps, Direction, RecordRing as _, SampleRings, Unconsumed as _, decode},
     clock,
     config::CaptureSettings,
     loader,
@@ -613,15 +613,21 @@ fn a_change_that_cannot_be_saved_changes_nothing() {
     assert_eq!(verdict([198, 51, 100, 7]), XDP_DROP);
 }
 
-#[test]
-fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
+/// A datapath capturing with the default settings, and its sample rings.
+fn capturing() -> (TestDatapath, SampleRings) {
     let mut dp = TestDatapath::load();
     dp.maps.set_capture_enabled(true).unwrap();
     CaptureMaps::new(&mut dp.ebpf)
         .unwrap()
         .configure(&CaptureSettings::default())
         .unwrap();
-    let mut rings = SampleRings::take(&mut dp.ebpf).unwrap();
+    let rings = SampleRings::take(&mut dp.ebpf).unwrap();
+    (dp, rings)
+}
+
+#[test]
+fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
+    let (dp, mut rings) = capturing();
     // Edge-triggered, as the daemon's reactor: an event per wake-up the kernel sends,
     // tagged with the ring it came from.
     let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
@@ -645,32 +651,53 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
     rings.reader.set_parked(true).unwrap();
     // A SYN opens the connection's capture budget but yields no sample: no wake-up.
     assert_eq!(dp.run(&syn), XDP_PASS);
-    assert!(rings.requests.next().is_none());
+    assert!(rings.requests.next_record().is_none());
     assert_eq!(wake_ups(), [0u64; 0]);
     assert!(rings.reader.parked().unwrap());
     // Its first payload is a sample: the kernel wakes the reader and says so.
     assert_eq!(dp.run(&segment), XDP_PASS);
     assert_eq!(wake_ups(), [requests]);
     assert!(!rings.reader.parked().unwrap());
-    let record = rings.requests.next().expect("a sample");
+    let record = rings.requests.next_record().expect("a sample");
     assert_eq!(decode(&record).unwrap().data.len(), 10);
     drop(record);
     // A polling reader is not woken: it drains on its own timer.
     assert_eq!(dp.run(&segment), XDP_PASS);
     assert_eq!(wake_ups(), [0u64; 0]);
-    assert!(rings.requests.next().is_some());
+    assert!(rings.requests.next_record().is_some());
 
     // The reply leaves through the egress program, into the response ring: a parked
     // reader is woken through that ring.
     rings.reader.set_parked(true).unwrap();
     let reply = client.reply().established().with_payload(7).build();
-    dp.run_tc(loader::EGRESS_PROGRAM, &reply, 1);
+    // TC_ACT_OK: capture never changes a packet's fate.
+    assert_eq!(dp.run_tc(loader::EGRESS_PROGRAM, &reply, 1).0, 0);
     assert_eq!(wake_ups(), [responses]);
-    assert!(rings.requests.next().is_none());
-    let record = rings.responses.next().expect("a response sample");
+    assert!(!rings.reader.parked().unwrap());
+    assert!(rings.requests.next_record().is_none());
+    let record = rings.responses.next_record().expect("a response sample");
     let sample = decode(&record).unwrap();
     assert_eq!(
         (sample.direction, sample.data.len(), sample.client.port()),
         (Direction::Response, 7, 40000)
     );
+}
+
+#[test]
+fn a_ring_says_whether_it_holds_unconsumed_samples() {
+    let (dp, mut rings) = capturing();
+    // What the merge asks when a read finds nothing: is the next record still being
+    // written? Read from the ring's own position pages, not from aya's reader.
+    let positions = rings.requests.positions();
+    assert!(!positions.unconsumed());
+    let client = Frame::v4([198, 51, 100, 10]);
+    assert_eq!(dp.run(&client.clone().build()), XDP_PASS);
+    assert_eq!(
+        dp.run(&client.established().with_payload(10).build()),
+        XDP_PASS
+    );
+    assert!(positions.unconsumed());
+    assert!(!rings.responses.positions().unconsumed());
+    drop(rings.requests.next_record().expect("a sample"));
+    assert!(!positions.unconsumed(), "consumed, as aya published");
 }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use apimon_tests::{frames::Frame, testrun::TestDatapath};
 use monitor::{
-    capture::{CaptureMaps, SampleRings},
+    capture::{CaptureMaps, RecordRing as _, SampleRings},
     config::CaptureSettings,
     loader,
 };
@@ -50,8 +50,8 @@ fn drain(rings: &Mutex<SampleRings>) {
     let mut rings = rings
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    while rings.requests.next().is_some() {}
-    while rings.responses.next().is_some() {}
+    while rings.requests.next_record().is_some() {}
+    while rings.responses.next_record().is_some() {}
 }
 
 /// What one row measures: `program` on `frame` on CPU 1, with CPU 0 running the TC
