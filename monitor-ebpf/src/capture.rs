@@ -242,6 +242,13 @@ fn emit<P: Payload>(
     } else {
         &RESPONSE_SAMPLES
     };
+    // Precise time (not the coarse clock the datapath uses): request and response
+    // timestamps give the latency, often well under a jiffy. Read before the record is
+    // reserved: whatever is reserved ahead of a request then has an earlier time than
+    // that request's response, even if its writer is held up, and the daemon merges
+    // the two rings by time.
+    // SAFETY: helper without preconditions.
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let Some(mut entry) = ring.reserve::<Sample>(0) else {
         bump(&SAMPLES_LOST);
         return false;
@@ -251,10 +258,7 @@ fn emit<P: Payload>(
     // SAFETY: `sample` points at a reserved, writable ring record of `Sample`'s size.
     unsafe {
         (*sample).header = SampleHeader {
-            // Precise time (not the coarse clock the datapath uses): request and
-            // response timestamps give the latency, often well under a jiffy.
-            // SAFETY: helper without preconditions.
-            timestamp_ns: bpf_ktime_get_ns(),
+            timestamp_ns,
             client_addr: segment.client,
             server_addr: segment.server,
             client_port: segment.client_port,

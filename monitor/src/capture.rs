@@ -209,12 +209,9 @@ pub struct SampleRing {
 impl SampleRing {
     fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, MapsError> {
         let ring: RingBuf<MapData> = take(ebpf, name)?;
-        let positions = RingPositions::map(ring.as_fd()).map_err(|errno| MapsError::Map {
+        let positions = RingPositions::map(ring.as_fd()).map_err(|source| MapsError::Map {
             name,
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                call: "mmap",
-                io_error: errno.into(),
-            }),
+            source: aya::maps::MapError::SyscallError(source),
         })?;
         Ok(Self {
             ring,
@@ -237,7 +234,8 @@ impl std::os::fd::AsRawFd for SampleRing {
 
 /// A read-only mapping of a ring's first two pages: the position up to which the
 /// daemon consumed (aya publishes it at each record) and up to which the kernel
-/// reserved.
+/// reserved. Read with relaxed loads (the memory is read-only); the ring's own read
+/// that follows orders what matters.
 pub struct RingPositions {
     pages: std::ptr::NonNull<std::ffi::c_void>,
     page_size: usize,
@@ -249,12 +247,22 @@ unsafe impl Send for RingPositions {}
 unsafe impl Sync for RingPositions {}
 
 impl RingPositions {
-    fn map(ring: BorrowedFd<'_>) -> Result<Self, nix::Error> {
+    fn map(ring: BorrowedFd<'_>) -> Result<Self, aya::sys::SyscallError> {
         use nix::sys::mman::{MapFlags, ProtFlags, mmap};
-        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?
+        let failed = |call| {
+            move |errno: nix::Error| aya::sys::SyscallError {
+                call,
+                io_error: errno.into(),
+            }
+        };
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .map_err(failed("sysconf"))?
             .and_then(|size| usize::try_from(size).ok())
-            .ok_or(nix::Error::EINVAL)?;
-        let length = std::num::NonZeroUsize::new(2 * page_size).ok_or(nix::Error::EINVAL)?;
+            .ok_or(nix::Error::EINVAL)
+            .map_err(failed("sysconf"))?;
+        let length = std::num::NonZeroUsize::new(2 * page_size)
+            .ok_or(nix::Error::EINVAL)
+            .map_err(failed("mmap"))?;
         // SAFETY: a new shared read-only mapping of the ring's position pages, which the
         // kernel allows; nothing else refers to the address it returns.
         let pages = unsafe {
@@ -265,8 +273,9 @@ impl RingPositions {
                 MapFlags::MAP_SHARED,
                 ring,
                 0,
-            )?
-        };
+            )
+        }
+        .map_err(failed("mmap"))?;
         Ok(Self { pages, page_size })
     }
 
@@ -281,7 +290,7 @@ impl RingPositions {
                 .add(offset)
                 .cast::<std::sync::atomic::AtomicUsize>()
         };
-        position.load(std::sync::atomic::Ordering::Acquire)
+        position.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -292,9 +301,14 @@ impl Drop for RingPositions {
     }
 }
 
-impl Unconsumed for RingPositions {
-    fn unconsumed(&self) -> bool {
-        self.load(0) != self.load(self.page_size)
+impl Positions for RingPositions {
+    fn reserved(&self) -> usize {
+        self.load(self.page_size)
+    }
+
+    fn consumed(&self, mark: usize) -> bool {
+        // Positions only grow (and would wrap): compare their distance.
+        (mark.wrapping_sub(self.load(0)) as isize) <= 0
     }
 }
 
@@ -454,15 +468,17 @@ pub async fn read_samples(
             }
         };
         let taken = drain(requests.get_mut(), responses.get_mut(), sink).await;
+        if parked && (woken || taken > 0) {
+            // Woken, the kernel set the flag back to polling itself (even if the sample
+            // was not readable yet); found by the parked look, the reader sets it.
+            parked = false;
+            if !woken {
+                reader.unpark();
+            }
+            tick.reset();
+        }
         if taken > 0 {
             empty_drains = 0;
-            if parked {
-                parked = false;
-                if !woken {
-                    reader.unpark();
-                }
-                tick.reset();
-            }
         } else if !parked && !woken {
             // (An empty drain right after a wake-up is the other ring's readiness,
             // cleared by the drain before: it says nothing about a quiet spell.)
@@ -487,7 +503,7 @@ pub trait RecordRing {
     type Record<'a>: std::ops::Deref<Target = [u8]>
     where
         Self: 'a;
-    type Positions: Unconsumed;
+    type Positions: Positions;
     /// The next committed record: None if the ring is empty, or if its next record is
     /// still being written.
     fn next_record(&mut self) -> Option<Self::Record<'_>>;
@@ -495,14 +511,21 @@ pub trait RecordRing {
     fn positions(&self) -> Self::Positions;
 }
 
-/// Whether a ring holds records reserved and not consumed yet, committed or not.
-pub trait Unconsumed {
-    fn unconsumed(&self) -> bool;
+/// Where a ring's writers and its reader are, in bytes since the ring was made.
+pub trait Positions {
+    /// Up to where records were reserved (committed or not).
+    fn reserved(&self) -> usize;
+    /// Whether everything reserved up to `mark` was consumed.
+    fn consumed(&self, mark: usize) -> bool;
 }
 
-impl<T: Unconsumed> Unconsumed for std::sync::Arc<T> {
-    fn unconsumed(&self) -> bool {
-        T::unconsumed(self)
+impl<T: Positions> Positions for std::sync::Arc<T> {
+    fn reserved(&self) -> usize {
+        T::reserved(self)
+    }
+
+    fn consumed(&self, mark: usize) -> bool {
+        T::consumed(self, mark)
     }
 }
 
@@ -520,9 +543,10 @@ impl RecordRing for SampleRing {
 }
 
 /// Reads of a ring whose next record is still being written, at most, before the merge
-/// goes on without it. A record takes a few hundred ns to write; one whose writer was
-/// interrupted (or whose vCPU the host took away) for longer is handed over in the
-/// order it is read in instead.
+/// goes on without it (about 0.1 ms: a read and a spin-loop hint take some tens of
+/// ns). A record takes a few hundred ns to write; one whose writer was interrupted, or
+/// whose vCPU the host took away, for longer is handed over in the order it is read
+/// in, and the merge does not wait on that ring again until the next drain.
 const BUSY_READS: u32 = 4096;
 
 /// The kernel timestamp of a record (0 for one too short to be a sample: handed on,
@@ -555,34 +579,39 @@ async fn drain(
     responses: &mut impl RecordRing,
     sink: &mut impl SampleSink,
 ) -> usize {
-    // Reads `$ring` into the empty `$slot` again, while its next record is still being
-    // written (the slot is moved out before each read: it still holds the ring's loan).
+    // Reads `$ring` into the empty `$slot` again (moved out before each read: it still
+    // holds the ring's loan), waiting while a record reserved by then is still being
+    // written, unless this drain already gave up waiting on that ring.
     macro_rules! read_again {
-        ($slot:ident, $ring:ident, $positions:ident) => {
-            for reads in 0..BUSY_READS {
-                if reads > 0 {
-                    if !$positions.unconsumed() {
-                        break;
-                    }
-                    std::hint::spin_loop();
-                }
+        ($slot:ident, $ring:ident, $positions:ident, $gave_up:ident) => {
+            // Only what was reserved by now can be what the other record answers.
+            let mark = $positions.reserved();
+            let mut reads = 0;
+            loop {
                 drop($slot);
                 $slot = $ring.next_record();
-                if $slot.is_some() {
+                reads += 1;
+                if $slot.is_some() || $gave_up || $positions.consumed(mark) {
                     break;
                 }
+                if reads == BUSY_READS {
+                    $gave_up = true;
+                    break;
+                }
+                std::hint::spin_loop();
             }
         };
     }
     let (requests_positions, responses_positions) = (requests.positions(), responses.positions());
+    let (mut requests_gave_up, mut responses_gave_up) = (false, false);
     let (mut total, mut in_batch) = (0, 0);
     let mut request = requests.next_record();
     let mut response = responses.next_record();
     loop {
         if request.is_some() && response.is_none() {
-            read_again!(response, responses, responses_positions);
+            read_again!(response, responses, responses_positions, responses_gave_up);
         } else if request.is_none() && response.is_some() {
-            read_again!(request, requests, requests_positions);
+            read_again!(request, requests, requests_positions, requests_gave_up);
         }
         let request_first = match (&request, &response) {
             (Some(request), Some(response)) => timestamp(request) <= timestamp(response),
@@ -667,7 +696,22 @@ mod tests {
         );
     }
 
-    type Records = std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<u8>>>>;
+    /// A test ring's records, and how many were ever written and read (its positions).
+    #[derive(Default)]
+    struct Queue {
+        records: std::collections::VecDeque<Vec<u8>>,
+        written: usize,
+        read: usize,
+    }
+
+    impl Queue {
+        fn push(&mut self, record: Vec<u8>) {
+            self.records.push_back(record);
+            self.written += 1;
+        }
+    }
+
+    type Records = std::rc::Rc<std::cell::RefCell<Queue>>;
 
     /// A ring in a test, and what the kernel commits to the other ring while the
     /// daemon drains: each `(timestamp, other ring, record)` reaches that ring just
@@ -677,26 +721,39 @@ mod tests {
         commits_before: Vec<(u64, Records, Vec<u8>)>,
         /// Reads still to find the next record being written.
         busy_reads: u32,
+        /// Reads so far.
+        reads: usize,
+        /// A record whose writer reserves it (and is held up) as this read starts.
+        reserved_at_read: Option<(usize, Vec<u8>)>,
     }
 
     impl TestRing {
         fn new(direction: u8, timestamps: &[u64]) -> Self {
-            let records = timestamps.iter().map(|&t| sample(direction, t)).collect();
+            let mut queue = Queue::default();
+            for &timestamp in timestamps {
+                queue.push(sample(direction, timestamp));
+            }
             Self {
-                records: std::rc::Rc::new(std::cell::RefCell::new(records)),
+                records: std::rc::Rc::new(std::cell::RefCell::new(queue)),
                 commits_before: Vec::new(),
                 busy_reads: 0,
+                reads: 0,
+                reserved_at_read: None,
             }
         }
 
         fn is_empty(&self) -> bool {
-            self.records.borrow().is_empty()
+            self.records.borrow().records.is_empty()
         }
     }
 
-    impl Unconsumed for Records {
-        fn unconsumed(&self) -> bool {
-            !self.borrow().is_empty()
+    impl Positions for Records {
+        fn reserved(&self) -> usize {
+            self.borrow().written
+        }
+
+        fn consumed(&self, mark: usize) -> bool {
+            self.borrow().read >= mark
         }
     }
 
@@ -709,14 +766,27 @@ mod tests {
         }
 
         fn next_record(&mut self) -> Option<Vec<u8>> {
-            if self.busy_reads > 0 && !self.records.borrow().is_empty() {
+            self.reads += 1;
+            if let Some((_, record)) = self
+                .reserved_at_read
+                .take_if(|(read, _)| *read == self.reads)
+            {
+                self.records.borrow_mut().push(record);
+                self.busy_reads = u32::MAX;
+            }
+            if self.busy_reads > 0 && !self.is_empty() {
                 self.busy_reads -= 1;
                 return None;
             }
-            let next = self.records.borrow_mut().pop_front()?;
+            let next = {
+                let mut queue = self.records.borrow_mut();
+                let next = queue.records.pop_front()?;
+                queue.read += 1;
+                next
+            };
             for (at, ring, record) in &self.commits_before {
                 if *at == timestamp(&next) {
-                    ring.borrow_mut().push_back(record.clone());
+                    ring.borrow_mut().push(record.clone());
                 }
             }
             Some(next)
@@ -827,23 +897,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_writer_gone_for_long_is_not_waited_for_forever() {
+    async fn a_writer_gone_for_long_is_waited_for_once_per_drain() {
         let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
-        requests.busy_reads = BUSY_READS + 1;
-        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20]);
+        requests.busy_reads = u32::MAX;
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20, 30, 40]);
+        let mut sink = Recorder::default();
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 3);
+        assert_eq!(sink.seen, [(Resp, 20), (Resp, 30), (Resp, 40)]);
+        // The first read, the wait before the first response, one look before each of
+        // the two others.
+        assert_eq!(requests.reads, 1 + BUSY_READS as usize + 2);
+        // The next drain finds it written.
+        requests.busy_reads = 0;
+        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
+        assert_eq!(sink.seen.last(), Some(&(Req, 10)));
+    }
+
+    #[tokio::test]
+    async fn records_reserved_after_the_look_are_not_waited_for() {
+        // Holding a request, the merge looks at the empty response ring again; a
+        // response is reserved just then, and its writer is held up. It cannot answer
+        // the request held (nothing was reserved when the merge looked), so the
+        // request goes on at once.
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &[]);
+        responses.reserved_at_read = Some((2, sample(DIRECTION_RESPONSE, 30)));
         let mut sink = Recorder::default();
         assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
-        assert_eq!(sink.seen, [(Resp, 20)]);
-        // The next drain finds it written.
-        assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
-        assert_eq!(sink.seen, [(Resp, 20), (Req, 10)]);
+        assert_eq!(sink.seen, [(Req, 10)]);
+        // The first read, and one look while holding the request.
+        assert_eq!(responses.reads, 2);
     }
 
     #[tokio::test]
     async fn an_undecodable_record_is_consumed_and_the_rest_follows() {
         // Too short to hold a timestamp: consumed and reported, and the rest follows.
         let mut requests = TestRing::new(DIRECTION_REQUEST, &[3]);
-        requests.records.borrow_mut().push_back(vec![0; 4]);
+        requests.records.borrow_mut().push(vec![0; 4]);
         let mut responses = TestRing::new(DIRECTION_RESPONSE, &[1, 4]);
         let mut sink = Recorder::default();
         assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 4);

@@ -15,7 +15,7 @@ use apimon_tests::{
 };
 use ipnet::IpNet;
 use monitor::{
-    capture::{CaptureMaps, Direction, RecordRing as _, SampleRings, Unconsumed as _, decode},
+    capture::{CaptureMaps, Direction, Positions as _, RecordRing as _, SampleRings, decode},
     clock,
     config::CaptureSettings,
     loader,
@@ -684,20 +684,31 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
 }
 
 #[test]
-fn a_ring_says_whether_it_holds_unconsumed_samples() {
+fn a_ring_says_how_far_it_was_reserved_and_consumed() {
     let (dp, mut rings) = capturing();
-    // What the merge asks when a read finds nothing: is the next record still being
-    // written? Read from the ring's own position pages, not from aya's reader.
+    // What the merge asks when a read finds nothing: was everything reserved up to a
+    // mark consumed? Read from the ring's own position pages, not from aya's reader.
     let positions = rings.requests.positions();
-    assert!(!positions.unconsumed());
+    let start = positions.reserved();
+    assert!(positions.consumed(start));
     let client = Frame::v4([198, 51, 100, 10]);
     assert_eq!(dp.run(&client.clone().build()), XDP_PASS);
     assert_eq!(
         dp.run(&client.established().with_payload(10).build()),
         XDP_PASS
     );
-    assert!(positions.unconsumed());
-    assert!(!rings.responses.positions().unconsumed());
+    let after_sample = positions.reserved();
+    assert!(after_sample > start, "the kernel reserved a record");
+    assert!(!positions.consumed(after_sample));
+    assert!(
+        positions.consumed(start),
+        "what was reserved before it was consumed"
+    );
+    let responses = rings.responses.positions();
+    assert!(responses.consumed(responses.reserved()));
     drop(rings.requests.next_record().expect("a sample"));
-    assert!(!positions.unconsumed(), "consumed, as aya published");
+    assert!(
+        positions.consumed(after_sample),
+        "consumed, as aya published it"
+    );
 }
