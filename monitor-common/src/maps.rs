@@ -62,7 +62,7 @@ pub const CAPTURE_READER: &str = "CAPTURE_READER";
 /// Per-connection capture budget (LRU): `FlowKey` -> `FlowBudget`.
 pub const CAPTURE_FLOWS: &str = "CAPTURE_FLOWS";
 
-/// Default ring size; a power-of-two multiple of the page size.
+/// Default size of each sample ring; a power-of-two multiple of the page size.
 pub const DEFAULT_SAMPLES_RING_BYTES: u32 = 16 << 20;
 /// Connections whose capture budget the kernel tracks.
 pub const DEFAULT_CAPTURE_FLOWS: u32 = 1 << 16;

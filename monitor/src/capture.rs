@@ -543,10 +543,11 @@ impl RecordRing for SampleRing {
 }
 
 /// Reads of a ring whose next record is still being written, at most, before the merge
-/// goes on without it (about 0.1 ms: a read and a spin-loop hint take some tens of
-/// ns). A record takes a few hundred ns to write; one whose writer was interrupted, or
-/// whose vCPU the host took away, for longer is handed over in the order it is read
-/// in, and the merge does not wait on that ring again until the next drain.
+/// goes on without it (a read and a spin-loop hint take some tens of ns, so about a
+/// tenth of a millisecond; not timed). A record takes a few hundred ns to write; one
+/// whose writer was interrupted, or whose vCPU the host took away, for longer is
+/// handed over in the order it is read in, and the merge does not wait on that ring
+/// again until the next batch.
 const BUSY_READS: u32 = 4096;
 
 /// The kernel timestamp of a record (0 for one too short to be a sample: handed on,
@@ -581,7 +582,7 @@ async fn drain(
 ) -> usize {
     // Reads `$ring` into the empty `$slot` again (moved out before each read: it still
     // holds the ring's loan), waiting while a record reserved by then is still being
-    // written, unless this drain already gave up waiting on that ring.
+    // written, unless this batch already gave up waiting on that ring.
     macro_rules! read_again {
         ($slot:ident, $ring:ident, $positions:ident, $gave_up:ident) => {
             // Only what was reserved by now can be what the other record answers.
@@ -632,6 +633,8 @@ async fn drain(
         in_batch += 1;
         if in_batch == BATCH {
             in_batch = 0;
+            // A drain under overload never ends: giving up lasts one batch.
+            (requests_gave_up, responses_gave_up) = (false, false);
             sink.batch_done();
             tokio::task::yield_now().await;
         }
@@ -897,7 +900,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_writer_gone_for_long_is_waited_for_once_per_drain() {
+    async fn a_writer_gone_for_long_is_waited_for_once_per_batch() {
         let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
         requests.busy_reads = u32::MAX;
         let mut responses = TestRing::new(DIRECTION_RESPONSE, &[20, 30, 40]);
@@ -911,6 +914,25 @@ mod tests {
         requests.busy_reads = 0;
         assert_eq!(drain(&mut requests, &mut responses, &mut sink).await, 1);
         assert_eq!(sink.seen.last(), Some(&(Req, 10)));
+    }
+
+    #[tokio::test]
+    async fn giving_up_on_a_writer_lasts_one_batch() {
+        let mut requests = TestRing::new(DIRECTION_REQUEST, &[10]);
+        requests.busy_reads = u32::MAX;
+        let many: Vec<u64> = (20..20 + BATCH as u64 + 2).collect();
+        let mut responses = TestRing::new(DIRECTION_RESPONSE, &many);
+        let mut sink = Recorder::default();
+        assert_eq!(
+            drain(&mut requests, &mut responses, &mut sink).await,
+            many.len()
+        );
+        // The first read; a wait and a look before each other response of the first
+        // batch; a wait again in the second batch, and one look.
+        assert_eq!(
+            requests.reads,
+            1 + BUSY_READS as usize + (BATCH - 1) + BUSY_READS as usize + 1
+        );
     }
 
     #[tokio::test]

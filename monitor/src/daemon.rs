@@ -147,7 +147,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     let traffic = Traffic::new(&mut ebpf)?;
     let mut capture_maps = CaptureMaps::new(&mut ebpf)?;
     capture_maps.configure(&config.capture)?;
-    let ring = capture::SampleRings::take(&mut ebpf)?;
+    let rings = capture::SampleRings::take(&mut ebpf)?;
     // Lists go into the maps before anything is attached: no window for blocked traffic.
     let enforcer = Enforcer::open(datapath, StateFile::new(&daemon.state_dir))?;
 
@@ -240,7 +240,7 @@ pub async fn run(config: Config, dry_run: bool) -> Result<(), DaemonError> {
     };
     let poll_interval = config.capture.poll_interval;
     let capture_task =
-        tokio::spawn(async move { capture::read_samples(ring, poll_interval, &mut sink).await });
+        tokio::spawn(async move { capture::read_samples(rings, poll_interval, &mut sink).await });
     let metrics_task = match daemon.metrics_addr {
         MetricsAddr::Off => None,
         MetricsAddr::Listen(addr) => {

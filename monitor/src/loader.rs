@@ -119,7 +119,7 @@ fn is_bpffs(path: &Path) -> bool {
 pub struct LoadOptions<'a> {
     pub pin_dir: Option<&'a Path>,
     pub capacities: &'a DatapathConfig,
-    /// Size of the sample ring buffer (a power of two of at least a page).
+    /// Size of each of the two sample rings (a power of two of at least a page).
     pub ring_bytes: u32,
 }
 
