@@ -144,7 +144,7 @@ impl Default for DaemonConfig {
             audit_log: PathBuf::from(DEFAULT_AUDIT_LOG),
             metrics_addr: MetricsAddr::default(),
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
-            scheduling_policy: SchedulingPolicy::Batch,
+            scheduling_policy: SchedulingPolicy::default(),
         }
     }
 }
@@ -259,15 +259,34 @@ pub enum SchedulingPolicy {
     /// not preempt the running thread; it runs when that thread blocks or its slice
     /// ends. The daemon's work is batch work (it drains a ring that buffers tens of
     /// milliseconds), while the thread it would preempt may be the server it watches
-    /// or that server's client. Under wrk against nginx on two CPUs, in four
-    /// comparisons within one session each (noisy), the daemon cost 5–9 % of requests
-    /// per second against 6–16 % under `SCHED_OTHER`, and the decision-to-drop p50
-    /// went from about 0.9 to 1.9 ms (p99 within 10 ms either way).
+    /// or that server's client. What it was measured to save, and to cost in reaction
+    /// time, is in the CHANGELOG (a noisy machine: compare within one run).
     #[default]
     Batch,
     /// `SCHED_OTHER`, the kernel's default policy: the daemon reacts sooner on a busy
-    /// host, at the cost above.
+    /// host, at a cost to the workload's throughput.
     Other,
+}
+
+impl SchedulingPolicy {
+    /// The kernel's number for the policy (as `/proc/<pid>/stat` shows it).
+    pub const fn raw(self) -> i32 {
+        match self {
+            Self::Batch => libc::SCHED_BATCH,
+            Self::Other => libc::SCHED_OTHER,
+        }
+    }
+
+    /// Sets the calling thread's policy; threads it starts later inherit it.
+    pub fn apply_to_this_thread(self) -> std::io::Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 names the calling thread; `param` is a valid, initialised struct.
+        if unsafe { libc::sched_setscheduler(0, self.raw(), &param) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
 }
 
 /// The metrics listener, or `off`.

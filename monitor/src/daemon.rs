@@ -442,14 +442,7 @@ fn release_or_detach(attachment: Attachment) {
 /// runtime runs on this thread, and the threads it starts later inherit the policy.
 /// Either policy works, so a failure is only worth a warning.
 fn set_scheduling_policy(policy: SchedulingPolicy) {
-    let value = match policy {
-        SchedulingPolicy::Batch => libc::SCHED_BATCH,
-        SchedulingPolicy::Other => libc::SCHED_OTHER,
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid, initialised struct.
-    if unsafe { libc::sched_setscheduler(0, value, &param) } != 0 {
-        let error = std::io::Error::last_os_error();
+    if let Err(error) = policy.apply_to_this_thread() {
         warn!(%error, ?policy, "Setting the scheduling policy failed; keeping the inherited one");
     }
 }

@@ -20,6 +20,7 @@ use apimon_tests::{
     nginx::{Nginx, curl},
     require_root,
 };
+use monitor::config::SchedulingPolicy;
 use serde_json::Value;
 
 const SECRET: &str = "tok-5f3c9a1e-never-in-clear";
@@ -231,18 +232,19 @@ fn scheduling_policies(pid: u32) -> Vec<(String, i32)> {
 }
 
 /// Sets this test thread's scheduling policy, which the daemons it starts inherit.
-fn set_own_scheduling_policy(policy: i32) {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 names this thread; `param` is a valid struct.
-    assert_eq!(unsafe { libc::sched_setscheduler(0, policy, &param) }, 0);
+fn set_own_scheduling_policy(policy: SchedulingPolicy) {
+    policy.apply_to_this_thread().unwrap();
 }
 
 /// Every thread of the daemon runs under `policy`: the main one, and those it started
 /// later (the audit writer), which inherit it.
-fn assert_every_thread_runs_under(daemon: &Daemon, policy: i32) {
+fn assert_every_thread_runs_under(daemon: &Daemon, policy: SchedulingPolicy) {
     let policies = scheduling_policies(daemon.pid().unwrap());
     assert!(policies.len() > 1, "{policies:?}");
-    assert!(policies.iter().all(|(_, p)| *p == policy), "{policies:?}");
+    assert!(
+        policies.iter().all(|(_, p)| *p == policy.raw()),
+        "{policies:?}"
+    );
 }
 
 #[test]
@@ -250,9 +252,9 @@ fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
     require_root();
     let topo = Topology::new();
     // Each daemon inherits the other policy, so only its own setting explains its policy.
-    set_own_scheduling_policy(libc::SCHED_OTHER);
+    set_own_scheduling_policy(SchedulingPolicy::Other);
     let mut daemon = Daemon::start(&topo.server, &topo.server_if);
-    assert_every_thread_runs_under(&daemon, libc::SCHED_BATCH);
+    assert_every_thread_runs_under(&daemon, SchedulingPolicy::Batch);
     daemon.stop();
 
     let paths = DaemonPaths::new();
@@ -261,10 +263,10 @@ fn the_daemon_runs_as_batch_work_unless_configured_otherwise() {
         "[daemon]\nscheduling_policy = \"other\"\n",
     )
     .unwrap();
-    set_own_scheduling_policy(libc::SCHED_BATCH);
+    set_own_scheduling_policy(SchedulingPolicy::Batch);
     let daemon = Daemon::start_with(&topo.server, &topo.server_if, paths);
-    set_own_scheduling_policy(libc::SCHED_OTHER);
-    assert_every_thread_runs_under(&daemon, libc::SCHED_OTHER);
+    set_own_scheduling_policy(SchedulingPolicy::Other);
+    assert_every_thread_runs_under(&daemon, SchedulingPolicy::Other);
 }
 
 #[test]

@@ -41,13 +41,6 @@ pub struct CaptureResult {
     pub lost: u64,
 }
 
-fn pin(cpu: usize) -> Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-    Ok(())
-}
-
 /// The first two CPUs this process may run on.
 fn two_cpus() -> Result<[usize; 2]> {
     let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
@@ -101,7 +94,7 @@ fn round(
     std::thread::scope(|scope| {
         let other_thread = scope.spawn(|| -> Result<usize> {
             // Past the barrier whatever happens: the measured thread waits there too.
-            let pinned = pin(other_cpu);
+            let pinned = crate::pin(other_cpu);
             barrier.wait();
             pinned?;
             let mut calls = 0;
@@ -115,7 +108,7 @@ fn round(
             Ok(calls)
         });
         let measured = (|| -> Result<f64> {
-            let pinned = pin(measured_cpu);
+            let pinned = crate::pin(measured_cpu);
             barrier.wait();
             pinned?;
             let mut total = 0.0;

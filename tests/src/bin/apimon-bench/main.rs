@@ -169,10 +169,16 @@ struct Row {
 fn pin_to_last_cpu() -> Result<usize> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let cpu = cpus - 1;
+    pin(cpu)?;
+    Ok(cpu)
+}
+
+/// Runs the calling thread on `cpu` only.
+fn pin(cpu: usize) -> Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
-    Ok(cpu)
+    Ok(())
 }
 
 /// How a report states a target against this run's figure.
@@ -186,38 +192,33 @@ mod e2e;
 mod pipeline;
 mod scrape;
 
+/// Runs one section alone and prints its report.
+fn print_only<R>(
+    run: impl FnOnce() -> Result<R>,
+    report: impl FnOnce(&mut String, &R) -> std::fmt::Result,
+) -> Result<()> {
+    let mut out = String::new();
+    report(&mut out, &run()?)?;
+    print!("{out}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     if args.scrape_only {
-        let mut out = String::new();
-        scrape::report(&mut out, &scrape::run()?)?;
-        print!("{out}");
-        return Ok(());
+        return print_only(scrape::run, scrape::report);
     }
     if args.capture_only {
-        let mut out = String::new();
-        capture::report(&mut out, &capture::run()?)?;
-        print!("{out}");
-        return Ok(());
+        return print_only(capture::run, capture::report);
     }
     if args.decision_only {
-        let mut out = String::new();
-        decision::report(&mut out, &decision::run()?)?;
-        print!("{out}");
-        return Ok(());
+        return print_only(decision::run, decision::report);
     }
     if args.e2e_only {
-        let mut out = String::new();
-        e2e::report(&mut out, &e2e::run()?)?;
-        print!("{out}");
-        return Ok(());
+        return print_only(e2e::run, e2e::report);
     }
     if args.pipeline_only {
-        let http = pipeline::run()?;
-        let mut out = String::new();
-        pipeline::report(&mut out, &http)?;
-        print!("{out}");
-        return Ok(());
+        return print_only(pipeline::run, pipeline::report);
     }
     let machine = machine();
     // Before pinning: wrk, nginx and the daemon must spread over the CPUs as they would.

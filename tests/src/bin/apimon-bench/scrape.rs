@@ -33,8 +33,7 @@ fn median_ms(mut f: impl FnMut() -> usize) -> (f64, usize) {
         size = f();
         times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
-    (times[SCRAPES / 2], size)
+    (crate::median(times), size)
 }
 
 pub fn run() -> Result<ScrapeResult> {
