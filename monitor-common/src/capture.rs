@@ -42,7 +42,10 @@ pub struct SampleHeader {
 }
 const _: () = assert!(core::mem::size_of::<SampleHeader>() == 64);
 
-/// One ring buffer record: fixed size, as the ring buffer wants constant reservations.
+/// A sample as the kernel assembles it. Its ring record holds only the header and the
+/// `data_len` valid bytes: records vary in size, so a ring holds about ten times more
+/// of the small samples HTTP APIs mostly make, and the kernel and the daemon touch no
+/// unused memory between them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
@@ -51,8 +54,15 @@ pub struct Sample {
 }
 const _: () = assert!(core::mem::size_of::<Sample>() == 64 + SAMPLE_DATA_LEN);
 const _: () = assert!(core::mem::size_of::<Sample>().is_multiple_of(8));
-/// Ring bytes one sample takes: the record and the ring's 8-byte record header.
-pub const SAMPLE_RING_BYTES: u32 = (core::mem::size_of::<Sample>() + 8) as u32;
+
+/// Ring bytes the record of a sample carrying `data_len` bytes takes: the ring's
+/// 8-byte record header, the sample header and the data, rounded up to 8 bytes.
+pub const fn sample_ring_bytes(data_len: usize) -> u32 {
+    let record = 8 + core::mem::size_of::<SampleHeader>() + data_len;
+    record.next_multiple_of(8) as u32
+}
+/// Ring bytes the largest sample takes.
+pub const SAMPLE_RING_BYTES: u32 = sample_ring_bytes(SAMPLE_DATA_LEN);
 
 /// Capture settings the daemon writes into the one-slot `CAPTURE_CONFIG` array.
 #[repr(C)]

@@ -11,12 +11,10 @@ unsafe impl aya::Pod for IpStats {}
 // SAFETY: as above.
 unsafe impl aya::Pod for DatapathState {}
 
-use crate::capture::{CaptureConfig, FlowBudget, FlowKey, Sample, SampleHeader};
+use crate::capture::{CaptureConfig, FlowBudget, FlowKey, SampleHeader};
 
 // SAFETY: as above.
 unsafe impl aya::Pod for SampleHeader {}
-// SAFETY: as above.
-unsafe impl aya::Pod for Sample {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CaptureConfig {}
 // SAFETY: as above.

@@ -2,6 +2,8 @@
 //! daemon through one ring buffer per direction, bounded per message by a budget the
 //! kernel keeps per connection.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, xdp_md},
@@ -13,8 +15,8 @@ use aya_ebpf::{
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, FlowBudget, FlowKey, PORT_BITMAP_WORDS, READER_PARKED,
-        READER_POLLING, SAMPLE_DATA_LEN, SAMPLE_RING_BYTES, Sample, SampleHeader, TCP_FIN, TCP_RST,
-        TCP_SYN, starts_request, starts_response,
+        READER_POLLING, SAMPLE_DATA_LEN, Sample, SampleHeader, TCP_FIN, TCP_RST, TCP_SYN,
+        sample_ring_bytes, starts_request, starts_response,
     },
     datapath::IpKey,
     maps::{DEFAULT_CAPTURE_FLOWS, DEFAULT_SAMPLES_RING_BYTES},
@@ -29,6 +31,11 @@ use crate::packet::Tcp;
 static REQUEST_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
 #[map]
 static RESPONSE_SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_SAMPLES_RING_BYTES, 0);
+/// Where each CPU assembles a sample before it goes to its ring: one per direction,
+/// so that a program capturing requests never shares one with a program capturing
+/// responses on the same CPU.
+#[map]
+static SCRATCH: PerCpuArray<Sample> = PerCpuArray::with_max_entries(2, 0);
 #[map]
 static SAMPLES_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -228,6 +235,12 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
 
 /// Writes one sample: `len` payload bytes starting `skip` bytes into the segment.
 /// False when the ring was full (counted) or the bytes were not there.
+///
+/// The sample is assembled in a per-CPU scratch buffer and copied into the ring at its
+/// own size: a ring reservation's size must be a constant, and the largest sample is
+/// ten times the usual one. Copying a few hundred hot bytes once more costs less than
+/// writing records spread over ten times as many ring pages (measured under load: the
+/// capture programs ran about 10 % faster).
 #[inline(always)]
 fn emit<P: Payload>(
     ctx: &P,
@@ -244,18 +257,17 @@ fn emit<P: Payload>(
     };
     // Precise time (not the coarse clock the datapath uses): request and response
     // timestamps give the latency, often well under a jiffy. Read before the record is
-    // reserved: whatever is reserved ahead of a request then has an earlier time than
-    // that request's response, even if its writer is held up, and the daemon merges
-    // the two rings by time.
+    // reserved (in the output below): whatever is reserved ahead of a request then has
+    // an earlier time than that request's response, even if its writer is held up, and
+    // the daemon merges the two rings by time.
     // SAFETY: helper without preconditions.
     let timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    let Some(mut entry) = ring.reserve::<Sample>(0) else {
-        bump(&SAMPLES_LOST);
+    let Some(sample) = SCRATCH.get_ptr_mut(u32::from(segment.direction)) else {
         return false;
     };
-    let sample = entry.as_mut_ptr();
     let tcp = segment.tcp;
-    // SAFETY: `sample` points at a reserved, writable ring record of `Sample`'s size.
+    // SAFETY: `sample` points at this CPU's scratch sample; the program runs to its
+    // end on this CPU.
     unsafe {
         (*sample).header = SampleHeader {
             timestamp_ns,
@@ -272,31 +284,46 @@ fn emit<P: Payload>(
             _pad: 0,
         };
     }
+    let mut size = size_of::<SampleHeader>();
     if len > 0 {
+        let Some(len) = checked_copy_len(len as u32) else {
+            return false;
+        };
         // SAFETY: as above; `data` has SAMPLE_DATA_LEN bytes.
         let data = unsafe { (*sample).data.as_mut_ptr() };
-        if !ctx.copy(tcp.payload_offset + skip, data, len as u32) {
-            entry.discard(0);
+        if !ctx.copy(tcp.payload_offset + skip, data, len) {
             return false;
         }
+        size += len as usize;
     }
-    let wakeup = if wakes_reader(config, ring) {
+    let wakeup = wakes_reader(config, ring, size);
+    // SAFETY: `size` is at most the scratch sample's size, all of it written above.
+    let record = unsafe { core::slice::from_raw_parts(sample.cast::<u8>(), size) };
+    let flags = if wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(u64::from(wakeup));
+    if ring.output::<[u8]>(record, u64::from(flags)).is_err() {
+        bump(&SAMPLES_LOST);
+        return false;
+    }
+    if !wakeup && reader_parked() {
+        // The reader parked between the look above and this record's reservation, and
+        // may have found the ring empty: wake it now.
+        nudge(ring);
+    }
     bump(&SAMPLES_CAPTURED);
     true
 }
 
-/// Whether the sample just reserved should wake the daemon. A wake-up costs an
-/// interrupt here and a context switch in the daemon, which polls on a short timer
-/// while samples flow: only the first sample after it parked (after a quiet spell),
-/// and the sample whose record crosses the threshold (unread bytes include it, as it
-/// is reserved), wake it.
+/// Whether the sample about to be written (`size` bytes) should wake the daemon. A
+/// wake-up costs an interrupt here and a context switch in the daemon, which polls on
+/// a short timer while samples flow: only the first sample after it parked (after a
+/// quiet spell), and the sample whose record crosses the threshold of unread bytes,
+/// wake it.
 #[inline(always)]
-fn wakes_reader(config: &CaptureConfig, ring: &RingBuf) -> bool {
+fn wakes_reader(config: &CaptureConfig, ring: &RingBuf, size: usize) -> bool {
     if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
         // SAFETY: a map value. Two CPUs seeing the reader parked both wake it: harmless.
         unsafe {
@@ -308,5 +335,26 @@ fn wakes_reader(config: &CaptureConfig, ring: &RingBuf) -> bool {
     }
     let unread = ring.query(u64::from(BPF_RB_AVAIL_DATA));
     let threshold = u64::from(config.wakeup_bytes);
-    threshold > 0 && unread >= threshold && unread < threshold + u64::from(SAMPLE_RING_BYTES)
+    threshold > 0 && unread < threshold && unread + u64::from(sample_ring_bytes(size)) >= threshold
+}
+
+#[inline(always)]
+fn reader_parked() -> bool {
+    CAPTURE_READER
+        .get(0)
+        .is_some_and(|reader| *reader == READER_PARKED)
+}
+
+/// Wakes the reader of `ring` with an empty record it skips: the ring wakes readers
+/// only as a record is committed or discarded. Such a record can be lost to a full
+/// ring, but a reader that parked found the ring (nearly) empty.
+#[inline(always)]
+fn nudge(ring: &RingBuf) {
+    if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
+        // SAFETY: a map value, as in `wakes_reader`.
+        unsafe { *reader = READER_POLLING };
+    }
+    if let Some(entry) = ring.reserve::<u64>(0) {
+        entry.discard(u64::from(BPF_RB_FORCE_WAKEUP));
+    }
 }

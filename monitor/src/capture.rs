@@ -13,7 +13,7 @@ use aya::{
 use monitor_common::{
     capture::{
         CaptureConfig, DIRECTION_REQUEST, DIRECTION_RESPONSE, PORT_BITMAP_WORDS, READER_PARKED,
-        READER_POLLING, SAMPLE_DATA_LEN, SAMPLE_RING_BYTES, Sample, SampleHeader,
+        READER_POLLING, SAMPLE_DATA_LEN, SAMPLE_RING_BYTES, SampleHeader,
     },
     maps,
 };
@@ -64,25 +64,32 @@ pub struct Segment<'a> {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("sample of {0} bytes, expected {expected}", expected = size_of::<Sample>())]
+    #[error("sample of {0} bytes, shorter than its {header} byte header", header = size_of::<SampleHeader>())]
     Size(usize),
-    #[error("sample claims {0} data bytes, at most {SAMPLE_DATA_LEN} fit")]
-    DataLen(usize),
+    #[error(
+        "sample claims {claimed} data bytes, carries {carried} (at most {SAMPLE_DATA_LEN} fit)"
+    )]
+    DataLen { claimed: usize, carried: usize },
     #[error("unknown direction {0}")]
     Direction(u8),
 }
 
 /// Decodes one ring buffer record; the segment's payload stays in the record.
 pub fn decode(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
-    if record.len() < size_of::<Sample>() {
+    if record.len() < size_of::<SampleHeader>() {
         return Err(DecodeError::Size(record.len()));
     }
     // SAFETY: `record` holds at least a `SampleHeader`, which is plain old data;
     // the read is unaligned-safe.
     let header: SampleHeader = unsafe { record.as_ptr().cast::<SampleHeader>().read_unaligned() };
     let data_len = usize::from(header.data_len);
-    if data_len > SAMPLE_DATA_LEN {
-        return Err(DecodeError::DataLen(data_len));
+    // Records are as long as their data (the ring may add padding after it).
+    let carried = record.len() - size_of::<SampleHeader>();
+    if data_len > SAMPLE_DATA_LEN || data_len > carried {
+        return Err(DecodeError::DataLen {
+            claimed: data_len,
+            carried,
+        });
     }
     let direction = match header.direction {
         DIRECTION_REQUEST => Direction::Request,
@@ -659,15 +666,15 @@ mod tests {
 
     use super::*;
 
+    /// A record as the kernel writes it: the header, then the data.
     fn record(header: SampleHeader, data: &[u8]) -> Vec<u8> {
-        let mut sample = Sample {
-            header,
-            data: [0; SAMPLE_DATA_LEN],
-        };
-        sample.data[..data.len()].copy_from_slice(data);
-        // SAFETY: Sample is repr(C) plain old data.
-        unsafe { std::slice::from_raw_parts((&raw const sample).cast::<u8>(), size_of::<Sample>()) }
-            .to_vec()
+        // SAFETY: SampleHeader is repr(C) plain old data without padding.
+        let mut record = unsafe {
+            std::slice::from_raw_parts((&raw const header).cast::<u8>(), size_of::<SampleHeader>())
+        }
+        .to_vec();
+        record.extend_from_slice(data);
+        record
     }
 
     #[test]
@@ -971,14 +978,37 @@ mod tests {
     }
 
     #[test]
+    fn a_record_is_as_long_as_its_data_and_may_be_padded() {
+        let header = SampleHeader {
+            data_len: 3,
+            ..SampleHeader::default()
+        };
+        for padding in [0, 5] {
+            let mut bytes = record(header, b"GET");
+            bytes.resize(bytes.len() + padding, 0xaa);
+            assert_eq!(decode(&bytes).unwrap().data, b"GET");
+        }
+        // Header-only records (a connection's end) carry no data.
+        let header = SampleHeader::default();
+        assert_eq!(decode(&record(header, b"")).unwrap().data, b"");
+    }
+
+    #[test]
     fn bad_records_are_errors() {
         let error = |record: &[u8]| decode(record).map(|_| ()).unwrap_err();
         assert_eq!(error(&[0; 10]), DecodeError::Size(10));
-        let header = SampleHeader {
-            data_len: 5000,
-            ..SampleHeader::default()
+        let claiming = |claimed: u16, carried: &[u8]| {
+            let header = SampleHeader {
+                data_len: claimed,
+                ..SampleHeader::default()
+            };
+            error(&record(header, carried))
         };
-        assert_eq!(error(&record(header, b"")), DecodeError::DataLen(5000));
+        let data_len = |claimed, carried| DecodeError::DataLen { claimed, carried };
+        // More than a sample holds, even if the record carries it.
+        assert_eq!(claiming(5000, &[0; 5000]), data_len(5000, 5000));
+        // More than the record carries.
+        assert_eq!(claiming(3, b"ab"), data_len(3, 2));
         let header = SampleHeader {
             direction: 9,
             ..SampleHeader::default()

@@ -21,6 +21,9 @@ pub struct TestDatapath {
     pub traffic: Traffic,
 }
 
+/// Bytes of each sample ring of a test datapath: small, as tests write few samples.
+pub const RING_BYTES: u32 = 1 << 20;
+
 impl TestDatapath {
     pub fn load() -> Self {
         Self::load_with(&DatapathConfig {
@@ -36,7 +39,7 @@ impl TestDatapath {
         let mut ebpf = loader::load(&LoadOptions {
             pin_dir: None,
             capacities,
-            ring_bytes: 1 << 20,
+            ring_bytes: RING_BYTES,
         })
         .unwrap_or_else(|e| panic!("loading the datapath: {}", loader::error_chain(&e)));
         loader::load_program(&mut ebpf, loader::BASELINE_PROGRAM)

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use apimon_tests::{
     frames::{self, ETH_P_8021AD, ETH_P_8021Q, Ext, Frame, L4},
-    testrun::{TestDatapath, XDP_DROP, XDP_PASS, run_ingress},
+    testrun::{self, TestDatapath, XDP_DROP, XDP_PASS, run_ingress},
 };
 use ipnet::IpNet;
 use monitor::{
@@ -21,7 +21,10 @@ use monitor::{
     loader,
     maps::ListKind,
 };
-use monitor_common::datapath::{Action, ListEntry, RateConfig};
+use monitor_common::{
+    capture::sample_ring_bytes,
+    datapath::{Action, ListEntry, RateConfig},
+};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 fn net(text: &str) -> IpNet {
@@ -619,31 +622,46 @@ fn capturing() -> (TestDatapath, SampleRings) {
     dp.maps.set_capture_enabled(true).unwrap();
     CaptureMaps::new(&mut dp.ebpf)
         .unwrap()
-        .configure(&CaptureSettings::default())
+        .configure(&CaptureSettings {
+            ring_bytes: testrun::RING_BYTES,
+            ..CaptureSettings::default()
+        })
         .unwrap();
     let rings = SampleRings::take(&mut dp.ebpf).unwrap();
     (dp, rings)
 }
 
+/// The wake-ups the kernel sent through the sample rings, watched edge-triggered as the
+/// daemon's reactor does: one event per wake-up, tagged with its ring.
+struct WakeUps(Epoll);
+
+const REQUESTS: u64 = 1;
+const RESPONSES: u64 = 2;
+
+impl WakeUps {
+    fn watch(rings: &SampleRings) -> Self {
+        let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
+        for (ring, tag) in [(&rings.requests, REQUESTS), (&rings.responses, RESPONSES)] {
+            let interest = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, tag);
+            epoll.add(ring, interest).unwrap();
+        }
+        Self(epoll)
+    }
+
+    /// The rings that woke the reader since the last call.
+    fn take(&self) -> Vec<u64> {
+        let mut events = [EpollEvent::empty(); 4];
+        let woken = self.0.wait(&mut events, EpollTimeout::ZERO).unwrap();
+        events[..woken].iter().map(EpollEvent::data).collect()
+    }
+}
+
 #[test]
 fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
     let (dp, mut rings) = capturing();
-    // Edge-triggered, as the daemon's reactor: an event per wake-up the kernel sends,
-    // tagged with the ring it came from.
-    let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
-    let (requests, responses) = (1u64, 2u64);
-    for (ring, tag) in [(&rings.requests, requests), (&rings.responses, responses)] {
-        let interest = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, tag);
-        epoll.add(ring, interest).unwrap();
-    }
-    let wake_ups = || {
-        let mut events = [EpollEvent::empty(); 4];
-        let woken = epoll.wait(&mut events, EpollTimeout::ZERO).unwrap();
-        events[..woken]
-            .iter()
-            .map(EpollEvent::data)
-            .collect::<Vec<_>>()
-    };
+    let watch = WakeUps::watch(&rings);
+    let wake_ups = || watch.take();
+    let (requests, responses) = (REQUESTS, RESPONSES);
     let client = Frame::v4([198, 51, 100, 9]);
     let syn = client.clone().build();
     let segment = client.clone().established().with_payload(10).build();
@@ -684,6 +702,35 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
 }
 
 #[test]
+fn a_polling_reader_is_woken_by_the_sample_that_fills_a_quarter_of_its_ring() {
+    let (dp, mut rings) = capturing();
+    let wake_ups = WakeUps::watch(&rings);
+    let client = Frame::v4([198, 51, 100, 11]);
+    assert_eq!(dp.run(&client.clone().build()), XDP_PASS);
+    // Each segment starts a request, so each is captured whole.
+    let mut payload = b"GET /".to_vec();
+    payload.resize(2000, b'a');
+    let segment = client.established().build_with_payload(&payload);
+    let record = sample_ring_bytes(payload.len()) as usize;
+    let quarter = testrun::RING_BYTES as usize / 4;
+    // Records are as long as their data: the n-th crosses the quarter.
+    let crossing = quarter.div_ceil(record) as u32;
+    let run = |times| dp.run_program(loader::INGRESS_PROGRAM, &segment, times).0;
+    assert_eq!(run(crossing - 1), XDP_PASS);
+    assert_eq!(wake_ups.take(), [0u64; 0], "below a quarter of the ring");
+    assert_eq!(run(1), XDP_PASS);
+    assert_eq!(wake_ups.take(), [REQUESTS], "the record that crossed it");
+    assert_eq!(run(1), XDP_PASS);
+    assert_eq!(wake_ups.take(), [0u64; 0], "already past it");
+    let mut samples = 0;
+    while let Some(record) = rings.requests.next_record() {
+        assert_eq!(decode(&record).unwrap().data, &payload[..]);
+        samples += 1;
+    }
+    assert_eq!(samples, crossing + 1);
+}
+
+#[test]
 fn a_ring_says_how_far_it_was_reserved_and_consumed() {
     let (dp, mut rings) = capturing();
     // What the merge asks when a read finds nothing: was everything reserved up to a
@@ -698,7 +745,11 @@ fn a_ring_says_how_far_it_was_reserved_and_consumed() {
         XDP_PASS
     );
     let after_sample = positions.reserved();
-    assert!(after_sample > start, "the kernel reserved a record");
+    assert_eq!(
+        after_sample - start,
+        sample_ring_bytes(10) as usize,
+        "the kernel reserved a record as long as its data"
+    );
     assert!(!positions.consumed(after_sample));
     assert!(
         positions.consumed(start),
