@@ -284,7 +284,7 @@ fn emit<P: Payload>(
             _pad: 0,
         };
     }
-    let mut size = size_of::<SampleHeader>();
+    let mut data_len = 0;
     if len > 0 {
         let Some(len) = checked_copy_len(len as u32) else {
             return false;
@@ -294,9 +294,10 @@ fn emit<P: Payload>(
         if !ctx.copy(tcp.payload_offset + skip, data, len) {
             return false;
         }
-        size += len as usize;
+        data_len = len as usize;
     }
-    let wakeup = wakes_reader(config, ring, size);
+    let size = size_of::<SampleHeader>() + data_len;
+    let wakeup = wakes_reader(config, ring, data_len);
     // SAFETY: `size` is at most the scratch sample's size, all of it written above.
     let record = unsafe { core::slice::from_raw_parts(sample.cast::<u8>(), size) };
     let flags = if wakeup {
@@ -305,6 +306,10 @@ fn emit<P: Payload>(
         BPF_RB_NO_WAKEUP
     };
     if ring.output::<[u8]>(record, u64::from(flags)).is_err() {
+        if wakeup {
+            // The wake-up went with the lost sample: the next sample is to send it.
+            set_reader(READER_PARKED);
+        }
         bump(&SAMPLES_LOST);
         return false;
     }
@@ -317,13 +322,14 @@ fn emit<P: Payload>(
     true
 }
 
-/// Whether the sample about to be written (`size` bytes) should wake the daemon. A
+/// Whether the sample about to be written (`data_len` bytes of data) should wake the
+/// daemon. A
 /// wake-up costs an interrupt here and a context switch in the daemon, which polls on
 /// a short timer while samples flow: only the first sample after it parked (after a
 /// quiet spell), and the sample whose record crosses the threshold of unread bytes,
 /// wake it.
 #[inline(always)]
-fn wakes_reader(config: &CaptureConfig, ring: &RingBuf, size: usize) -> bool {
+fn wakes_reader(config: &CaptureConfig, ring: &RingBuf, data_len: usize) -> bool {
     if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
         // SAFETY: a map value. Two CPUs seeing the reader parked both wake it: harmless.
         unsafe {
@@ -335,7 +341,9 @@ fn wakes_reader(config: &CaptureConfig, ring: &RingBuf, size: usize) -> bool {
     }
     let unread = ring.query(u64::from(BPF_RB_AVAIL_DATA));
     let threshold = u64::from(config.wakeup_bytes);
-    threshold > 0 && unread < threshold && unread + u64::from(sample_ring_bytes(size)) >= threshold
+    threshold > 0
+        && unread < threshold
+        && unread + u64::from(sample_ring_bytes(data_len)) >= threshold
 }
 
 #[inline(always)]
@@ -346,15 +354,20 @@ fn reader_parked() -> bool {
 }
 
 /// Wakes the reader of `ring` with an empty record it skips: the ring wakes readers
-/// only as a record is committed or discarded. Such a record can be lost to a full
-/// ring, but a reader that parked found the ring (nearly) empty.
+/// only as a record is committed or discarded. On a full ring the reader stays parked
+/// (the flag says so), and the next sample that finds room wakes it.
 #[inline(always)]
 fn nudge(ring: &RingBuf) {
+    if let Some(entry) = ring.reserve::<u64>(0) {
+        set_reader(READER_POLLING);
+        entry.discard(u64::from(BPF_RB_FORCE_WAKEUP));
+    }
+}
+
+#[inline(always)]
+fn set_reader(state: u32) {
     if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
         // SAFETY: a map value, as in `wakes_reader`.
-        unsafe { *reader = READER_POLLING };
-    }
-    if let Some(entry) = ring.reserve::<u64>(0) {
-        entry.discard(u64::from(BPF_RB_FORCE_WAKEUP));
+        unsafe { *reader = state };
     }
 }

@@ -83,7 +83,8 @@ pub fn decode(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
     // the read is unaligned-safe.
     let header: SampleHeader = unsafe { record.as_ptr().cast::<SampleHeader>().read_unaligned() };
     let data_len = usize::from(header.data_len);
-    // Records are as long as their data (the ring may add padding after it).
+    // Records are as long as their data; longer ones (a program that wrote fixed-size
+    // records) decode too.
     let carried = record.len() - size_of::<SampleHeader>();
     if data_len > SAMPLE_DATA_LEN || data_len > carried {
         return Err(DecodeError::DataLen {
@@ -362,9 +363,11 @@ impl ReaderFlag {
             }
             return false;
         }
-        // The kernel reads the flag between reserving a sample and committing it: one
-        // reserved before the flag was set wakes nobody. Each ring's poll counts
-        // reserved bytes, committed or not.
+        // The kernel looks at the flag again after committing a sample that woke
+        // nobody: one it committed before the flag was set is what this poll finds
+        // (each ring's poll counts reserved bytes, committed or not). The fence orders
+        // the flag's store (in the map update) before the poll's reads.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if reserved_bytes_pending(rings) {
             self.unpark();
             return false;
@@ -581,7 +584,8 @@ fn timestamp(record: &[u8]) -> u64 {
 /// after the other ring's record was, and one whose next record is still being
 /// written is waited for (up to `BUSY_READS`). Timestamps order the rest: the clock
 /// is the same on every CPU, though within one ring, records written on two CPUs at
-/// once may be a few ns out of order; each ring's own order is always kept.
+/// once may be out of order by up to the time a sample takes to copy (read before the
+/// copy, the clock orders reservations only); each ring's own order is always kept.
 async fn drain(
     requests: &mut impl RecordRing,
     responses: &mut impl RecordRing,

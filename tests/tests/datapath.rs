@@ -701,21 +701,36 @@ fn a_parked_reader_is_woken_by_the_next_sample_and_only_then() {
     );
 }
 
+/// Opens a connection from `client` and gives a payload of `len` bytes that starts a
+/// request (so that each copy is captured whole), with a function that runs the
+/// ingress program on that many segments carrying it.
+fn request_segments(
+    dp: &TestDatapath,
+    client: [u8; 4],
+    len: usize,
+) -> (Vec<u8>, impl Fn(u32) -> u32 + '_) {
+    let client = Frame::v4(client);
+    assert_eq!(dp.run(&client.clone().build()), XDP_PASS);
+    let mut payload = b"GET /".to_vec();
+    payload.resize(len, b'a');
+    let segment = client.established().build_with_payload(&payload);
+    let run = move |times| dp.run_program(loader::INGRESS_PROGRAM, &segment, times).0;
+    (payload, run)
+}
+
 #[test]
 fn a_polling_reader_is_woken_by_the_sample_that_fills_a_quarter_of_its_ring() {
     let (dp, mut rings) = capturing();
     let wake_ups = WakeUps::watch(&rings);
-    let client = Frame::v4([198, 51, 100, 11]);
-    assert_eq!(dp.run(&client.clone().build()), XDP_PASS);
-    // Each segment starts a request, so each is captured whole.
-    let mut payload = b"GET /".to_vec();
-    payload.resize(2000, b'a');
-    let segment = client.established().build_with_payload(&payload);
+    // At this size the record before the crossing one ends 16 bytes short of the
+    // quarter: a record's size counted even 16 bytes too large would wake the reader
+    // one record early.
+    let (payload, run) = request_segments(&dp, [198, 51, 100, 11], 1985);
     let record = sample_ring_bytes(payload.len()) as usize;
     let quarter = testrun::RING_BYTES as usize / 4;
     // Records are as long as their data: the n-th crosses the quarter.
     let crossing = quarter.div_ceil(record) as u32;
-    let run = |times| dp.run_program(loader::INGRESS_PROGRAM, &segment, times).0;
+    assert_eq!(quarter - (crossing as usize - 1) * record, 16);
     assert_eq!(run(crossing - 1), XDP_PASS);
     assert_eq!(wake_ups.take(), [0u64; 0], "below a quarter of the ring");
     assert_eq!(run(1), XDP_PASS);
@@ -728,6 +743,37 @@ fn a_polling_reader_is_woken_by_the_sample_that_fills_a_quarter_of_its_ring() {
         samples += 1;
     }
     assert_eq!(samples, crossing + 1);
+}
+
+#[test]
+fn a_wake_up_lost_with_its_sample_to_a_full_ring_comes_with_the_next_one() {
+    let (dp, mut rings) = capturing();
+    let wake_ups = WakeUps::watch(&rings);
+    let (payload, run) = request_segments(&dp, [198, 51, 100, 12], 2000);
+    let fits = testrun::RING_BYTES / sample_ring_bytes(payload.len());
+    assert_eq!(run(fits + 1), XDP_PASS);
+    wake_ups.take();
+    // The reader parks on a full ring (as if it had stalled): the next sample is lost,
+    // and so would be its wake-up; the flag keeps asking for one.
+    rings.reader.set_parked(true).unwrap();
+    assert_eq!(run(1), XDP_PASS);
+    assert_eq!(wake_ups.take(), [0u64; 0]);
+    assert!(
+        rings.reader.parked().unwrap(),
+        "still waiting for a wake-up"
+    );
+    let mut samples = 0;
+    while rings.requests.next_record().is_some() {
+        samples += 1;
+    }
+    assert_eq!(samples, fits);
+    assert_eq!(run(1), XDP_PASS);
+    assert_eq!(
+        wake_ups.take(),
+        [REQUESTS],
+        "the next sample that fits wakes it"
+    );
+    assert!(!rings.reader.parked().unwrap());
 }
 
 #[test]
