@@ -55,6 +55,8 @@ pub struct DaemonPaths {
     pub metrics_addr: String,
     /// Extra `apimon run` arguments (`--ingress-hook tc`, ...).
     pub run_args: Vec<String>,
+    /// The `apimon` binary the daemon and the CLI run (`apimon_bin()` unless set).
+    pub binary: PathBuf,
     owns_pins: bool,
 }
 
@@ -73,6 +75,7 @@ impl DaemonPaths {
             log: dir.path().join("daemon.log"),
             metrics_addr: "off".into(),
             run_args: Vec::new(),
+            binary: apimon_bin(),
             owns_pins: true,
             dir,
         }
@@ -289,7 +292,7 @@ fn run_command(ns_path: &str, iface: &str, paths: &DaemonPaths) -> Command {
         .append(true)
         .open(&paths.log)
         .expect("opening log");
-    let mut command = Command::new(apimon_bin());
+    let mut command = Command::new(&paths.binary);
     command
         .arg("run")
         .args(["--iface", iface])
@@ -339,7 +342,7 @@ pub fn run_until_exit(ns: &NetNs, iface: &str, paths: &DaemonPaths) -> (Option<i
 
 /// Runs `apimon ARGS` with the given paths (the daemon need not run).
 pub fn cli_with(paths: &DaemonPaths, args: &[&str]) -> Output {
-    Command::new(apimon_bin())
+    Command::new(&paths.binary)
         .args(args)
         .args(paths.flags())
         .stdin(Stdio::null())
@@ -444,7 +447,7 @@ impl Daemon {
         if http {
             args.push("--http");
         }
-        let mut child = Command::new(apimon_bin())
+        let mut child = Command::new(&self.paths.binary)
             .args(&args)
             .args(self.paths.flags())
             .stdin(Stdio::null())

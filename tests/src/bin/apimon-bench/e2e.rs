@@ -1,11 +1,15 @@
 //! End to end: wrk against nginx across a veth pair, without and with apimon attached
 //! (blocklist datapath and HTTP capture on), measured back to back in one run.
 
-use std::{fmt::Write as _, process::Command};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 use apimon_tests::{
-    daemon::{Daemon, DaemonPaths, METRICS_ADDR, metric_sum},
+    daemon::{Daemon, DaemonPaths, METRICS_ADDR, apimon_bin, metric_sum},
     netns::{NetNs, Topology},
     nginx::Nginx,
 };
@@ -187,8 +191,8 @@ fn program_totals() -> Result<Vec<(u32, &'static str, std::time::Duration, u64)>
 
 /// One full-speed run of `setup` with the kernel's run-time statistics on (they add
 /// two clock reads to each program run, so these runs stay out of the comparison).
-fn kernel_cost(topo: &Topology, setup: Setup) -> Result<KernelCost> {
-    let _daemon = start_daemon(topo, setup)?;
+fn kernel_cost(topo: &Topology, setup: Setup, binary: &Path) -> Result<KernelCost> {
+    let _daemon = start_daemon(topo, setup, binary)?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("turning on the kernel's BPF run-time statistics")?;
     let before = program_totals()?;
@@ -255,8 +259,9 @@ fn exchanges_counted(daemon: &Daemon) -> f64 {
 }
 
 /// A fresh daemon with `setup`'s arguments and config, on the server's interface.
-fn start_daemon(topo: &Topology, setup: Setup) -> Result<Daemon> {
+fn start_daemon(topo: &Topology, setup: Setup, binary: &Path) -> Result<Daemon> {
     let mut paths = DaemonPaths::new();
+    paths.binary = binary.to_owned();
     paths.metrics_addr = METRICS_ADDR.into();
     paths.run_args = setup.run_args().iter().map(|a| (*a).to_owned()).collect();
     std::fs::write(paths.config_file(), setup.config()).context("writing the config")?;
@@ -269,8 +274,9 @@ fn observed_run(
     setup: Setup,
     connections: u32,
     delay_ms: Option<u32>,
+    binary: &Path,
 ) -> Result<Observed> {
-    let daemon = start_daemon(topo, setup)?;
+    let daemon = start_daemon(topo, setup, binary)?;
     // A missing figure must not read as zero loss.
     let samples = |daemon: &Daemon| -> Result<(u64, u64)> {
         let stats = daemon.cli_json(&["stats"]);
@@ -300,6 +306,7 @@ fn observed_run(
 }
 
 pub fn run() -> Result<E2eResult> {
+    let binary = apimon_bin();
     let topo = Topology::new();
     let _nginx = Nginx::start(&topo.server, &["10.77.0.1:8080"]);
     let mut max_rate: Vec<(Setup, WrkResult)> = Setup::ALL
@@ -331,12 +338,12 @@ pub fn run() -> Result<E2eResult> {
             // What apimon saw is reported for the last round's capturing setups; the
             // other runs need only wrk's figures.
             let result = if round == ROUNDS - 1 && Setup::CAPTURING.contains(&setup) {
-                let observed = observed_run(&topo, setup, CONNECTIONS, None)?;
+                let observed = observed_run(&topo, setup, CONNECTIONS, None, &binary)?;
                 let result = observed.wrk;
                 at_max.push((setup, observed));
                 result
             } else {
-                let _daemon = start_daemon(&topo, setup)?;
+                let _daemon = start_daemon(&topo, setup, &binary)?;
                 wrk(&topo.client, CONNECTIONS, None)?
             };
             let after = unmonitored(&mut max_rate[0].1)?;
@@ -377,13 +384,13 @@ pub fn run() -> Result<E2eResult> {
         eprintln!("bench: e2e at half rate: {}", setup.name());
         at_half.push((
             setup,
-            observed_run(&topo, setup, half_connections, Some(HALF_DELAY_MS))?,
+            observed_run(&topo, setup, half_connections, Some(HALF_DELAY_MS), &binary)?,
         ));
     }
     let mut kernel = Vec::new();
     for setup in Setup::CAPTURING {
         eprintln!("bench: e2e kernel programs' cost: {}", setup.name());
-        kernel.push((setup, kernel_cost(&topo, setup)?));
+        kernel.push((setup, kernel_cost(&topo, setup, &binary)?));
     }
     Ok(E2eResult {
         max_rate,
@@ -530,4 +537,85 @@ pub fn report(out: &mut String, r: &E2eResult) -> std::fmt::Result {
         )?;
     }
     writeln!(out)
+}
+
+/// Rounds of a comparison: each binary runs once per round, in an order that reverses
+/// from round to round.
+const COMPARE_ROUNDS: usize = 5;
+
+/// What one `apimon` build cost under wrk at full speed (default setup, XDP ingress),
+/// per round.
+pub struct BuildCost {
+    pub binary: PathBuf,
+    pub ingress_ns: Vec<f64>,
+    pub egress_ns: Vec<f64>,
+    pub daemon_ns_per_sample: Vec<f64>,
+}
+
+/// Runs two or more `apimon` builds alternately under the same load: the kernel
+/// programs' ns per packet (with BPF run-time statistics) and the daemon's CPU per
+/// sample, paired round by round. On a noisy machine, the one way to tell a change of
+/// some percent in apimon's cost from the machine's drift.
+pub fn compare(binaries: &[PathBuf]) -> Result<Vec<BuildCost>> {
+    let topo = Topology::new();
+    let _nginx = Nginx::start(&topo.server, &["10.77.0.1:8080"]);
+    let mut costs: Vec<BuildCost> = binaries
+        .iter()
+        .map(|binary| BuildCost {
+            binary: binary.clone(),
+            ingress_ns: Vec::new(),
+            egress_ns: Vec::new(),
+            daemon_ns_per_sample: Vec::new(),
+        })
+        .collect();
+    for round in 0..COMPARE_ROUNDS {
+        let mut order: Vec<usize> = (0..costs.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for index in order {
+            let cost = &mut costs[index];
+            eprintln!(
+                "bench: compare round {} of {COMPARE_ROUNDS}: {}",
+                round + 1,
+                cost.binary.display()
+            );
+            let observed = observed_run(&topo, Setup::Xdp, CONNECTIONS, None, &cost.binary)?;
+            cost.daemon_ns_per_sample
+                .push(observed.daemon_cpu_s * 1e9 / observed.samples.max(1) as f64);
+            let kernel = kernel_cost(&topo, Setup::Xdp, &cost.binary)?;
+            let ns = |label: &str| {
+                kernel
+                    .programs
+                    .iter()
+                    .find(|(l, ..)| *l == label)
+                    .map_or(f64::NAN, |(_, ns, _)| *ns)
+            };
+            cost.ingress_ns.push(ns("XDP ingress"));
+            cost.egress_ns.push(ns("TC egress"));
+        }
+    }
+    Ok(costs)
+}
+
+pub fn report_comparison(out: &mut String, costs: &[BuildCost]) -> std::fmt::Result {
+    writeln!(
+        out,
+        "| build | XDP ingress (ns per packet) | TC egress (ns per packet) | daemon CPU per sample (ns) |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    for cost in costs {
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} |",
+            cost.binary.display(),
+            crate::median(cost.ingress_ns.clone()),
+            crate::median(cost.egress_ns.clone()),
+            crate::median(cost.daemon_ns_per_sample.clone()),
+        )?;
+    }
+    writeln!(
+        out,
+        "\nMedians of {COMPARE_ROUNDS} rounds; each round runs every build once under wrk at full speed (default setup, XDP ingress), in an order that reverses from round to round."
+    )
 }

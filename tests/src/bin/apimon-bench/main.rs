@@ -41,6 +41,19 @@ struct Args {
     scrape_only: bool,
     /// Only the two-CPU capture section, printed.
     capture_only: bool,
+    /// `apimon` builds to compare under load instead (nothing else runs).
+    compare: Vec<PathBuf>,
+}
+
+/// The comma-separated values of a flag's argument; `usage` when it is missing.
+fn comma_list<T: std::str::FromStr>(arg: Option<String>, usage: &str) -> Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    arg.context(usage.to_owned())?
+        .split(',')
+        .map(|value| value.parse().with_context(|| format!("{usage}: {value:?}")))
+        .collect()
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +66,7 @@ fn parse_args() -> Result<Args> {
     let mut decision_only = false;
     let mut scrape_only = false;
     let mut capture_only = false;
+    let mut compare = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -64,17 +78,16 @@ fn parse_args() -> Result<Args> {
             "--decision-only" => decision_only = true,
             "--scrape-only" => scrape_only = true,
             "--capture-only" => capture_only = true,
-            "--sizes" => {
-                sizes = args
-                    .next()
-                    .context("--sizes N,N,...")?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?;
+            "--compare" => {
+                compare = comma_list(args.next(), "--compare BIN,BIN,...")?;
+                if compare.len() < 2 {
+                    bail!("--compare needs two or more apimon binaries, comma-separated");
+                }
             }
+            "--sizes" => sizes = comma_list(args.next(), "--sizes N,N,...")?,
             other => {
                 bail!(
-                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only, --scrape-only, --capture-only)"
+                    "unknown argument {other:?} (expected --repeat N, --out FILE, --sizes N,N, --no-e2e, --pipeline-only, --e2e-only, --decision-only, --scrape-only, --capture-only, --compare BIN,BIN)"
                 )
             }
         }
@@ -89,6 +102,7 @@ fn parse_args() -> Result<Args> {
         decision_only,
         scrape_only,
         capture_only,
+        compare,
     })
 }
 
@@ -205,6 +219,12 @@ fn print_only<R>(
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    if !args.compare.is_empty() {
+        return print_only(
+            || e2e::compare(&args.compare),
+            |out, costs: &Vec<_>| e2e::report_comparison(out, costs),
+        );
+    }
     if args.scrape_only {
         return print_only(scrape::run, scrape::report);
     }
