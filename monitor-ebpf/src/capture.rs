@@ -239,8 +239,9 @@ pub fn capture<P: Payload>(ctx: &P, segment: &Segment<'_>) {
 /// The sample is assembled in a per-CPU scratch buffer and copied into the ring at its
 /// own size: a ring reservation's size must be a constant, and the largest sample is
 /// ten times the usual one. Copying a few hundred hot bytes once more costs less than
-/// writing records spread over ten times as many ring pages (measured under load: the
-/// capture programs ran about 10 % faster).
+/// writing records spread over ten times as many ring pages (measured under load, old
+/// and new builds alternating: the capture programs 2–12 % faster in three runs, level
+/// in a fourth; the daemon 13–14 % less CPU per sample in both runs that measured it).
 #[inline(always)]
 fn emit<P: Payload>(
     ctx: &P,
@@ -323,21 +324,16 @@ fn emit<P: Payload>(
 }
 
 /// Whether the sample about to be written (`data_len` bytes of data) should wake the
-/// daemon. A
-/// wake-up costs an interrupt here and a context switch in the daemon, which polls on
-/// a short timer while samples flow: only the first sample after it parked (after a
-/// quiet spell), and the sample whose record crosses the threshold of unread bytes,
-/// wake it.
+/// daemon. A wake-up costs an interrupt here and a context switch in the daemon, which
+/// polls on a short timer while samples flow: only the first sample after it parked
+/// (after a quiet spell), and the sample whose record crosses the threshold of unread
+/// bytes, wake it.
 #[inline(always)]
 fn wakes_reader(config: &CaptureConfig, ring: &RingBuf, data_len: usize) -> bool {
-    if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
-        // SAFETY: a map value. Two CPUs seeing the reader parked both wake it: harmless.
-        unsafe {
-            if *reader == READER_PARKED {
-                *reader = READER_POLLING;
-                return true;
-            }
-        }
+    if reader_parked() {
+        // Two CPUs seeing the reader parked both wake it: harmless.
+        set_reader(READER_POLLING);
+        return true;
     }
     let unread = ring.query(u64::from(BPF_RB_AVAIL_DATA));
     let threshold = u64::from(config.wakeup_bytes);
@@ -367,7 +363,7 @@ fn nudge(ring: &RingBuf) {
 #[inline(always)]
 fn set_reader(state: u32) {
     if let Some(reader) = CAPTURE_READER.get_ptr_mut(0) {
-        // SAFETY: a map value, as in `wakes_reader`.
+        // SAFETY: a map value; the kernel and the daemon only ever store whole states.
         unsafe { *reader = state };
     }
 }

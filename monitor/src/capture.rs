@@ -982,7 +982,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_is_as_long_as_its_data_and_may_be_padded() {
+    fn a_record_is_as_long_as_its_data_and_longer_ones_decode_too() {
         let header = SampleHeader {
             data_len: 3,
             ..SampleHeader::default()

@@ -580,9 +580,14 @@ pub fn compare(binaries: &[PathBuf]) -> Result<Vec<BuildCost>> {
                 round + 1,
                 cost.binary.display()
             );
+            // Two runs: the kernel's run-time statistics slow its programs, and so the
+            // load the daemon sees. A run without samples has no cost per sample (NaN).
             let observed = observed_run(&topo, Setup::Xdp, CONNECTIONS, None, &cost.binary)?;
-            cost.daemon_ns_per_sample
-                .push(observed.daemon_cpu_s * 1e9 / observed.samples.max(1) as f64);
+            cost.daemon_ns_per_sample.push(if observed.samples == 0 {
+                f64::NAN
+            } else {
+                observed.daemon_cpu_s * 1e9 / observed.samples as f64
+            });
             let kernel = kernel_cost(&topo, Setup::Xdp, &cost.binary)?;
             let ns = |label: &str| {
                 kernel
